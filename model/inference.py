@@ -1,0 +1,397 @@
+"""Inference: a HU volume in, a bone label volume on the same grid out.
+
+Two strategies compute the same cascade:
+
+`paper`  as in Kuiper et al. 2022: the volume is tiled into blocks of the largest patch size;
+         each block's coarse prediction is computed once and every smaller patch inside it is
+         predicted with the coarse prediction cropped as context, down to the finest patches.
+`fast`   (default) the first stage runs fully convolutionally over the whole downsampled
+         volume; every later stage runs only inside boxes around the band where the previous
+         stage's labels change (bone surfaces, joint spaces) or where it is unsure, with a halo
+         of context around each box. Everywhere else the previous stage's answer stands: deep
+         inside air, soft tissue or a bone the finer stages have nothing to change.
+
+Both work on the model's isotropic 0.8 mm LPS grid; `Segmenter.segment` resamples in and out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import Tensor, nn
+
+from model.labels import BONE_NAMES, N_CLASSES, Side, sided_label
+from model.network import CascadedVNet, upsample_context
+from model.postprocess import remove_islands, split_sides
+from model.resample import AIR_HU, image_to_model_grid, labels_to_grid
+from model.sampling import normalise_hu
+from model.volume_io import Volume
+from model.weights import DEFAULT_WEIGHTS, file_sha256, load_weights
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("fast", "paper")
+Box = tuple[slice, slice, slice]
+
+
+@dataclass
+class InferenceSettings:
+    strategy: str = "fast"
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
+    threads: int | None = None
+    slab: int = 64  # fast: z-thickness of a box core, in the stage's own voxels
+    halo: int = 16  # fast: context around a box core, in the stage's own voxels
+    band: int = 2  # fast: voxels around a label change (previous stage's grid) refined
+    certainty: float = 0.9  # fast: below this max probability a voxel is refined too
+    min_island_ml: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+
+
+@dataclass
+class Segmentation:
+    labels: Volume  # uint8, 0 background, 1..6 model.labels.Bone, on the input grid
+    sided: Volume  # uint8, 0 background, 1..6 right, 7..12 left (model.labels.sided_label)
+    summary: dict[str, object] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every BatchNorm3d into the convolution before it (inference only)."""
+    for child_name, child in module.named_children():
+        if (
+            isinstance(child, nn.Sequential)
+            and len(child) >= 2
+            and isinstance(child[0], nn.Conv3d)
+            and isinstance(child[1], nn.BatchNorm3d)
+        ):
+            conv, bn = child[0], child[1]
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            fused = nn.Conv3d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                bias=True,
+            )
+            fused.weight.data = conv.weight.data * scale.view(-1, 1, 1, 1, 1)
+            bias = conv.bias.data if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            fused.bias.data = (bias - bn.running_mean) * scale + bn.bias.data
+            setattr(module, child_name, nn.Sequential(fused, *list(child)[2:]))
+        else:
+            fold_batchnorm(child)
+    return module
+
+
+def ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Segmenter:
+    """Loads the cascade once and segments volumes with it (the worker keeps one warm)."""
+
+    def __init__(
+        self,
+        weights: Path = DEFAULT_WEIGHTS,
+        settings: InferenceSettings | None = None,
+        model: CascadedVNet | None = None,
+    ):
+        self.settings = settings or InferenceSettings()
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        if model is None:
+            model, self.metadata = load_weights(weights)
+            self.metadata["weights_sha256"] = file_sha256(weights)
+        else:
+            self.metadata = {"name": "in-memory", "config": model.config.to_json()}
+        self.config = model.config
+        self.device = pick_device(self.settings.device)
+        self.model = fold_batchnorm(model.eval()).to(self.device)
+        self.stages = list(self.model.stages)
+
+    # -- the one public call -------------------------------------------------------------
+    def segment(self, volume: Volume) -> Segmentation:
+        """Bone labels for a HU volume, on the volume's own grid."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        source = volume.to_sitk()
+        grid = image_to_model_grid(volume, self.config.spacing_mm)
+        hu = sitk.GetArrayViewFromImage(grid)
+        timings["resample_in_s"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        labels, stats = self.predict_labels(hu)
+        timings["inference_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        voxel_ml = self.config.spacing_mm**3 / 1000.0
+        labels = remove_islands(labels, int(self.settings.min_island_ml / voxel_ml))
+        sided = split_sides(labels, hu, grid)
+        timings["postprocess_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        sided_image = sitk.GetImageFromArray(sided)
+        sided_image.CopyInformation(grid)
+        sided_image = labels_to_grid(sided_image, source)
+        sided_array = sitk.GetArrayFromImage(sided_image)
+        bone_array = np.where(
+            sided_array > len(BONE_NAMES), sided_array - len(BONE_NAMES), sided_array
+        )
+        timings["resample_out_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t0
+
+        source_voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        counts = np.bincount(sided_array.ravel(), minlength=2 * len(BONE_NAMES) + 1)
+        segments = []
+        for bone, name in BONE_NAMES.items():
+            for side in Side:
+                value = sided_label(bone, side)
+                if counts[value]:
+                    segments.append(
+                        {
+                            "label": int(bone),
+                            "sided_label": value,
+                            "bone": name,
+                            "side": side.name.lower(),
+                            "voxels": int(counts[value]),
+                            "volume_ml": round(float(counts[value]) * source_voxel_ml, 2),
+                        }
+                    )
+        summary = {
+            "strategy": self.settings.strategy,
+            "device": str(self.device),
+            "model": self.metadata.get("name"),
+            "weights_sha256": self.metadata.get("weights_sha256"),
+            "segments": segments,
+            "refined_fraction": stats,
+        }
+        return Segmentation(
+            volume.with_array(bone_array.astype(np.uint8)),
+            volume.with_array(sided_array.astype(np.uint8)),
+            summary,
+            {k: round(v, 3) for k, v in timings.items()},
+        )
+
+    # -- cascade on the model grid -------------------------------------------------------
+    def predict_labels(self, hu: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """Labels (uint8) for HU on the model grid, plus per-stage refined fractions."""
+        factors = self.config.factors
+        shape = hu.shape
+        block = self.config.patch_sizes[0] if self.settings.strategy == "paper" else factors[0] * 8
+        padded = [ceil_to(n, block) for n in shape]
+        x = torch.full(padded, normalise_hu(np.array([AIR_HU]), self.config.hu_window)[0])
+        x[: shape[0], : shape[1], : shape[2]] = torch.from_numpy(
+            normalise_hu(np.asarray(hu), self.config.hu_window)
+        )
+        with torch.inference_mode():
+            inputs = [x if f == 1 else F.avg_pool3d(x[None, None], f)[0, 0] for f in factors]
+            del x
+            if self.settings.strategy == "paper":
+                labels, stats = self._paper(inputs), {}
+            else:
+                labels, stats = self._fast(inputs)
+        return labels[: shape[0], : shape[1], : shape[2]].numpy(), stats
+
+    def _run(self, stage: int, x: Tensor) -> Tensor:
+        """Softmax of one stage on a (B, C, D, H, W) CPU tensor, computed on the device."""
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = self.stages[stage](x)
+        else:
+            out = self.stages[stage](x)
+        return torch.softmax(out.float(), dim=1).cpu()
+
+    # -- paper ------------------------------------------------------------------------------
+    def _paper(self, inputs: list[Tensor]) -> Tensor:
+        sizes, factors, s = self.config.patch_sizes, self.config.factors, self.config.input_size
+        labels = torch.zeros(inputs[-1].shape, dtype=torch.uint8)
+        for start in itertools.product(*(range(0, n, sizes[0]) for n in inputs[-1].shape)):
+            # Patches of the current stage: (start in 0.8 mm voxels, parent probs, parent start).
+            patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]] = [
+                (start, None, start)
+            ]
+            for i in range(len(sizes)):
+                f = factors[i]
+                batch = []
+                for p_start, parent, parent_start in patches:
+                    lo = [a // f for a in p_start]
+                    img = inputs[i][lo[0] : lo[0] + s, lo[1] : lo[1] + s, lo[2] : lo[2] + s]
+                    channels = [img[None]]
+                    if parent is not None:
+                        pf = factors[i - 1]
+                        offset = [(a - b) // pf for a, b in zip(p_start, parent_start, strict=True)]
+                        channels.append(upsample_context(parent[None], offset, s, pf // f)[0])
+                    batch.append(torch.cat(channels))
+                probs = self._run(i, torch.stack(batch))
+                if i == len(sizes) - 1:
+                    for (p_start, _, _), p in zip(patches, probs, strict=True):
+                        z, y, x = p_start
+                        labels[z : z + s, y : y + s, x : x + s] = p.argmax(0).to(torch.uint8)
+                    break
+                child = sizes[i + 1]
+                patches = [
+                    (tuple(a + b for a, b in zip(p_start, off, strict=True)), p, p_start)
+                    for (p_start, _, _), p in zip(patches, probs, strict=True)
+                    for off in itertools.product(range(0, sizes[i], child), repeat=3)
+                ]
+        return labels
+
+    # -- fast -------------------------------------------------------------------------------
+    def _fast(self, inputs: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
+        n = len(inputs)
+        probs = self._dense(0, inputs[0])
+        stats = {}
+        for i in range(1, n):
+            ratio = self.config.factors[i - 1] // self.config.factors[i]
+            coarse_labels = probs.argmax(0).to(torch.uint8)
+            refine = self._refine_mask(coarse_labels, probs)
+            stats[f"stage{i + 1}"] = round(float(refine.float().mean()), 4)
+            fine_shape = inputs[i].shape
+            last = i == n - 1
+            if last:
+                result = upsample_nearest(coarse_labels, ratio)
+            else:
+                result = upsample_probs(probs, ratio)
+            for core, region in self._boxes(refine, ratio, fine_shape):
+                x = torch.cat(
+                    [
+                        inputs[i][region][None],
+                        crop_upsampled(probs, region, ratio),
+                    ]
+                )[None]
+                p = self._run(i, x)[0]
+                inner = tuple(
+                    slice(c.start - r.start, c.stop - r.start)
+                    for c, r in zip(core, region, strict=True)
+                )
+                if last:
+                    result[core] = p[(slice(None), *inner)].argmax(0).to(torch.uint8)
+                else:
+                    result[(slice(None), *core)] = p[(slice(None), *inner)].to(result.dtype)
+            if last:
+                return result, stats
+            probs = result
+        return probs.argmax(0).to(torch.uint8), stats
+
+    def _dense(self, stage: int, x: Tensor) -> Tensor:
+        """A stage over a whole grid, in z-slabs with a halo (bounded memory)."""
+        out = torch.empty((N_CLASSES, *x.shape), dtype=torch.float16)
+        slab, halo = self.settings.slab, self.settings.halo
+        depth = x.shape[0]
+        for z0 in range(0, depth, slab):
+            z1 = min(depth, z0 + slab)
+            lo, hi = max(0, z0 - halo), min(depth, z1 + halo)
+            lo, hi = fit_multiple(lo, hi, depth, 8)
+            p = self._run(stage, x[lo:hi][None, None])[0]
+            out[:, z0:z1] = p[:, z0 - lo : z1 - lo].to(out.dtype)
+        return out
+
+    def _refine_mask(self, labels: Tensor, probs: Tensor) -> Tensor:
+        """Where the next stage must look: near a label change, or unsure (previous grid)."""
+        lab = labels[None, None].float()
+        k = 2 * self.settings.band + 1
+        changes = F.max_pool3d(lab, k, 1, self.settings.band) != -F.max_pool3d(
+            -lab, k, 1, self.settings.band
+        )
+        unsure = probs.max(0).values < self.settings.certainty
+        return changes[0, 0] | unsure
+
+    def _boxes(
+        self, refine: Tensor, ratio: int, fine_shape: torch.Size
+    ) -> Iterator[tuple[Box, Box]]:
+        """(core, input region) boxes on the finer grid covering `refine` (coarser grid)."""
+        slab, halo = self.settings.slab, self.settings.halo
+        mask = refine.numpy()
+        coarse_slab = max(1, slab // ratio)
+        for z0 in range(0, mask.shape[0], coarse_slab):
+            z1 = min(mask.shape[0], z0 + coarse_slab)
+            plane = mask[z0:z1].any(axis=0)
+            if not plane.any():
+                continue
+            components, _ = ndimage.label(ndimage.binary_dilation(plane, iterations=2))
+            for ys, xs in ndimage.find_objects(components):
+                zs = np.nonzero(mask[z0:z1, ys, xs].any(axis=(1, 2)))[0]
+                core = (
+                    slice((z0 + zs[0]) * ratio, (z0 + zs[-1] + 1) * ratio),
+                    slice(ys.start * ratio, ys.stop * ratio),
+                    slice(xs.start * ratio, xs.stop * ratio),
+                )
+                region = tuple(
+                    slice(*fit_multiple(max(0, c.start - halo), min(n, c.stop + halo), n, 8))
+                    for c, n in zip(core, fine_shape, strict=True)
+                )
+                yield core, region  # type: ignore[misc]
+
+
+def fit_multiple(lo: int, hi: int, limit: int, multiple: int) -> tuple[int, int]:
+    """Grow [lo, hi) to a length that is a multiple of `multiple`, staying inside [0, limit)."""
+    length = ceil_to(hi - lo, multiple)
+    hi = min(limit, lo + length)
+    return hi - length, hi
+
+
+def upsample_nearest(labels: Tensor, ratio: int) -> Tensor:
+    if ratio == 1:
+        return labels.clone()
+    return (
+        labels.repeat_interleave(ratio, 0).repeat_interleave(ratio, 1).repeat_interleave(ratio, 2)
+    )
+
+
+def upsample_probs(probs: Tensor, ratio: int, slab: int = 16) -> Tensor:
+    """Trilinear upsampling of a (C, D, H, W) probability grid, slab by slab (bounded memory)."""
+    c, d, h, w = probs.shape
+    out = torch.empty((c, d * ratio, h * ratio, w * ratio), dtype=probs.dtype)
+    for z0 in range(0, d, slab):
+        z1 = min(d, z0 + slab)
+        lo, hi = max(0, z0 - 1), min(d, z1 + 1)
+        up = F.interpolate(
+            probs[None, :, lo:hi].float(), scale_factor=ratio, mode="trilinear", align_corners=False
+        )[0]
+        # Slab borders: the extra context slice on each side makes the slab seamless.
+        out[:, z0 * ratio : z1 * ratio] = up[:, (z0 - lo) * ratio : (z1 - lo) * ratio].to(out.dtype)
+    return out
+
+
+def crop_upsampled(probs: Tensor, region: Box, ratio: int) -> Tensor:
+    """Trilinear upsampling of `probs` (coarser grid) evaluated on a finer-grid region."""
+    starts = [r.start for r in region]
+    size = [r.stop - r.start for r in region]
+    lo = [a // ratio - 1 for a in starts]
+    hi = [-(-r.stop // ratio) + 1 for r in region]
+    pad = []
+    for axis in (2, 1, 0):
+        pad += [max(0, -lo[axis]), max(0, hi[axis] - probs.shape[1 + axis])]
+    src = F.pad(probs[None].float(), pad, mode="replicate")
+    crop = src[
+        ...,
+        lo[0] + pad[4] : hi[0] + pad[4],
+        lo[1] + pad[2] : hi[1] + pad[2],
+        lo[2] + pad[0] : hi[2] + pad[0],
+    ]
+    up = F.interpolate(crop, scale_factor=ratio, mode="trilinear", align_corners=False)[0]
+    off = [a - (b * ratio) for a, b in zip(starts, lo, strict=True)]
+    return up[:, off[0] : off[0] + size[0], off[1] : off[1] + size[1], off[2] : off[2] + size[2]]

@@ -1,0 +1,96 @@
+"""Label clean-up after inference: spurious islands, and the left/right split."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from model.labels import BONE_NAMES, Side, sided_label
+
+BODY_HU = -400  # above: body or table, below: air
+FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def _shift(sl: tuple[slice, ...], by: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(sl, by, strict=True))
+
+
+def _touches_edge(region: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
+    return any(r.start == 0 or r.stop == n for r, n in zip(region, shape, strict=True))
+
+
+def _neighbour_label(labels: np.ndarray, region: tuple[slice, ...], island: np.ndarray) -> int:
+    """Most common other bone label on the one-voxel ring around `island`, else background."""
+    grown = tuple(
+        slice(max(0, r.start - 1), min(n, r.stop + 1))
+        for r, n in zip(region, labels.shape, strict=True)
+    )
+    frame = np.zeros([g.stop - g.start for g in grown], dtype=bool)
+    frame[
+        tuple(
+            slice(r.start - g.start, r.stop - g.start) for r, g in zip(region, grown, strict=True)
+        )
+    ] = island
+    ring = ndimage.binary_dilation(frame, FULL_CONNECTIVITY) & ~frame
+    values = labels[grown][ring]
+    own = labels[region][island][0]
+    values = values[(values != 0) & (values != own)]
+    return int(np.bincount(values).argmax()) if values.size else 0
+
+
+def remove_islands(labels: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Drop connected components of a bone smaller than `min_voxels` (the paper's Figure 9).
+
+    A dropped island that touches another bone takes that bone's label (a fragment of the
+    tibia called femur is tibia); one surrounded by soft tissue becomes background. Components
+    touching the edge of the field of view are kept whatever their size: a bone cut by the scan
+    is not spurious.
+    """
+    out = labels.copy()
+    for bone in BONE_NAMES:
+        mask = labels == bone
+        if not mask.any():
+            continue
+        box = ndimage.find_objects(mask.astype(np.uint8))[0]
+        components, n = ndimage.label(mask[box], structure=FULL_CONNECTIVITY)
+        sizes = np.bincount(components.ravel(), minlength=n + 1)
+        for index, sl in enumerate(ndimage.find_objects(components), start=1):
+            region = _shift(sl, box)
+            if sizes[index] >= min_voxels or _touches_edge(region, labels.shape):
+                continue
+            island = components[sl] == index
+            out[region][island] = _neighbour_label(out, region, island)
+    return out
+
+
+def body_midline_x(hu: np.ndarray, grid: sitk.Image, stride: int = 4) -> float:
+    """Patient-x (LPS, mm) of the body's centre: the plane that separates left from right.
+
+    The centre of everything denser than air is used rather than x = 0 because patients lie
+    off-centre on the table; the table itself is symmetric about the body's centre line well
+    enough for this purpose.
+    """
+    sub = np.asarray(hu)[::stride, ::stride, ::stride]
+    idx = np.argwhere(sub > BODY_HU) * stride
+    if idx.size == 0:
+        idx = np.array([[s // 2 for s in hu.shape]])
+    centre = idx.mean(axis=0)[::-1]  # (x, y, z) index order
+    return float(grid.TransformContinuousIndexToPhysicalPoint(centre.tolist())[0])
+
+
+def split_sides(labels: np.ndarray, hu: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """Sided labels (1..6 right, 7..12 left): each bone voxel by its side of the body midline."""
+    midline = body_midline_x(hu, grid)
+    direction = np.array(grid.GetDirection()).reshape(3, 3)
+    spacing = np.array(grid.GetSpacing())
+    origin = np.array(grid.GetOrigin())
+    # Patient x of voxel (k, j, i) is linear in the indices: x = o_x + sum_a D[0, a] s_a idx_a.
+    step = direction[0] * spacing  # per (i, j, k) index step
+    k, j, i = np.ogrid[: labels.shape[0], : labels.shape[1], : labels.shape[2]]
+    x = origin[0] + step[0] * i + step[1] * j + step[2] * k
+    left = x > midline  # LPS: +x is the patient's left
+    sided = labels.copy()
+    for bone in BONE_NAMES:
+        sided[(labels == bone) & left] = sided_label(bone, Side.LEFT)
+    return sided

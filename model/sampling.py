@@ -1,0 +1,159 @@
+"""Multi-scale patch sampling for training the cascade (pure numpy, no I/O).
+
+A training sample is one patch per stage: the finest patch is centred on a bone voxel (bone is
+oversampled, each bone equally often, so the small talus counts as much as the femur) or on a
+random voxel; every coarser patch contains the finer one at a random offset aligned to its own
+voxel grid. Offsets are random rather than centred because inference also places fine patches
+anywhere inside the coarse ones (the paper's "all smaller patches" inference, and the fast
+fully-convolutional strategy). Each patch is downsampled to the smallest patch size by block
+averaging; its target is the block-averaged one-hot labels (soft targets at coarse stages).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.network import CascadeConfig
+
+AIR_HU = -1024
+
+
+@dataclass
+class TrainingCase:
+    """One training volume at the model's spacing: HU (int16) and labels (uint8), (z, y, x)."""
+
+    name: str
+    hu: np.ndarray
+    labels: np.ndarray
+    bone_voxels: dict[int, np.ndarray]  # label -> (N, 3) sample of its voxel indices
+
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        hu: np.ndarray,
+        labels: np.ndarray,
+        rng: np.random.Generator,
+        max_per_label: int = 50_000,
+    ) -> TrainingCase:
+        if hu.shape != labels.shape:
+            raise ValueError(f"{name}: image shape {hu.shape} differs from labels {labels.shape}")
+        bone_voxels = {}
+        for label in np.unique(labels):
+            if label == 0:
+                continue
+            idx = np.argwhere(labels == label)
+            if len(idx) > max_per_label:
+                idx = idx[rng.choice(len(idx), max_per_label, replace=False)]
+            bone_voxels[int(label)] = idx.astype(np.int32)
+        return cls(name, hu.astype(np.int16, copy=False), labels.astype(np.uint8), bone_voxels)
+
+
+@dataclass
+class Sample:
+    images: np.ndarray  # (n_stages, S, S, S) float32, normalised HU
+    targets: np.ndarray  # (n_stages, n_classes, S, S, S) float32 soft targets
+    offsets: np.ndarray  # (n_stages - 1, 3) int, patch i + 1 start inside patch i (0.8 mm voxels)
+
+
+def normalise_hu(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip HU to the window and scale it to about [-1, 1] (float32)."""
+    lo, hi = window
+    out = np.clip(hu.astype(np.float32), lo, hi)
+    out -= (lo + hi) / 2
+    out /= (hi - lo) / 2
+    return out
+
+
+def extract(array: np.ndarray, start: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """array[start : start + size] in 3-D, padded with `fill` where it leaves the volume."""
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, array.shape)
+    out = np.full((size, size, size), fill, dtype=array.dtype)
+    if np.all(hi > lo):
+        dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
+        out[dst] = array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+    return out
+
+
+def block_mean(x: np.ndarray, factor: int) -> np.ndarray:
+    """Average over factor^3 blocks of the last three axes."""
+    if factor == 1:
+        return x
+    *lead, d, h, w = x.shape
+    blocks = x.reshape(*lead, d // factor, factor, h // factor, factor, w // factor, factor)
+    return blocks.mean(axis=(-5, -3, -1))
+
+
+def soft_targets(labels: np.ndarray, n_classes: int, factor: int) -> np.ndarray:
+    """Fraction of each class in every factor^3 block: (n_classes, D/f, H/f, W/f).
+
+    Counts per block on a (D/f, H/f, W/f, f^3) view: ten times faster than averaging a float
+    one-hot volume, which matters because sampling runs on the training thread.
+    """
+    d, h, w = (n // factor for n in labels.shape)
+    blocks = labels.reshape(d, factor, h, factor, w, factor).transpose(0, 2, 4, 1, 3, 5)
+    blocks = blocks.reshape(d, h, w, factor**3)
+    counts = np.stack([(blocks == c).sum(-1, dtype=np.int32) for c in range(n_classes)])
+    return counts.astype(np.float32) / np.float32(factor**3)
+
+
+def sample_patch_starts(
+    config: CascadeConfig, centre: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Start (z, y, x) of every stage's patch, coarsest first, around the finest patch's centre."""
+    sizes, factors = config.patch_sizes, config.factors
+    starts = [centre - sizes[-1] // 2]
+    for i in reversed(range(len(sizes) - 1)):
+        # Offset of patch i + 1 inside patch i: a multiple of stage i's factor.
+        room = (sizes[i] - sizes[i + 1]) // factors[i]
+        offset = rng.integers(0, room + 1, size=3) * factors[i]
+        starts.insert(0, starts[0] - offset)
+    return starts
+
+
+def draw_sample(
+    case: TrainingCase,
+    config: CascadeConfig,
+    rng: np.random.Generator,
+    bone_fraction: float = 0.67,
+) -> Sample:
+    """One multi-scale training sample from `case` (see the module docstring)."""
+    if case.bone_voxels and rng.random() < bone_fraction:
+        label = rng.choice(sorted(case.bone_voxels))
+        voxels = case.bone_voxels[int(label)]
+        centre = voxels[rng.integers(len(voxels))].astype(np.int64)
+    else:
+        centre = np.array([rng.integers(0, n) for n in case.hu.shape], dtype=np.int64)
+    centre = centre + rng.integers(-8, 9, size=3)
+    starts = sample_patch_starts(config, centre, rng)
+    images, targets = [], []
+    for start, size, factor in zip(starts, config.patch_sizes, config.factors, strict=True):
+        hu = extract(case.hu, start, size, AIR_HU)
+        labels = extract(case.labels, start, size, 0)
+        images.append(block_mean(normalise_hu(hu, config.hu_window), factor))
+        targets.append(soft_targets(labels, config.n_classes, factor))
+    offsets = np.array([b - a for a, b in itertools.pairwise(starts)], dtype=np.int64)
+    return Sample(np.stack(images), np.stack(targets), offsets.reshape(-1, 3))
+
+
+def augment(sample: Sample, config: CascadeConfig, rng: np.random.Generator) -> Sample:
+    """Left-right flip, intensity scale/shift and noise: what phantom variation does not cover.
+
+    Labels are not sided, so a left-right flip is label-preserving; it mirrors every stage, and
+    patch i + 1 at x-offset o inside patch i moves to s_i - s_{i+1} - o.
+    """
+    images, targets, offsets = sample.images, sample.targets, sample.offsets.copy()
+    if rng.random() < 0.5:
+        images = images[..., ::-1]
+        targets = targets[..., ::-1]
+        sizes = config.patch_sizes
+        for i in range(len(offsets)):
+            offsets[i, 2] = sizes[i] - sizes[i + 1] - offsets[i, 2]
+    images = images * np.float32(rng.uniform(0.9, 1.1)) + np.float32(rng.uniform(-0.03, 0.03))
+    noise = rng.uniform(0.0, 0.03)
+    images = images + rng.normal(0.0, noise, size=images.shape).astype(np.float32)
+    return Sample(images.astype(np.float32), np.ascontiguousarray(targets), offsets)
