@@ -11,6 +11,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads only when a command needs it: `--help` stays fast
+    from model.inference import Segmenter
 
 SubParsers = argparse._SubParsersAction
 
@@ -22,8 +26,143 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands (keep this list in pipeline order).
+    _add_train(sub)
+    _add_segment(sub)
+    _add_segment_phantom(sub)
     _add_evaluate(sub)
     return parser
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """'1-4,9' -> [1, 2, 3, 4, 9]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config.toml ([inference] section)")
+    parser.add_argument("--strategy", choices=["fast", "paper"], help="overrides the config")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto; overrides the config")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--weights", type=Path, help="safetensors weights (default: shipped)")
+
+
+def _segmenter(args: argparse.Namespace) -> Segmenter:
+    """A Segmenter from the config's [inference] section, with command-line overrides."""
+    from dicom_node.config import InferenceConfig, load_config
+    from model.inference import InferenceSettings, Segmenter
+    from model.weights import DEFAULT_WEIGHTS
+
+    config = load_config(args.config).inference if args.config else InferenceConfig()
+    settings = InferenceSettings(
+        strategy=args.strategy or config.strategy,
+        device=args.device or config.device,
+        threads=args.threads or config.threads or None,
+    )
+    return Segmenter(args.weights or Path(config.weights or DEFAULT_WEIGHTS), settings)
+
+
+def _add_train(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="train the cascade on image/label volumes or generated phantoms",
+        description="Train the cascaded V-net. DATA folders hold <case>/image.* + labels.* "
+        "(NIfTI, NRRD or MHA; what `dicom-node phantom --format nifti` writes) or images*/ + "
+        "labels*/ with equal file names. --phantom-seeds generates phantoms in memory instead "
+        "of (or besides) reading files. Resumes from OUT/checkpoint.safetensors if present.",
+    )
+    parser.add_argument("data", nargs="*", type=Path, metavar="DATA")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, weights)")
+    parser.add_argument("--phantom-seeds", type=_parse_seeds, default=[], help="e.g. 100-115")
+    parser.add_argument("--phantom-size", choices=["small", "full"], default="full")
+    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[128, 64, 32])
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.network import CascadeConfig
+    from model.training import TrainingSettings, load_cases, train
+
+    if not args.data and not args.phantom_seeds:
+        print("dicom-node train: error: give DATA folders or --phantom-seeds", file=sys.stderr)
+        return 2
+    config = CascadeConfig(patch_sizes=tuple(args.patch_sizes))
+    cases, metadata = load_cases(args.data, args.phantom_seeds, args.phantom_size, config)
+    settings = TrainingSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    weights = train(cases, args.out, config, settings, metadata, progress=not args.no_progress)
+    print(weights)
+    return 0
+
+
+def _add_segment(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "segment",
+        help="segment a CT volume file (NIfTI, NRRD, MHA) into a bone label map",
+        description="Segment INPUT (HU values) and write OUTPUT on the input's grid: 0 "
+        "background, 1 femur, 2 hip bone, 3 tibia, 4 fibula, 5 talus, 6 calcaneus; beside it "
+        "<stem>_sided.<ext> (1..6 right, 7..12 left) and <stem>.json naming the labels.",
+    )
+    parser.add_argument("input", type=Path, metavar="INPUT")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT")
+    _add_inference_options(parser)
+    parser.set_defaults(handler=_segment)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from model.segment_files import segment_file
+
+    try:
+        paths = segment_file(args.input, args.output, _segmenter(args))
+    except (OSError, ValueError, RuntimeError) as error:  # ConfigError is a ValueError
+        print(f"dicom-node segment: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+def _add_segment_phantom(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "segment-phantom",
+        help="generate phantom CTs, segment them, print Dice/MASD/HD95 against their truth",
+    )
+    parser.add_argument("--seeds", type=_parse_seeds, default=[1001], help="e.g. 1001-1003")
+    parser.add_argument("--size", choices=["small", "full"], default="small")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
+    _add_inference_options(parser)
+    parser.set_defaults(handler=_segment_phantom)
+
+
+def _segment_phantom(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from model.evaluation import format_table, write_json
+    from model.phantom_check import segment_phantoms
+
+    result = segment_phantoms(args.seeds, args.size, _segmenter(args))
+    console = Console()
+    console.print(format_table(result))
+    for case in result["cases"]:
+        console.print(f"{case['case']}: {case['shape']} voxels, {case['timings_s']}")
+    console.print("Phantom data: these figures show the engine works, not clinical accuracy.")
+    if args.json is not None:
+        write_json(result, args.json)
+    return 0
 
 
 def _add_evaluate(sub: SubParsers) -> None:

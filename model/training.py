@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +84,47 @@ def prepare_case(
     )
 
 
+def crop_to_body(
+    hu: np.ndarray, labels: np.ndarray, margin: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the air around the body: it costs memory and teaches nothing a margin does not."""
+    body = np.argwhere(hu[::4, ::4, ::4] > -500) * 4
+    if body.size == 0:
+        return hu, labels
+    lo = np.maximum(body.min(axis=0) - margin, 0)
+    hi = np.minimum(body.max(axis=0) + margin + 4, hu.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    return np.ascontiguousarray(hu[box]), np.ascontiguousarray(labels[box])
+
+
+def load_cases(
+    folders: Sequence[Path], phantom_seeds: Sequence[int], phantom_size: str, config: CascadeConfig
+) -> tuple[list[TrainingCase], dict[str, object]]:
+    """Training cases from files and generated phantoms, plus what the model card records."""
+    from model.phantom import PHANTOM_VERSION, generate_phantom
+
+    rng = np.random.default_rng(0)
+    spacing = config.spacing_mm
+    cases = [
+        prepare_case(image, labels, spacing, rng)
+        for folder in folders
+        for image, labels in find_training_pairs(folder)
+    ]
+    for seed in tqdm(phantom_seeds, desc="phantoms", disable=not phantom_seeds):
+        phantom = generate_phantom(seed, phantom_size, spacing=(spacing,) * 3)
+        hu, labels = crop_to_body(phantom.image.array, phantom.labels.array)
+        del phantom
+        cases.append(TrainingCase.from_arrays(f"phantom-{seed}", hu, labels, rng))
+    metadata: dict[str, object] = {"data": [str(f) for f in folders]}
+    if phantom_seeds:
+        metadata["phantom"] = {
+            "version": PHANTOM_VERSION,
+            "seeds": list(phantom_seeds),
+            "size": phantom_size,
+        }
+    return cases, metadata
+
+
 def stage_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     """Cross-entropy on soft targets plus soft Dice over the bone classes.
 
@@ -154,7 +196,8 @@ def train(
         torch.set_num_threads(settings.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    model = CascadedVNet(config)
+    # channels-last 3-D convolutions train about a quarter faster on CPU (measured on 2 cores).
+    model = CascadedVNet(config).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     rng = np.random.default_rng(settings.seed)
     step, history = 0, []
@@ -168,33 +211,42 @@ def train(
     started = time.monotonic()
     bar = tqdm(total=settings.steps, initial=step, disable=not progress, desc="train", unit="step")
     running = None
-    while step < settings.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
-        images, targets, offsets = make_batch(cases, config, settings, rng)
-        loss = cascade_loss(model(images, offsets), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}")
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
-            history.append(
-                {
-                    "step": step,
-                    "loss": round(running, 5),
-                    "seconds": round(time.monotonic() - started, 1),
-                }
-            )
-            save_checkpoint(
-                checkpoint,
-                model,
-                optimizer,
-                {"step": step, "history": history, "rng": rng.bit_generator.state},
-            )
-            log.info("step %d loss %.4f", step, running)
+    # The next batch is sampled on a thread while the current one trains (numpy frees the GIL).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # A checkpoint stores the generator's state from before the pending batch was drawn,
+        # so that a resumed run draws exactly the batches the uninterrupted run would have.
+        rng_state = rng.bit_generator.state
+        pending = pool.submit(make_batch, cases, config, settings, rng)
+        while step < settings.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, settings)
+            images, targets, offsets = pending.result()
+            rng_state = rng.bit_generator.state
+            if step + 1 < settings.steps:
+                pending = pool.submit(make_batch, cases, config, settings, rng)
+            loss = cascade_loss(model(images, offsets), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                history.append(
+                    {
+                        "step": step,
+                        "loss": round(running, 5),
+                        "seconds": round(time.monotonic() - started, 1),
+                    }
+                )
+                save_checkpoint(
+                    checkpoint,
+                    model,
+                    optimizer,
+                    {"step": step, "history": history, "rng": rng_state},
+                )
+                log.info("step %d loss %.4f", step, running)
     bar.close()
     weights = out_dir / f"cascade_{'-'.join(map(str, config.patch_sizes))}.safetensors"
     save_weights(

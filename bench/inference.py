@@ -1,0 +1,143 @@
+"""Inference benchmark: a full-size phantom with `fast`, and `fast` against `paper` on a slab.
+
+    python -m bench.inference [--device cpu|cuda] [--out bench/results/inference.json]
+
+Each segmentation runs in its own process (bench/segment_worker.py) so that peak RSS is that of
+one segmentation, not of the phantom generator. Timings are wall-clock on this machine; the
+machine is recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.labels import BONE_NAMES
+from model.metrics import dice
+from model.phantom import generate_phantom
+from model.volume_io import Volume, read_volume, write_volume
+
+FULL_SEED = 4242
+SLAB_SLICES = 200
+
+
+def run_worker(image: Path, workdir: Path, strategy: str, device: str) -> tuple[dict, np.ndarray]:
+    labels = workdir / f"{image.stem}-{strategy}-labels.mha"
+    report = workdir / f"{image.stem}-{strategy}.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.segment_worker",
+            str(image),
+            str(labels),
+            str(report),
+            "--strategy",
+            strategy,
+            "--device",
+            device,
+        ],
+        check=True,
+    )
+    return json.loads(report.read_text()), read_volume(labels).array
+
+
+def slab_around_hips(phantom_image: Volume, geometry: dict) -> Volume:
+    """200 slices centred on the femoral heads: pelvis, hips and femora, the busiest region."""
+    z_mm = np.mean([geometry["sides"][s]["femoral_head_centre"][2] for s in ("left", "right")])
+    centre = round((z_mm - phantom_image.origin[2]) / phantom_image.spacing[2])
+    lo = max(0, min(centre - SLAB_SLICES // 2, phantom_image.array.shape[0] - SLAB_SLICES))
+    origin = (
+        phantom_image.origin[0],
+        phantom_image.origin[1],
+        phantom_image.origin[2] + lo * phantom_image.spacing[2],
+    )
+    return Volume(
+        np.ascontiguousarray(phantom_image.array[lo : lo + SLAB_SLICES]),
+        phantom_image.spacing,
+        origin,
+        phantom_image.direction,
+    )
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["memory_gb"] = round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1
+        )
+    except (OSError, ValueError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        workdir = Path(tmp)
+        t = time.perf_counter()
+        phantom = generate_phantom(FULL_SEED, "full", spacing=(0.8, 0.8, 0.8), region="whole_legs")
+        generate_s = time.perf_counter() - t
+        full, slab = workdir / "full.mha", workdir / "slab.mha"
+        write_volume(phantom.image, full)
+        write_volume(slab_around_hips(phantom.image, phantom.geometry), slab)
+        truth_shape = phantom.image.array.shape
+        del phantom
+
+        full_report, _ = run_worker(full, workdir, "fast", args.device)
+        fast_report, fast_labels = run_worker(slab, workdir, "fast", args.device)
+        paper_report, paper_labels = run_worker(slab, workdir, "paper", args.device)
+    agreement = {
+        name: round(dice(fast_labels == value, paper_labels == value), 4)
+        for value, name in BONE_NAMES.items()
+        if (paper_labels == value).any() or (fast_labels == value).any()
+    }
+    result = {
+        "machine": machine(),
+        "device": args.device,
+        "phantom": {
+            "seed": FULL_SEED,
+            "shape_zyx": list(truth_shape),
+            "spacing_mm": 0.8,
+            "generate_s": round(generate_s, 1),
+        },
+        "full_fast": full_report,
+        "slab": {
+            "slices": SLAB_SLICES,
+            "fast": fast_report,
+            "paper": paper_report,
+            "paper_over_fast_time": round(paper_report["segment_s"] / fast_report["segment_s"], 1),
+            "agreement_dice_per_bone": agreement,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""One segmentation in its own process, so that its peak RSS is its own.
+
+python -m bench.segment_worker IN.mha OUT_LABELS.mha OUT.json --strategy fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from model.inference import InferenceSettings, Segmenter
+from model.volume_io import read_volume, write_volume
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("input", type=Path)
+    parser.add_argument("labels", type=Path)
+    parser.add_argument("report", type=Path)
+    parser.add_argument("--strategy", default="fast")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    segmenter = Segmenter(settings=InferenceSettings(strategy=args.strategy, device=args.device))
+    load_s = time.perf_counter() - started
+    volume = read_volume(args.input)
+    if segmenter.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    result = segmenter.segment(volume)
+    segment_s = time.perf_counter() - t
+    write_volume(result.labels, args.labels)
+    report = {
+        "strategy": args.strategy,
+        "device": str(segmenter.device),
+        "shape_zyx": list(volume.array.shape),
+        "spacing_xyz": list(volume.spacing),
+        "model_load_s": round(load_s, 2),
+        "segment_s": round(segment_s, 2),
+        "timings_s": result.timings,
+        "refined_fraction": result.summary["refined_fraction"],
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if segmenter.device.type == "cuda":
+        report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+    args.report.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

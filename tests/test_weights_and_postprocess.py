@@ -1,0 +1,106 @@
+"""Weights and checkpoints without pickle; island removal and the left/right split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from model.labels import Bone, Side, sided_label
+from model.network import CascadeConfig, CascadedVNet
+from model.postprocess import remove_islands, split_sides
+from model.sampling import TrainingCase
+from model.training import TrainingSettings, train
+from model.weights import load_checkpoint, load_weights, save_weights
+
+
+def test_weights_round_trip_and_tamper_check(tmp_path: Path) -> None:
+    model = CascadedVNet(CascadeConfig(patch_sizes=(64, 32))).eval()
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path, {"note": "test"})
+    loaded, meta = load_weights(path)
+    assert meta["note"] == "test" and meta["config"]["patch_sizes"] == [64, 32]
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model(x), loaded(x), strict=True):
+            assert torch.equal(a, b)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_weights(path)
+
+
+def test_weights_contain_no_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_weights(CascadedVNet(CascadeConfig(patch_sizes=(32,))), path, {})
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
+    assert all(v["dtype"] in ("F32", "I64") for k, v in header.items() if k != "__metadata__")
+
+
+def tiny_case() -> TrainingCase:
+    labels = np.zeros((48, 48, 48), dtype=np.uint8)
+    labels[10:30, 10:30, 10:30] = Bone.TIBIA
+    hu = np.where(labels > 0, 1200, 0).astype(np.int16)
+    return TrainingCase.from_arrays("tiny", hu, labels, np.random.default_rng(0))
+
+
+def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """Four steps straight equal two steps, a stop, and two more from the checkpoint."""
+    config = CascadeConfig(patch_sizes=(64, 32))
+    settings = dict(batch_size=2, checkpoint_every=2, warmup_steps=1, seed=4)
+    straight = train([tiny_case()], tmp_path / "a", config,
+                     TrainingSettings(steps=4, **settings), progress=False)
+    train([tiny_case()], tmp_path / "b", config, TrainingSettings(steps=2, **settings),
+          progress=False)
+    resumed = train([tiny_case()], tmp_path / "b", config, TrainingSettings(steps=4, **settings),
+                    progress=False)
+    a, _ = load_weights(straight)
+    b, _ = load_weights(resumed)
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5), name
+    model = CascadedVNet(config)
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors", model,
+                            torch.optim.Adam(model.parameters()))
+    assert state["step"] == 4 and len(state["history"]) == 2
+
+
+def test_islands_are_removed_or_relabelled() -> None:
+    labels = np.zeros((40, 40, 40), dtype=np.uint8)
+    labels[5:30, 5:30, 5:30] = Bone.TIBIA
+    labels[10:12, 10:12, 29:31] = Bone.FEMUR  # touches the tibia: a mislabelled fragment
+    labels[20:22, 35:37, 20:22] = Bone.FEMUR  # alone in soft tissue: spurious
+    labels[0:2, 0:2, 0:2] = Bone.TALUS  # at the edge of the field of view: kept
+    out = remove_islands(labels, min_voxels=50)
+    assert (out[10:12, 10:12, 29:30] == Bone.TIBIA).all()
+    assert (out[20:22, 35:37, 20:22] == 0).all()
+    assert (out[0:2, 0:2, 0:2] == Bone.TALUS).all()
+    assert (out[5:30, 5:29, 5:29] == Bone.TIBIA).all()
+
+
+def test_islands_keep_large_components() -> None:
+    labels = np.zeros((30, 30, 30), dtype=np.uint8)
+    labels[5:15, 5:15, 5:12] = Bone.FEMUR
+    labels[5:15, 5:15, 18:25] = Bone.FEMUR  # the other femur
+    assert np.array_equal(remove_islands(labels, min_voxels=50), labels)
+
+
+def test_sides_follow_patient_coordinates() -> None:
+    """+x is the patient's left in LPS; a flipped x axis (direction -1) swaps the result."""
+    hu = np.full((10, 20, 40), -1000, dtype=np.int16)
+    hu[:, 5:15, 5:35] = 40  # body, centred on column 20
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[:, 8:12, 8:12] = Bone.FEMUR  # low column index
+    labels[:, 8:12, 28:32] = Bone.FEMUR
+    grid = sitk.GetImageFromArray(hu)
+    sided = split_sides(labels, hu, grid)
+    assert (sided[:, 8:12, 8:12] == sided_label(Bone.FEMUR, Side.RIGHT)).all()
+    assert (sided[:, 8:12, 28:32] == sided_label(Bone.FEMUR, Side.LEFT)).all()
+    grid.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    flipped = split_sides(labels, hu, grid)
+    assert (flipped[:, 8:12, 8:12] == sided_label(Bone.FEMUR, Side.LEFT)).all()
