@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands (keep this list in pipeline order).
+    _add_phantom(sub)
     _add_train(sub)
     _add_segment(sub)
     _add_segment_phantom(sub)
@@ -63,6 +64,50 @@ def _segmenter(args: argparse.Namespace) -> Segmenter:
         threads=args.threads or config.threads or None,
     )
     return Segmenter(args.weights or Path(config.weights or DEFAULT_WEIGHTS), settings)
+
+
+def _add_phantom(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "phantom",
+        help="generate a synthetic lower-extremity CT with its ground truth",
+        description="Generate the phantom of SEED. --format dicom writes OUT/ct/ (a CT series "
+        "with a synthetic patient; the same phantom is always the same study), "
+        "OUT/labels.nii.gz and OUT/geometry.json; --format nifti writes OUT/image.nii.gz, "
+        "OUT/labels.nii.gz and OUT/geometry.json. Prints one line per output.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--size", choices=["small", "full"], default="full")
+    parser.add_argument("--format", choices=["dicom", "nifti"], default="dicom")
+    parser.add_argument(
+        "--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="mm (default: drawn)"
+    )
+    parser.add_argument(
+        "--region",
+        help="full: whole_legs, torso, lower_legs; small: hip, knee, ankle (default: drawn)",
+    )
+    parser.set_defaults(handler=_phantom)
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    from dicom_node.phantom_series import write_phantom
+
+    spacing = tuple(args.spacing) if args.spacing else None
+    try:
+        paths = write_phantom(
+            args.out,
+            seed=args.seed,
+            size=args.size,
+            output_format=args.format,
+            spacing=spacing,
+            region=args.region,
+        )
+    except (OSError, ValueError) as error:
+        print(f"dicom-node phantom: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths.values():
+        print(path)
+    return 0
 
 
 def _add_train(sub: SubParsers) -> None:

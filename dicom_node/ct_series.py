@@ -99,17 +99,18 @@ class _SliceGeometry:
         matrix = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
         if not np.allclose(matrix.T @ matrix, np.eye(3), atol=_ORTHONORMAL_TOLERANCE):
             raise ValueError(f"direction is not orthonormal: {volume.direction}")
-        spacing = tuple(float(s) for s in volume.spacing)
+        spacing_x, spacing_y, spacing_z = (float(s) for s in volume.spacing)
+        spacing = (spacing_x, spacing_y, spacing_z)
         if min(spacing) <= 0:
             raise ValueError(f"spacing must be positive, got {spacing}")
         origin = np.asarray(volume.origin, dtype=np.float64)
         array = volume.array
-        slice_step = matrix[:, 2] * spacing[2]
+        slice_step = matrix[:, 2] * spacing_z
         if np.linalg.det(matrix) < 0:
             origin = origin + slice_step * (array.shape[0] - 1)
             slice_step = -slice_step
             array = array[::-1]
-        return cls(array, origin, matrix[:, 0], matrix[:, 1], slice_step, spacing)  # type: ignore[arg-type]
+        return cls(array, origin, matrix[:, 0], matrix[:, 1], slice_step, spacing)
 
     @property
     def normal(self) -> np.ndarray:

@@ -16,6 +16,7 @@ Both work on the model's isotropic 0.8 mm LPS grid; `Segmenter.segment` resample
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -54,6 +55,7 @@ class InferenceSettings:
     band: int = 2  # fast: voxels around a label change (previous stage's grid) refined
     certainty: float = 0.9  # fast: below this max probability a voxel is refined too
     min_island_ml: float = 0.5
+    max_box_voxels: int = 96 * 192 * 192  # fast: bounds one network call's memory (~1.5 GB)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -128,7 +130,8 @@ class Segmenter:
             self.metadata = {"name": "in-memory", "config": model.config.to_json()}
         self.config = model.config
         self.device = pick_device(self.settings.device)
-        self.model = fold_batchnorm(model.eval()).to(self.device)
+        # Folding rewrites modules in place: fold a copy, the caller's model stays trainable.
+        self.model = fold_batchnorm(copy.deepcopy(model).eval()).to(self.device)
         self.stages = list(self.model.stages)
 
     # -- the one public call -------------------------------------------------------------
@@ -283,31 +286,36 @@ class Segmenter:
                     ]
                 )[None]
                 p = self._run(i, x)[0]
-                inner = tuple(
-                    slice(c.start - r.start, c.stop - r.start)
-                    for c, r in zip(core, region, strict=True)
-                )
+                kept = (slice(None), *inner(core, region))
                 if last:
-                    result[core] = p[(slice(None), *inner)].argmax(0).to(torch.uint8)
+                    result[core] = p[kept].argmax(0).to(torch.uint8)
                 else:
-                    result[(slice(None), *core)] = p[(slice(None), *inner)].to(result.dtype)
+                    result[(slice(None), *core)] = p[kept].to(result.dtype)
             if last:
                 return result, stats
             probs = result
         return probs.argmax(0).to(torch.uint8), stats
 
     def _dense(self, stage: int, x: Tensor) -> Tensor:
-        """A stage over a whole grid, in z-slabs with a halo (bounded memory)."""
+        """A stage over a whole grid, box by box with a halo (bounded memory)."""
         out = torch.empty((N_CLASSES, *x.shape), dtype=torch.float16)
-        slab, halo = self.settings.slab, self.settings.halo
-        depth = x.shape[0]
-        for z0 in range(0, depth, slab):
-            z1 = min(depth, z0 + slab)
-            lo, hi = max(0, z0 - halo), min(depth, z1 + halo)
-            lo, hi = fit_multiple(lo, hi, depth, 8)
-            p = self._run(stage, x[lo:hi][None, None])[0]
-            out[:, z0:z1] = p[:, z0 - lo : z1 - lo].to(out.dtype)
+        whole = tuple(slice(0, n) for n in x.shape)
+        for core, region in self._with_halo(
+            split_box(whole, self.settings.max_box_voxels), x.shape
+        ):
+            p = self._run(stage, x[region][None, None])[0]
+            out[(slice(None), *core)] = p[(slice(None), *inner(core, region))].to(out.dtype)
         return out
+
+    def _with_halo(self, cores: list[Box], shape: torch.Size) -> Iterator[tuple[Box, Box]]:
+        """(core, input region): the core grown by the halo, to a multiple of 8, inside `shape`."""
+        halo = self.settings.halo
+        for core in cores:
+            region = tuple(
+                slice(*fit_multiple(max(0, c.start - halo), min(n, c.stop + halo), n, 8))
+                for c, n in zip(core, shape, strict=True)
+            )
+            yield core, region  # type: ignore[misc]
 
     def _refine_mask(self, labels: Tensor, probs: Tensor) -> Tensor:
         """Where the next stage must look: near a label change, or unsure (previous grid)."""
@@ -323,7 +331,7 @@ class Segmenter:
         self, refine: Tensor, ratio: int, fine_shape: torch.Size
     ) -> Iterator[tuple[Box, Box]]:
         """(core, input region) boxes on the finer grid covering `refine` (coarser grid)."""
-        slab, halo = self.settings.slab, self.settings.halo
+        slab = self.settings.slab
         mask = refine.numpy()
         coarse_slab = max(1, slab // ratio)
         for z0 in range(0, mask.shape[0], coarse_slab):
@@ -339,11 +347,30 @@ class Segmenter:
                     slice(ys.start * ratio, ys.stop * ratio),
                     slice(xs.start * ratio, xs.stop * ratio),
                 )
-                region = tuple(
-                    slice(*fit_multiple(max(0, c.start - halo), min(n, c.stop + halo), n, 8))
-                    for c, n in zip(core, fine_shape, strict=True)
+                yield from self._with_halo(
+                    split_box(core, self.settings.max_box_voxels), fine_shape
                 )
-                yield core, region  # type: ignore[misc]
+
+
+def inner(core: Box, region: Box) -> Box:
+    """The core's position inside its input region."""
+    return tuple(
+        slice(c.start - r.start, c.stop - r.start) for c, r in zip(core, region, strict=True)
+    )  # type: ignore[return-value]
+
+
+def split_box(box: Box, max_voxels: int) -> list[Box]:
+    """Halve a box along its longest axis until each part has at most `max_voxels` voxels,
+    which bounds the memory one network call takes."""
+    lengths = [b.stop - b.start for b in box]
+    if int(np.prod(lengths)) <= max_voxels or max(lengths) < 2:
+        return [box]
+    axis = int(np.argmax(lengths))
+    middle = box[axis].start + lengths[axis] // 2
+    halves = []
+    for part in (slice(box[axis].start, middle), slice(middle, box[axis].stop)):
+        halves += split_box(tuple(part if a == axis else b for a, b in enumerate(box)), max_voxels)
+    return halves
 
 
 def fit_multiple(lo: int, hi: int, limit: int, multiple: int) -> tuple[int, int]:

@@ -35,7 +35,9 @@ def test_table_1_parameters_and_input_voxels(sizes: tuple[int, ...]) -> None:
 
 def test_light_vnet_is_one_conv_block_per_level() -> None:
     stage = CascadedVNet(CascadeConfig(patch_sizes=(32,))).stages[0]
-    convs = [m for m in stage.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (3,) * 3]
+    convs = [
+        m for m in stage.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (3,) * 3
+    ]
     # Four encoder levels + three decoder levels, one 3x3x3 conv each; channels double per level.
     assert len(convs) == 7
     assert [c.out_channels for c in convs[:4]] == [16, 32, 64, 128]

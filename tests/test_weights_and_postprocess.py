@@ -54,19 +54,23 @@ def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     """Four steps straight equal two steps, a stop, and two more from the checkpoint."""
     config = CascadeConfig(patch_sizes=(64, 32))
     settings = dict(batch_size=2, checkpoint_every=2, warmup_steps=1, seed=4)
-    straight = train([tiny_case()], tmp_path / "a", config,
-                     TrainingSettings(steps=4, **settings), progress=False)
-    train([tiny_case()], tmp_path / "b", config, TrainingSettings(steps=2, **settings),
-          progress=False)
-    resumed = train([tiny_case()], tmp_path / "b", config, TrainingSettings(steps=4, **settings),
-                    progress=False)
+    straight = train(
+        [tiny_case()], tmp_path / "a", config, TrainingSettings(steps=4, **settings), progress=False
+    )
+    train(
+        [tiny_case()], tmp_path / "b", config, TrainingSettings(steps=2, **settings), progress=False
+    )
+    resumed = train(
+        [tiny_case()], tmp_path / "b", config, TrainingSettings(steps=4, **settings), progress=False
+    )
     a, _ = load_weights(straight)
     b, _ = load_weights(resumed)
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(p, q, atol=1e-5), name
     model = CascadedVNet(config)
-    state = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors", model,
-                            torch.optim.Adam(model.parameters()))
+    state = load_checkpoint(
+        tmp_path / "b" / "checkpoint.safetensors", model, torch.optim.Adam(model.parameters())
+    )
     assert state["step"] == 4 and len(state["history"]) == 2
 
 
