@@ -4,9 +4,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench segment-phantom clean
+# Debian packages the tests talk to (dciodvfy checks the DICOM the node writes).
+APT_PACKAGES := dicom3tools
+APT_STAMP := $(VENV)/.apt-installed
 
-install: $(STAMP)
+.PHONY: install system-deps test lint bench segment-phantom clean
+
+install: $(STAMP) system-deps
+
+system-deps: $(APT_STAMP)
+
+$(APT_STAMP): Makefile
+	@if command -v dciodvfy >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	else echo "warning: install $(APT_PACKAGES) (apt) for the conformance tests"; fi
+	@mkdir -p $(VENV) && touch $(APT_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +41,7 @@ bench: install
 
 # Generates a phantom lower-extremity CT, segments it with the shipped weights, prints Dice.
 segment-phantom: install
-	$(BIN)/dicom-node segment-phantom --seed 1001 --size small
+	$(BIN)/dicom-node segment-phantom --seeds 1001-1003 --size small
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -374,10 +374,12 @@ def split_box(box: Box, max_voxels: int) -> list[Box]:
 
 
 def fit_multiple(lo: int, hi: int, limit: int, multiple: int) -> tuple[int, int]:
-    """Grow [lo, hi) to a length that is a multiple of `multiple`, staying inside [0, limit)."""
+    """Grow [lo, hi) to a length that is a multiple of `multiple`, staying inside [0, limit).
+
+    The grids inference runs on are padded to multiples of 32, so the length always fits."""
     length = ceil_to(hi - lo, multiple)
     hi = min(limit, lo + length)
-    return hi - length, hi
+    return max(0, hi - length), hi
 
 
 def upsample_nearest(labels: Tensor, ratio: int) -> Tensor:

@@ -186,3 +186,22 @@ def test_invalid_arguments_are_rejected() -> None:
         generate_phantom(0, "medium")
     with pytest.raises(ValueError):
         generate_phantom(0, "small", region="torso")
+
+
+@pytest.mark.parametrize(
+    ("region", "bones"),
+    [
+        ("torso", {Bone.FEMUR, Bone.HIP_BONE}),
+        ("lower_legs", {Bone.TIBIA, Bone.FIBULA, Bone.TALUS, Bone.CALCANEUS}),
+        ("whole_legs", set(Bone)),
+    ],
+)
+def test_full_regions_hold_their_bones_for_every_patient(region: str, bones: set[Bone]) -> None:
+    """Each full region's z extent comes from the patient's own landmarks (seed 5 once built
+    its torso scan from a foot bone's height and had a negative number of slices)."""
+    for seed in (5, 7):
+        phantom = generate_phantom(
+            seed, "full", spacing=(3.0, 3.0, 3.0), region=region, shape_xy=(96, 96)
+        )
+        present = set(np.unique(phantom.labels.array)) - {0}
+        assert bones <= present, (seed, region, present)

@@ -682,7 +682,8 @@ def build_anatomy(rng: np.random.Generator) -> Anatomy:
         landmarks[f"subtalar_{leg.name}"] = leg.foot.p(0, -10, -25)
     hip_bones = [p.sdf for p in bones if p.label == Bone.HIP_BONE]
     landmarks["crest_top"] = vec(0, 0, max(float(h.hi[2]) for h in hip_bones))
-    landmarks["l4_top"] = vec(0, 0, float(distractors[-1].sdf.hi[2]))
+    l4 = next(p for p in distractors if p.name == "L4")
+    landmarks["l4_top"] = vec(0, 0, float(l4.sdf.hi[2]))
     landmarks["sole"] = vec(0, 0, soft.sole_z)
     return Anatomy(distractors + bones + metal, soft, geometry, landmarks)
 

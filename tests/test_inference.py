@@ -1,0 +1,159 @@
+"""Inference with the shipped weights on small phantoms: accuracy, strategy agreement, grids."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from model.inference import InferenceSettings, Segmenter, fit_multiple, split_box
+from model.labels import BONE_NAMES
+from model.metrics import dice
+from model.phantom import generate_phantom
+from model.volume_io import Volume, read_volume, write_volume
+
+# Small phantoms (one joint region each) from seeds never used in training (1-10).
+HELD_OUT = {"hip": 2001, "knee": 2002, "ankle": 2003}
+
+
+@pytest.fixture(scope="module")
+def fast() -> Segmenter:
+    return Segmenter(settings=InferenceSettings(strategy="fast"))
+
+
+@pytest.fixture(scope="module")
+def phantoms() -> dict:
+    return {
+        region: generate_phantom(seed, "small", region=region) for region, seed in HELD_OUT.items()
+    }
+
+
+def bone_dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    return {
+        name: dice(pred == value, truth == value)
+        for value, name in BONE_NAMES.items()
+        if (truth == value).sum() > 500  # bones cut to a sliver by the crop are not scored
+    }
+
+
+@pytest.mark.parametrize("region", list(HELD_OUT))
+def test_shipped_model_segments_held_out_phantoms(
+    fast: Segmenter, phantoms: dict, region: str
+) -> None:
+    phantom = phantoms[region]
+    result = fast.segment(phantom.image)
+    assert result.labels.array.shape == phantom.labels.array.shape
+    scores = bone_dice(result.labels.array, phantom.labels.array)
+    assert scores, "the crop holds no scorable bone"
+    assert min(scores.values()) >= 0.9, scores
+    # Every voxel called bone in the sided map is bone in the plain map, and vice versa.
+    assert np.array_equal(result.sided.array > 0, result.labels.array > 0)
+
+
+def test_fast_agrees_with_paper(fast: Segmenter, phantoms: dict) -> None:
+    phantom = phantoms["knee"]
+    paper = Segmenter(settings=InferenceSettings(strategy="paper"))
+    a = fast.segment(phantom.image).labels.array
+    b = paper.segment(phantom.image).labels.array
+    agreement = bone_dice(a, b)
+    assert agreement and min(agreement.values()) >= 0.99, agreement
+
+
+def test_labels_come_back_on_the_input_grid(fast: Segmenter, phantoms: dict) -> None:
+    """A RAS-stored, anisotropic input: reoriented and resampled inside, returned on its grid."""
+    phantom = phantoms["knee"]
+    image = phantom.image.to_sitk()
+    flipped = sitk.Flip(image, [True, True, False])  # RAS-like storage of the same anatomy
+    coarse = sitk.Resample(
+        flipped,
+        [s // 2 for s in flipped.GetSize()[:2]] + [flipped.GetSize()[2]],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        flipped.GetOrigin(),
+        [flipped.GetSpacing()[0] * 2, flipped.GetSpacing()[1] * 2, flipped.GetSpacing()[2]],
+        flipped.GetDirection(),
+        -1024,
+        sitk.sitkInt16,
+    )
+    volume = Volume.from_sitk(coarse)
+    result = fast.segment(volume)
+    assert result.labels.array.shape == volume.array.shape
+    assert result.labels.spacing == volume.spacing and result.labels.direction == volume.direction
+    truth = sitk.Resample(
+        phantom.labels.to_sitk(), coarse, sitk.Transform(), sitk.sitkNearestNeighbor, 0
+    )
+    scores = bone_dice(result.labels.array, sitk.GetArrayFromImage(truth))
+    assert min(scores.values()) >= 0.85, scores
+
+
+def test_segment_command_writes_labels_sided_map_and_sidecar(
+    tmp_path: Path, phantoms: dict
+) -> None:
+    phantom = phantoms["ankle"]
+    write_volume(phantom.image, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out" / "seg.nii.gz"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node.cli",
+            "segment",
+            str(tmp_path / "ct.nii.gz"),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    labels = read_volume(out)
+    sided = read_volume(tmp_path / "out" / "seg_sided.nii.gz")
+    sidecar = json.loads((tmp_path / "out" / "seg.json").read_text())
+    assert labels.array.shape == phantom.image.array.shape
+    assert np.allclose(labels.spacing, phantom.image.spacing)
+    assert sidecar["labels"]["5"] == "talus" and sidecar["sided_labels"]["11"] == "left talus"
+    assert set(np.unique(labels.array)) <= set(range(7))
+    assert set(np.unique(sided.array)) <= set(range(13))
+    for segment in sidecar["segments"]:
+        assert (sided.array == segment["sided_label"]).sum() == segment["voxels"]
+
+
+def test_segment_command_rejects_a_missing_file(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node.cli",
+            "segment",
+            str(tmp_path / "no.nii.gz"),
+            "-o",
+            str(tmp_path / "o.nii.gz"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "no such volume file" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "limit"), [(0, 5, 100), (90, 100, 100), (3, 20, 21), (0, 7, 7)]
+)
+def test_fit_multiple_stays_inside(lo: int, hi: int, limit: int) -> None:
+    a, b = fit_multiple(lo, hi, limit, 8)
+    assert (b - a) % 8 == 0 or b - a == limit
+    assert 0 <= a <= lo and hi <= b <= max(limit, b)
+
+
+def test_split_box_bounds_voxels_and_covers_the_box() -> None:
+    box = (slice(0, 64), slice(10, 310), slice(5, 205))
+    parts = split_box(box, 500_000)
+    assert all(np.prod([s.stop - s.start for s in p]) <= 500_000 for p in parts)
+    covered = np.zeros((64, 310, 205), dtype=int)
+    for p in parts:
+        covered[p] += 1
+    assert (covered[box] == 1).all() and covered.sum() == 64 * 300 * 200
