@@ -93,20 +93,15 @@ def _phantom(args: argparse.Namespace) -> int:
     from dicom_node.phantom_series import write_phantom
 
     spacing = tuple(args.spacing) if args.spacing else None
-    try:
-        paths = write_phantom(
-            args.out,
-            seed=args.seed,
-            size=args.size,
-            output_format=args.format,
-            spacing=spacing,
-            region=args.region,
-        )
-    except (OSError, ValueError) as error:
-        print(f"dicom-node phantom: error: {error}", file=sys.stderr)
-        return 2
-    for path in paths.values():
-        print(path)
+    paths = write_phantom(
+        args.out,
+        seed=args.seed,
+        size=args.size,
+        output_format=args.format,
+        spacing=spacing,
+        region=args.region,
+    )
+    print(*paths.values(), sep="\n")
     return 0
 
 
@@ -138,8 +133,7 @@ def _train(args: argparse.Namespace) -> int:
     from model.training import TrainingSettings, load_cases, train
 
     if not args.data and not args.phantom_seeds:
-        print("dicom-node train: error: give DATA folders or --phantom-seeds", file=sys.stderr)
-        return 2
+        raise ValueError("give DATA folders or --phantom-seeds")
     config = CascadeConfig(patch_sizes=tuple(args.patch_sizes))
     cases, metadata = load_cases(args.data, args.phantom_seeds, args.phantom_size, config)
     settings = TrainingSettings(
@@ -171,13 +165,8 @@ def _add_segment(sub: SubParsers) -> None:
 def _segment(args: argparse.Namespace) -> int:
     from model.segment_files import segment_file
 
-    try:
-        paths = segment_file(args.input, args.output, _segmenter(args))
-    except (OSError, ValueError, RuntimeError) as error:  # ConfigError is a ValueError
-        print(f"dicom-node segment: error: {error}", file=sys.stderr)
-        return 2
-    for path in paths.values():
-        print(path)
+    paths = segment_file(args.input, args.output, _segmenter(args))
+    print(*paths.values(), sep="\n")
     return 0
 
 
@@ -237,16 +226,12 @@ def _add_evaluate(sub: SubParsers) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from model.evaluation import EvaluationError, evaluate_paths, format_table, write_json
+    from model.evaluation import evaluate_paths, format_table, write_json
 
-    try:
-        result = evaluate_paths(args.pred, args.truth)
-        Console().print(format_table(result))
-        if args.json is not None:
-            write_json(result, args.json)
-    except (EvaluationError, OSError) as error:
-        print(f"dicom-node evaluate: error: {error}", file=sys.stderr)
-        return 2
+    result = evaluate_paths(args.pred, args.truth)
+    Console().print(format_table(result))
+    if args.json is not None:
+        write_json(result, args.json)
     return 0
 
 
@@ -256,7 +241,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except (OSError, ValueError, RuntimeError) as error:
+        # Bad input (missing file, bad config, wrong grid) is one line, not a traceback;
+        # --verbose shows where it came from.
+        if args.verbose:
+            raise
+        print(f"dicom-node {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
