@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Debian packages the tests talk to (dciodvfy checks the DICOM the node writes).
-APT_PACKAGES := dicom3tools
+# Debian packages the tests talk to: dciodvfy checks the DICOM the node writes; DCMTK
+# (storescu, echoscu, storescp) and Orthanc are the scanner and PACS the node receives from.
+APT_PACKAGES := dicom3tools dcmtk orthanc
+APT_BINARIES := dciodvfy storescu Orthanc
 APT_STAMP := $(VENV)/.apt-installed
 
 .PHONY: install system-deps test lint bench segment-phantom clean
@@ -15,7 +17,7 @@ install: $(STAMP) system-deps
 system-deps: $(APT_STAMP)
 
 $(APT_STAMP): Makefile
-	@if command -v dciodvfy >/dev/null; then :; \
+	@if (for b in $(APT_BINARIES); do command -v $$b >/dev/null || exit 1; done); then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	else echo "warning: install $(APT_PACKAGES) (apt) for the conformance tests"; fi
@@ -38,6 +40,7 @@ test: install lint
 
 bench: install
 	$(BIN)/python -m bench.inference
+	$(BIN)/python -m bench.reception
 
 # Generates a phantom lower-extremity CT, segments it with the shipped weights, prints Dice.
 segment-phantom: install

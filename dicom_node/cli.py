@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_segment_phantom(sub)
     _add_evaluate(sub)
+    _add_assemble(sub)
+    _add_serve(sub)
+    _add_status(sub)
     return parser
 
 
@@ -232,6 +235,127 @@ def _evaluate(args: argparse.Namespace) -> int:
     Console().print(format_table(result))
     if args.json is not None:
         write_json(result, args.json)
+    return 0
+
+
+# `assemble` options that override `[series]` keys: (flag, AssemblyPolicy field, type, choices).
+_POLICY_OPTIONS = (
+    ("--min-slices", "min_slices", int, None),
+    ("--max-slice-thickness", "max_slice_thickness_mm", float, None),
+    ("--axial-tolerance", "axial_tolerance_deg", float, None),
+    ("--irregular-spacing", "irregular_spacing", str, ("resample", "reject")),
+    ("--gantry-tilt", "gantry_tilt", str, ("resample", "reject")),
+    ("--resample-spacing", "resample_spacing_mm", float, None),
+)
+
+
+def _add_assemble(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "assemble",
+        help="assemble a CT series folder into a volume file (HU) for inspection",
+        description="Read the DICOM files under SERIES_DIR (other files are ignored) and write "
+        "the series as OUTPUT (NIfTI, NRRD or MHA) in Hounsfield units on a regular orthogonal "
+        "grid; tilted or irregularly spaced series are resampled or rejected by the [series] "
+        "policy. With several series, the qualifying one with most slices is assembled (or "
+        "--series UID); with none qualifying, the error lists every series and why. Prints "
+        "OUTPUT, then what was done.",
+    )
+    parser.add_argument("series_dir", type=Path, metavar="SERIES_DIR")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT")
+    parser.add_argument("--config", type=Path, help="config.toml ([series] section)")
+    parser.add_argument("--series", metavar="UID", help="assemble this SeriesInstanceUID")
+    for flag, name, kind, choices in _POLICY_OPTIONS:
+        parser.add_argument(flag, dest=name, type=kind, choices=choices, help=f"series.{name}")
+    parser.set_defaults(handler=_assemble)
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from dicom_node.config import load_config
+    from dicom_node.volume import (
+        AssemblyPolicy,
+        assemble_volume,
+        choose_series,
+        read_headers,
+        survey_series,
+    )
+    from model.volume_io import is_volume_file, write_volume
+
+    if not is_volume_file(args.output):
+        raise ValueError(f"{args.output}: OUTPUT must end in .nii.gz, .nii, .nrrd or .mha")
+    section = load_config(args.config).series if args.config else None
+    policy = AssemblyPolicy.from_section(section) if section else AssemblyPolicy()
+    overrides = {name: getattr(args, name) for _, name, _, _ in _POLICY_OPTIONS}
+    policy = replace(policy, **{k: v for k, v in overrides.items() if v is not None})
+    headers = read_headers([args.series_dir])
+    surveys = survey_series(headers, policy)
+    chosen = choose_series(surveys, args.series)
+    assembled = assemble_volume(chosen.paths, policy)
+    write_volume(assembled.volume, args.output)
+    print(args.output)
+    if headers.skipped:
+        print(f"ignored non-DICOM files: {headers.skipped}")
+    for survey in surveys:
+        if survey is not chosen:
+            print(
+                f"not assembled: series {survey.series_instance_uid or '(no UID)'}: "
+                f"{survey.reason or f'fewer slices ({survey.slices})'}"
+            )
+    for note in assembled.notes:
+        print(note)
+    return 0
+
+
+def _add_serve(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="run the DICOM node: receive CT over C-STORE, complete and select series",
+        description="Listen as [node] ae_title on [node] bind:port (C-ECHO, C-STORE of every "
+        "storage SOP class), spool what arrives under [node] data_dir and track each series "
+        "until it is complete and selected. Stops cleanly on SIGTERM or SIGINT.",
+    )
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dicom_node.config import load_config
+    from dicom_node.daemon import serve
+
+    # pynetdicom's debug output dumps datasets: never below INFO, so no identifiers in logs.
+    logging.getLogger("pynetdicom").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    serve(load_config(args.config))
+    return 0
+
+
+def _add_status(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "status",
+        help="whether the node runs, and the state of the series it received",
+        description="Read the node's pid file and state database (the daemon need not run): "
+        "running or not, uptime, series per state, the recent series with their sender, "
+        "instance count, state, reason and timings, and disk use of data_dir.",
+    )
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--limit", type=int, default=20, help="recent series to list")
+    parser.set_defaults(handler=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from dicom_node.config import load_config
+    from dicom_node.status import node_status, render
+
+    status = node_status(load_config(args.config), args.limit)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        Console().print(render(status))
     return 0
 
 

@@ -6,10 +6,15 @@ key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from dicom_node.volume import AssemblyPolicy
 
 
 class ConfigError(ValueError):
@@ -36,35 +41,132 @@ class InferenceConfig:
             raise ConfigError(f"inference.threads: must be >= 0, got {self.threads}")
 
 
+# PS3.5 6.2: an AE title is at most 16 characters of the default repertoire, no backslash and
+# no control characters, and not only spaces.
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+_DATABASE_SCHEMES = ("sqlite://", "postgresql://", "postgresql+")
+
+
+def _check_ae_title(key: str, title: str) -> None:
+    if not _AE_TITLE.fullmatch(title) or not title.strip():
+        raise ConfigError(
+            f"{key}: an AE title is 1 to 16 printable characters without backslash, got {title!r}"
+        )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The DICOM daemon: who it is on the network and where it keeps everything it writes."""
+
+    ae_title: str = "BONESEG"
+    bind: str = "127.0.0.1"
+    port: int = 11112
+    # Everything the node writes lives under here; a relative path is relative to the config
+    # file's folder (load_config makes it absolute).
+    data_dir: str = "var"
+    allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE
+    max_associations: int = 10
+    # Largest P-DATA PDU the node accepts (0: no limit). The sender splits each instance into
+    # PDUs of at most this size, so small values cost throughput (pynetdicom's default 16382).
+    max_pdu_size: int = 0
+    database: str = ""  # "": SQLite under data_dir; or a postgresql:// URL
+
+    def __post_init__(self) -> None:
+        _check_ae_title("node.ae_title", self.ae_title)
+        for title in self.allowed_calling_aets:
+            _check_ae_title("node.allowed_calling_aets", title)
+        if not self.bind:
+            raise ConfigError("node.bind: must be an address, e.g. '127.0.0.1' or '0.0.0.0'")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"node.port: must be 1..65535, got {self.port}")
+        if not self.data_dir:
+            raise ConfigError("node.data_dir: must not be empty")
+        if self.max_associations < 1:
+            raise ConfigError(f"node.max_associations: must be >= 1, got {self.max_associations}")
+        if self.max_pdu_size != 0 and not 4096 <= self.max_pdu_size <= 2**32 - 1:
+            raise ConfigError(
+                f"node.max_pdu_size: 0 (no limit) or 4096..4294967295, got {self.max_pdu_size}"
+            )
+        if self.database and not self.database.startswith(_DATABASE_SCHEMES):
+            raise ConfigError(
+                f"node.database: expected '' (SQLite under data_dir), a sqlite:// or a "
+                f"postgresql:// URL, got {self.database.split(':', 1)[0]!r}..."
+            )
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.data_path / 'node.db'}"
+
+
+@dataclass(frozen=True)
+class SeriesConfig(AssemblyPolicy):
+    """[series]: when a series counts as received in full, and (the `AssemblyPolicy` fields,
+    see dicom_node/volume.py) which series qualify for segmentation and how their geometry
+    is handled. One section because both describe what the node does with a series."""
+
+    complete_after_s: float = 20.0  # idle time after the series' last instance
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.complete_after_s < 0:
+            raise ConfigError(f"series.complete_after_s: must be >= 0, got {self.complete_after_s}")
+
+
 @dataclass(frozen=True)
 class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+def _check_type(key: str, value: Any, expected: Any) -> Any:
+    """`value` as the field's type wants it (TOML arrays become tuples), or ConfigError."""
+    if typing.get_origin(expected) is tuple:
+        item_type = typing.get_args(expected)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_check_type(key, item, item_type) for item in value)
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is expected:
+        return value
+    raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
 
 
 def _section(cls: type, name: str, values: Any) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"[{name}] must be a table")
-    known = {f.name: f for f in fields(cls)}
-    for key, value in values.items():
+    known = [f.name for f in fields(cls)]
+    hints = typing.get_type_hints(cls)
+    for key in values:
         if key not in known:
             raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(known)})")
-        expected = type(getattr(cls(), key))
-        if type(value) is not expected and not (expected is float and type(value) is int):
-            raise ConfigError(
-                f"{name}.{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}"
-            )
-    return cls(**values)
+    checked = {key: _check_type(f"{name}.{key}", v, hints[key]) for key, v in values.items()}
+    try:
+        return cls(**checked)
+    except ValueError as error:  # validation in __post_init__, which names the key
+        raise ConfigError(str(error)) from error
 
 
 def load_config(path: Path) -> Config:
+    path = Path(path)
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
     sections = {f.name: f for f in fields(Config)}
     for name in data:
         if name not in sections:
             raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
-    return Config(
+    config = Config(
         **{name: _section(type(getattr(Config(), name)), name, data[name]) for name in data}
+    )
+    # data_dir is relative to the config file, not to wherever the daemon happens to start.
+    data_dir = (path.parent / config.node.data_dir).resolve()
+    return dataclasses.replace(
+        config, node=dataclasses.replace(config.node, data_dir=str(data_dir))
     )

@@ -1,0 +1,129 @@
+"""`dicom-node serve`: wires the stages together and runs until SIGTERM or SIGINT.
+
+receive (network) -> spool (disk) -> state (database) -> series (completion, selection).
+
+Start-up order matters: the scheduler resumes idle timers and selections, the database and
+spool are made consistent (partial writes removed, spooled files the database lacks recorded),
+and only then does the node listen; the pid file appears once it listens, so "pid file
+present and its process alive" means "accepting associations".
+
+Stop order: stop accepting, give associations in flight `SHUTDOWN_GRACE_S` to finish, abort
+the rest (an aborted C-STORE was never acknowledged, so the sender still has it), stop the
+scheduler, remove the pid file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom import AE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.config import Config
+from dicom_node.receive import Reception, build_ae, event_handlers
+from dicom_node.series import SeriesCompletion
+from dicom_node.spool import Spool
+from dicom_node.state import NodeState
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "node.pid"
+SPOOL_DIR = "spool"
+SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    """The pid file's content: which process serves this data_dir, as whom, since when."""
+
+    pid: int
+    ae_title: str
+    bind: str
+    port: int
+    started_at: str  # ISO 8601, UTC
+
+    def alive(self) -> bool:
+        """The pid is running and is the process that wrote the file (pids get reused)."""
+        try:
+            created = psutil.Process(self.pid).create_time()
+        except psutil.Error:
+            return False
+        return created <= datetime.fromisoformat(self.started_at).timestamp() + 1.0
+
+
+def running_daemon(data_dir: Path) -> DaemonInfo | None:
+    """The daemon serving `data_dir`, or None (no pid file, or a stale one)."""
+    try:
+        info = DaemonInfo(**json.loads((Path(data_dir) / PID_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return info if info.alive() else None
+
+
+def serve(config: Config) -> None:
+    """Run the node until SIGTERM or SIGINT."""
+    node = config.node
+    data_dir = node.data_path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    other = running_daemon(data_dir)
+    if other is not None:
+        raise RuntimeError(f"a node (pid {other.pid}) already serves {data_dir}")
+
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per timer otherwise
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    state = NodeState(node.database_url)
+    spool = Spool(data_dir / SPOOL_DIR)
+    scheduler = BackgroundScheduler(timezone=UTC)
+    completion = SeriesCompletion(state, spool, config.series, scheduler)
+    reception = Reception(spool, state, completion.received)
+    scheduler.start()
+    try:
+        completion.resume()
+        reception.recover()
+        ae = build_ae(node)
+        server = ae.start_server(
+            (node.bind, node.port), block=False, evt_handlers=event_handlers(reception)
+        )
+        assert server is not None  # block=False always returns the server
+        pid_file = data_dir / PID_FILE
+        try:
+            info = DaemonInfo(
+                os.getpid(), node.ae_title, node.bind, node.port, datetime.now(UTC).isoformat()
+            )
+            pid_file.write_text(json.dumps(asdict(info)))
+            log.info(
+                "%s listening on %s:%d, data in %s", node.ae_title, node.bind, node.port, data_dir
+            )
+            while not stop.wait(1.0):
+                pass
+            log.info("stopping")
+        finally:
+            _stop_server(ae, server)
+            pid_file.unlink(missing_ok=True)
+    finally:
+        scheduler.shutdown(wait=True)
+        state.close()
+    log.info("stopped")
+
+
+def _stop_server(ae: AE, server: ThreadedAssociationServer) -> None:
+    server.shutdown()  # no new associations; those in flight carry on
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    while ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for association in ae.active_associations:
+        log.warning("aborting an association from %s", association.requestor.ae_title)
+        association.abort()

@@ -1,0 +1,108 @@
+"""Series completion: when has a series arrived in full, and does it qualify for segmentation.
+
+DICOM has no "end of series" message: a scanner or PACS sends instances, possibly over several
+associations, and stops. A series is therefore complete once `series.complete_after_s` passed
+without a new instance. One apscheduler date job per receiving series fires at that deadline;
+the job re-reads the last arrival time from the state database, so a job that fires early
+(more instances came) simply waits again, and a restart resumes every timer from the database.
+
+On completion the spooled headers go through `volume.select_series`: the series is `skipped`
+with the reason (scout, secondary capture, too few slices, ...) or `queued` for segmentation.
+
+Instances arriving after completion reopen the series (back to `receiving`, a new idle window,
+`generation` + 1; see `dicom_node.state`). The earlier result is superseded: the next
+segmentation covers the whole series and its SEG gets a new SeriesInstanceUID. A selection
+made on an older generation is discarded rather than applied.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.base import BaseScheduler
+
+from dicom_node.config import SeriesConfig
+from dicom_node.spool import Spool
+from dicom_node.state import NodeState, Recorded, utcnow
+from dicom_node.volume import read_headers, select_series
+
+log = logging.getLogger(__name__)
+
+
+class SeriesCompletion:
+    """Idle timers on receiving series, and selection when one completes."""
+
+    def __init__(
+        self, state: NodeState, spool: Spool, config: SeriesConfig, scheduler: BaseScheduler
+    ) -> None:
+        self.state = state
+        self.spool = spool
+        self.config = config
+        self.scheduler = scheduler
+
+    def received(self, recorded: Recorded) -> None:
+        """An instance was recorded: make sure its series has an idle timer.
+
+        One job per series, not one per instance: the job checks the last arrival when it
+        fires and waits again if needed, so a 1000-slice series costs a few timer firings.
+        """
+        if self.scheduler.get_job(_job_id(recorded.series_id)) is None:
+            self._schedule(recorded.series_id, self._deadline(recorded.last_received_at))
+
+    def resume(self) -> None:
+        """After a (re)start: requeue interrupted work, restart idle timers, redo selections
+        that a stop interrupted."""
+        resumed = self.state.resume()
+        for series_id, last_received in resumed.receiving.items():
+            self._schedule(series_id, self._deadline(last_received))
+        for series_id in resumed.complete:
+            self._schedule(series_id, utcnow())
+        log.info(
+            "resumed: %d series receiving, %d to select, %d queued",
+            len(resumed.receiving),
+            len(resumed.complete),
+            len(resumed.requeued),
+        )
+
+    def _deadline(self, last_received: datetime) -> datetime:
+        return last_received + timedelta(seconds=self.config.complete_after_s)
+
+    def _schedule(self, series_id: int, at: datetime) -> None:
+        self.scheduler.add_job(
+            self._on_idle,
+            "date",
+            run_date=at,
+            args=[series_id],
+            id=_job_id(series_id),
+            replace_existing=True,
+            misfire_grace_time=None,  # late is fine (a busy or restarted node): never drop it
+        )
+
+    def _on_idle(self, series_id: int) -> None:
+        due = self.state.complete_if_idle(series_id, self.config.complete_after_s)
+        if due is not None:
+            self._schedule(series_id, due)
+            return
+        self.select(series_id)
+
+    def select(self, series_id: int) -> None:
+        """Decide on a complete series: skipped with a reason, or queued."""
+        files = self.state.complete_series_files(series_id)
+        if files is None:  # reopened, or already decided
+            return
+        paths = [self.spool.path(name) for name in files.file_names]
+        try:
+            reason = select_series(read_headers(paths), self.config)
+        except Exception as error:  # a job must not die silently: the series would stay put
+            log.exception("series %d: selection failed", series_id)
+            self.state.mark_failed(series_id, files.generation, f"selection failed: {error}")
+            return
+        if reason is None:
+            self.state.enqueue(series_id, files.generation)
+        else:
+            self.state.mark_skipped(series_id, files.generation, reason)
+
+
+def _job_id(series_id: int) -> str:
+    return f"series-complete-{series_id}"

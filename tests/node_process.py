@@ -1,0 +1,156 @@
+"""Run `dicom-node serve` as a real subprocess on a free loopback port, for the network tests.
+
+The node is started and stopped the way an operator would (its CLI, SIGTERM), and peers talk
+to it over real sockets; only the config and data_dir are temporary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "dicom"
+AE_TITLE = "BONESEG"
+# Debian's DCMTK and Orthanc leave Nagle on: every round trip waits ~40 ms without this.
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require(binary: str) -> str:
+    """The peer's path, or skip: CI installs the peers (Makefile system-deps)."""
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} not installed (make system-deps installs dcmtk and orthanc)")
+    return path
+
+
+def require_data() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"real DICOM test data not found at {DATA} (shared/ beside the checkout)")
+    return DATA
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(value)  # JSON strings, numbers and lists are valid TOML values
+
+
+class NodeProcess:
+    """One node: its config file, data_dir and (while running) its process."""
+
+    def __init__(self, directory: Path, complete_after_s: float = 1.0, **node: Any) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.data_dir = directory / "data"
+        self.config = directory / "config.toml"
+        settings = {"ae_title": AE_TITLE, "port": self.port, "data_dir": "data", **node}
+        lines = ["[node]", *(f"{k} = {_toml(v)}" for k, v in settings.items())]
+        lines += ["[series]", f"complete_after_s = {complete_after_s}"]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = directory / "node.log"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+
+    def start(self) -> NodeProcess:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        deadline = time.monotonic() + 30
+        while self._pid_in_file() != self.process.pid:  # written once it listens
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"node did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+        return self
+
+    def _pid_in_file(self) -> int | None:
+        try:  # a SIGKILLed node leaves its pid file behind
+            return json.loads((self.data_dir / "node.pid").read_text())["pid"]
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the exit status of a clean shutdown."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def series(self) -> dict[str, dict[str, Any]]:
+        return {s["series_instance_uid"]: s for s in self.status()["series"]}
+
+    def wait_for_states(self, uids: set[str], states: set[str], timeout: float = 30) -> None:
+        """Until every series in `uids` is in one of `states`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            series = self.series()
+            if all(series.get(uid, {}).get("state") in states for uid in uids):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"series not {states} after {timeout} s: {series}")
+            time.sleep(0.2)
+
+    def db_instances(self) -> dict[str, str]:
+        """SOP Instance UID -> spool file name, straight from the database."""
+        with sqlite3.connect(self.data_dir / "node.db") as db:
+            return dict(db.execute("SELECT sop_instance_uid, file_name FROM instances"))
+
+    def spool_files(self) -> set[str]:
+        return {p.name for p in (self.data_dir / "spool").iterdir()}
+
+
+def storescu(
+    port: int,
+    *files_or_dirs: Path,
+    aet: str = "SCANNER",
+    verbose: bool = False,
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Send files (DCMTK storescu, one association)."""
+    command = [require("storescu"), "-aet", aet, "-aec", AE_TITLE, *extra]
+    if verbose:
+        command.append("-v")
+    command += ["127.0.0.1", str(port), *map(str, files_or_dirs)]
+    return subprocess.run(command, capture_output=True, text=True, env=PEER_ENV, timeout=120)
