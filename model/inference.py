@@ -411,16 +411,15 @@ def crop_upsampled(probs: Tensor, region: Box, ratio: int) -> Tensor:
     size = [r.stop - r.start for r in region]
     lo = [a // ratio - 1 for a in starts]
     hi = [-(-r.stop // ratio) + 1 for r in region]
+    # Crop (clamped to the grid) first, then replicate-pad just the crop: converting or padding
+    # the whole grid per box would cost more than the network.
+    inside = tuple(
+        slice(max(0, a), min(n, b)) for a, b, n in zip(lo, hi, probs.shape[1:], strict=True)
+    )
     pad = []
-    for axis in (2, 1, 0):
-        pad += [max(0, -lo[axis]), max(0, hi[axis] - probs.shape[1 + axis])]
-    src = F.pad(probs[None].float(), pad, mode="replicate")
-    crop = src[
-        ...,
-        lo[0] + pad[4] : hi[0] + pad[4],
-        lo[1] + pad[2] : hi[1] + pad[2],
-        lo[2] + pad[0] : hi[2] + pad[0],
-    ]
+    for axis in (2, 1, 0):  # F.pad orders the last axis first
+        pad += [inside[axis].start - lo[axis], hi[axis] - inside[axis].stop]
+    crop = F.pad(probs[(slice(None), *inside)][None].float(), pad, mode="replicate")
     up = F.interpolate(crop, scale_factor=ratio, mode="trilinear", align_corners=False)[0]
     off = [a - (b * ratio) for a, b in zip(starts, lo, strict=True)]
     return up[:, off[0] : off[0] + size[0], off[1] : off[1] + size[1], off[2] : off[2] + size[2]]

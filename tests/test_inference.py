@@ -10,8 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 
-from model.inference import InferenceSettings, Segmenter, fit_multiple, split_box
+from model.inference import (
+    InferenceSettings,
+    Segmenter,
+    crop_upsampled,
+    fit_multiple,
+    split_box,
+)
 from model.labels import BONE_NAMES
 from model.metrics import dice
 from model.phantom import generate_phantom
@@ -157,3 +165,21 @@ def test_split_box_bounds_voxels_and_covers_the_box() -> None:
     for p in parts:
         covered[p] += 1
     assert (covered[box] == 1).all() and covered.sum() == 64 * 300 * 200
+
+
+@pytest.mark.parametrize(
+    "region",
+    [
+        (slice(0, 16), slice(0, 24), slice(0, 8)),
+        (slice(5, 29), slice(3, 11), slice(17, 40)),
+        (slice(24, 40), slice(32, 48), slice(0, 40)),
+    ],
+)
+def test_crop_upsampled_equals_upsampling_the_whole_grid(region: tuple[slice, ...]) -> None:
+    """The fast strategy's context for a box equals the whole grid upsampled, then cropped."""
+    torch.manual_seed(0)
+    probs = torch.rand(3, 20, 24, 20)
+    whole = F.interpolate(probs[None], scale_factor=2, mode="trilinear", align_corners=False)[0]
+    assert torch.allclose(
+        crop_upsampled(probs, region, 2), whole[(slice(None), *region)], atol=1e-6
+    )
