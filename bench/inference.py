@@ -54,7 +54,7 @@ def run_worker(image: Path, workdir: Path, strategy: str, device: str) -> tuple[
 
 def slab_around_hips(phantom_image: Volume, geometry: dict) -> Volume:
     """200 slices centred on the femoral heads: pelvis, hips and femora, the busiest region."""
-    z_mm = np.mean([geometry["sides"][s]["femoral_head_centre"][2] for s in ("left", "right")])
+    z_mm = np.mean([geometry["sides"][s]["femoral_head_centre_mm"][2] for s in ("left", "right")])
     centre = round((z_mm - phantom_image.origin[2]) / phantom_image.spacing[2])
     lo = max(0, min(centre - SLAB_SLICES // 2, phantom_image.array.shape[0] - SLAB_SLICES))
     origin = (
