@@ -70,6 +70,17 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def label_counts(labels: np.ndarray, n: int, slab: int = 32) -> np.ndarray:
+    """Voxels per label value, slab by slab: bincount casts to int64, 8x a uint8 volume."""
+    return sum(
+        (
+            np.bincount(labels[z : z + slab].ravel(), minlength=n)
+            for z in range(0, len(labels), slab)
+        ),
+        np.zeros(n, dtype=np.int64),
+    )
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,7 +177,7 @@ class Segmenter:
         timings["total_s"] = time.perf_counter() - t0
 
         source_voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-        counts = np.bincount(sided_array.ravel(), minlength=2 * len(BONE_NAMES) + 1)
+        counts = label_counts(sided_array, 2 * len(BONE_NAMES) + 1)
         segments = []
         for bone, name in BONE_NAMES.items():
             for side in Side:

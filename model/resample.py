@@ -58,5 +58,13 @@ def labels_to_model_grid(volume: Volume, spacing_mm: float) -> sitk.Image:
 
 
 def labels_to_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Nearest-neighbour resampling of a label map onto the reference image's grid."""
+    """Nearest-neighbour resampling of a label map onto the reference image's grid (none when
+    the grids already agree: an input at 0.8 mm LPS costs no resampling on the way out)."""
+    if (
+        labels.GetSize() == reference.GetSize()
+        and np.allclose(labels.GetSpacing(), reference.GetSpacing())
+        and np.allclose(labels.GetOrigin(), reference.GetOrigin())
+        and np.allclose(labels.GetDirection(), reference.GetDirection())
+    ):
+        return labels
     return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
