@@ -37,7 +37,7 @@ from model.postprocess import remove_islands, split_sides
 from model.resample import AIR_HU, image_to_model_grid, labels_to_grid
 from model.sampling import normalise_hu
 from model.volume_io import Volume
-from model.weights import DEFAULT_WEIGHTS, file_sha256, load_weights
+from model.weights import DEFAULT_WEIGHTS, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ class Segmenter:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         if model is None:
-            model, self.metadata = load_weights(weights)
-            self.metadata["weights_sha256"] = file_sha256(weights)
+            model, self.metadata = load_weights(weights)  # checks the sidecar's sha256
         else:
             self.metadata = {"name": "in-memory", "config": model.config.to_json()}
         self.config = model.config

@@ -18,8 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from model.network import CascadeConfig
-
-AIR_HU = -1024
+from model.resample import AIR_HU
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.network import CascadeConfig, CascadedVNet
+from model.postprocess import BODY_HU
 from model.resample import image_to_model_grid, labels_to_model_grid
 from model.sampling import TrainingCase, augment, draw_sample
 from model.volume_io import is_volume_file, read_volume
@@ -88,7 +89,7 @@ def crop_to_body(
     hu: np.ndarray, labels: np.ndarray, margin: int = 16
 ) -> tuple[np.ndarray, np.ndarray]:
     """Drop the air around the body: it costs memory and teaches nothing a margin does not."""
-    body = np.argwhere(hu[::4, ::4, ::4] > -500) * 4
+    body = np.argwhere(hu[::4, ::4, ::4] > BODY_HU) * 4
     if body.size == 0:
         return hu, labels
     lo = np.maximum(body.min(axis=0) - margin, 0)

@@ -141,6 +141,20 @@ class NodeProcess:
         return {p.name for p in (self.data_dir / "spool").iterdir()}
 
 
+def storescu_command(
+    port: int,
+    *files_or_dirs: Path,
+    aet: str = "SCANNER",
+    verbose: bool = False,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """The DCMTK storescu command line that sends files to the node (one association)."""
+    command = [require("storescu"), "-aet", aet, "-aec", AE_TITLE, *extra]
+    if verbose:
+        command.append("-v")
+    return [*command, "127.0.0.1", str(port), *map(str, files_or_dirs)]
+
+
 def storescu(
     port: int,
     *files_or_dirs: Path,
@@ -148,9 +162,18 @@ def storescu(
     verbose: bool = False,
     extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Send files (DCMTK storescu, one association)."""
-    command = [require("storescu"), "-aet", aet, "-aec", AE_TITLE, *extra]
-    if verbose:
-        command.append("-v")
-    command += ["127.0.0.1", str(port), *map(str, files_or_dirs)]
+    """Send files and wait for storescu to finish."""
+    command = storescu_command(port, *files_or_dirs, aet=aet, verbose=verbose, extra=extra)
     return subprocess.run(command, capture_output=True, text=True, env=PEER_ENV, timeout=120)
+
+
+def start_storescu(port: int, *files: Path) -> subprocess.Popen[str]:
+    """Start sending files verbosely (one "Received Store Response" line per acknowledged
+    instance on stdout), for tests that interrupt the node mid-transfer."""
+    return subprocess.Popen(
+        storescu_command(port, *files, verbose=True),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=PEER_ENV,
+    )

@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from node_process import PEER_ENV, NodeProcess, free_port, require, require_data, storescu
+from node_process import (
+    PEER_ENV,
+    NodeProcess,
+    free_port,
+    require,
+    require_data,
+    start_storescu,
+    storescu,
+)
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -202,14 +210,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> 
     uid_of = {str(p): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
     node = NodeProcess(tmp_path / "node").start()
     try:
-        command = ["storescu", "-v", "-aet", "SCANNER", "-aec", "BONESEG", "127.0.0.1"]
-        sender = subprocess.Popen(
-            [*command, str(node.port), *map(str, paths)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=PEER_ENV,
-        )
+        sender = start_storescu(node.port, *paths)
         assert sender.stdout is not None
         acknowledged, sending = [], None
         for line in sender.stdout:  # "Sending file: X" ... "Received Store Response (Success)"
@@ -325,14 +326,7 @@ def test_sigterm_lets_the_association_in_flight_finish(tmp_path: Path) -> None:
     paths = _series(tmp_path / "ct", 30, 128, "sigterm")
     node = NodeProcess(tmp_path / "node").start()
     try:
-        command = ["storescu", "-v", "-aet", "SCANNER", "-aec", "BONESEG", "127.0.0.1"]
-        sender = subprocess.Popen(
-            [*command, str(node.port), *map(str, paths)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=PEER_ENV,
-        )
+        sender = start_storescu(node.port, *paths)
         assert sender.stdout is not None
         acknowledged = 0
         for line in sender.stdout:
