@@ -10,7 +10,7 @@ APT_PACKAGES := dicom3tools dcmtk orthanc
 APT_BINARIES := dciodvfy storescu Orthanc
 APT_STAMP := $(VENV)/.apt-installed
 
-.PHONY: install system-deps test lint bench segment-phantom clean
+.PHONY: install system-deps test lint bench demo serve segment-phantom clean
 
 install: $(STAMP) system-deps
 
@@ -41,6 +41,16 @@ test: install lint
 bench: install
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.reception
+	$(BIN)/python -m bench.end_to_end
+
+# The node's main job end to end: phantom CT series -> node (C-STORE) -> SEG at a local PACS
+# (Orthanc), with a report (timings per stage, segments in ml, Dice vs truth) and a PNG preview.
+demo: install
+	$(BIN)/dicom-node demo
+
+# The node with the default config.toml, in the foreground (SIGTERM or Ctrl-C stops it).
+serve: install
+	$(BIN)/dicom-node serve --config config.toml
 
 # Generates a phantom lower-extremity CT, segments it with the shipped weights, prints Dice.
 segment-phantom: install

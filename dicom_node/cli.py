@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assemble(sub)
     _add_serve(sub)
     _add_status(sub)
+    _add_jobs(sub)
+    _add_job(sub)
+    _add_retry(sub)
+    _add_echo(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -154,22 +159,51 @@ def _train(args: argparse.Namespace) -> int:
 def _add_segment(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "segment",
-        help="segment a CT volume file (NIfTI, NRRD, MHA) into a bone label map",
-        description="Segment INPUT (HU values) and write OUTPUT on the input's grid: 0 "
+        help="segment a DICOM CT series folder into a DICOM SEG, or a volume file into labels",
+        description="INPUT a folder of DICOM files: its qualifying CT series (the largest, or "
+        "--series) is assembled as the node would ([series] of --config) and OUTPUT is a DICOM "
+        "SEG (one segment per bone and side found; none found: no file, exit 0). INPUT a "
+        "volume file of HU (NIfTI, NRRD, MHA): OUTPUT is a label map on the input's grid: 0 "
         "background, 1 femur, 2 hip bone, 3 tibia, 4 fibula, 5 talus, 6 calcaneus; beside it "
         "<stem>_sided.<ext> (1..6 right, 7..12 left) and <stem>.json naming the labels.",
     )
     parser.add_argument("input", type=Path, metavar="INPUT")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT")
+    parser.add_argument("--series", metavar="UID", help="DICOM input: segment this series")
     _add_inference_options(parser)
     parser.set_defaults(handler=_segment)
 
 
 def _segment(args: argparse.Namespace) -> int:
+    if args.input.is_dir():
+        return _segment_dicom(args)
     from model.segment_files import segment_file
 
     paths = segment_file(args.input, args.output, _segmenter(args))
     print(*paths.values(), sep="\n")
+    return 0
+
+
+def _segment_dicom(args: argparse.Namespace) -> int:
+    """The daemon's volume -> segment -> SEG path, offline, on one folder."""
+    import json
+
+    from dicom_node.config import Config, load_config
+    from dicom_node.volume import choose_series, read_headers, survey_series
+    from dicom_node.worker import build_writer, save_seg, segment_series
+
+    config = load_config(args.config) if args.config else Config()
+    survey = choose_series(survey_series(read_headers([args.input]), config.series), args.series)
+    segmenter = _segmenter(args)
+    result = segment_series(survey.paths, config.series, segmenter, build_writer(config, segmenter))
+    if result.reason is not None:
+        raise ValueError(result.reason)
+    if result.dataset is None:
+        print(f"{survey.series_instance_uid}: none of the six bones found; no SEG written")
+        return 0
+    save_seg(result.dataset, args.output)
+    print(args.output)
+    print(json.dumps({k: result.summary[k] for k in ("segments", "timings_s")}, indent=2))
     return 0
 
 
@@ -359,6 +393,171 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_jobs(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "jobs",
+        help="the node's jobs (one per received series) with state, SEG and delivery",
+    )
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.add_argument("--state", help="only jobs in this state, e.g. failed")
+    parser.add_argument("--limit", type=int, default=50, help="most recent first")
+    parser.add_argument("--json", action="store_true", help="a JSON list on stdout")
+    parser.set_defaults(handler=_jobs)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from dicom_node.config import load_config
+    from dicom_node.status import node_status, render_jobs
+
+    jobs = node_status(load_config(args.config), args.limit)["series"]
+    if args.state:
+        jobs = [job for job in jobs if job["state"] == args.state]
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    else:
+        Console().print(render_jobs(jobs))
+    return 0
+
+
+def _add_job(sub: SubParsers) -> None:
+    parser = sub.add_parser("job", help="one job: its timeline, segments, deliveries and errors")
+    parser.add_argument("id", type=int, metavar="ID")
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.set_defaults(handler=_job)
+
+
+def _job(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from dicom_node.config import load_config
+    from dicom_node.status import job_report, render_job
+
+    job = job_report(load_config(args.config), args.id)
+    if args.json:
+        print(json.dumps(job, indent=2))
+    else:
+        Console().print(render_job(job))
+    return 0
+
+
+def _add_retry(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "retry",
+        help="retry a failed job: deliver its SEG again, or segment the series again",
+        description="A failed job whose SEG is on disk and only delivery failed is delivered "
+        "again (attempts reset); otherwise the series is queued for segmentation again. The "
+        "running daemon picks it up within seconds.",
+    )
+    parser.add_argument("id", type=int, metavar="ID")
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.set_defaults(handler=_retry)
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from dicom_node.config import load_config
+    from dicom_node.state import NodeState
+
+    state = NodeState(load_config(args.config).node.database_url)
+    try:
+        print(f"job {args.id}: {state.retry(args.id)}")
+    finally:
+        state.close()
+    return 0
+
+
+def _add_echo(sub: SubParsers) -> None:
+    parser = sub.add_parser("echo", help="C-ECHO a configured destination")
+    parser.add_argument("destination", metavar="DEST", help="its name in [[destinations]]")
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.set_defaults(handler=_echo)
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from dicom_node.config import load_config
+    from dicom_node.send import echo
+
+    config = load_config(args.config)
+    destination = config.destination(args.destination)
+    result = echo(destination, config.node.ae_title, config.delivery.timeout_s)
+    peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    if not result.ok:
+        print(f"{args.destination} ({peer}): {result.reason}", file=sys.stderr)
+        return 1
+    print(f"{args.destination} ({peer}): ok, {result.round_trip_ms:.1f} ms")
+    return 0
+
+
+def _add_demo(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="end to end: phantom CT -> node (C-STORE) -> SEG at a local PACS, with a report",
+        description="Generate a phantom CT series, start a node and a local PACS (Orthanc if "
+        "installed, else a pynetdicom storage SCP) on free loopback ports, send the series, "
+        "wait for the SEG at the PACS, and report timings per stage, segments with volumes, "
+        "Dice against the phantom's truth, and a PNG preview. Phantom figures are not "
+        "clinical accuracy.",
+    )
+    parser.add_argument("--workdir", type=Path, help="default: a new folder under /tmp")
+    parser.add_argument("--seed", type=int, default=1003, help="phantom seed (1003: a hip)")
+    parser.add_argument("--size", choices=["small", "full"], default="small")
+    parser.add_argument("--region", choices=["whole_legs", "lower_legs", "torso"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument(
+        "--pacs",
+        choices=["auto", "orthanc", "scp"],
+        default="auto",
+        help="auto: Orthanc if installed",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dicom_node.demo import run_demo
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
+    report = run_demo(workdir, args.seed, args.size, args.region, args.threads, args.pacs)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    console = Console()
+    seg = report["seg"]
+    console.print(
+        f"SEG {seg['sop_instance_uid']} arrived at the PACS ({report['pacs']}): same study "
+        f"{seg['same_study']}, same patient {seg['same_patient']}"
+    )
+    table = Table(title="segments (Dice vs the phantom's truth, per bone)", title_justify="left")
+    for column in ("segment", "volume (ml)", "Dice"):
+        table.add_column(column)
+    dices = report["dice_vs_phantom_truth"]
+    for s in report["segments"]:
+        bone = s["segment"].split(" ", 1)[1]
+        table.add_row(s["segment"], f"{s['volume_ml']:.1f}", f"{dices.get(bone, 0):.3f}")
+    console.print(table)
+    console.print(f"any bone vs background: Dice {report['any_bone_dice']:.3f}")
+    console.print(
+        "timings (s): " + ", ".join(f"{k[:-2]} {v}" for k, v in report["timings_s"].items())
+    )
+    console.print(f"preview: {report['preview']}\nreport: {workdir / 'report.json'}")
+    console.print(
+        "Synthetic phantom: these figures show the pipeline works, not clinical accuracy."
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -367,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, LookupError) as error:
         # Bad input (missing file, bad config, wrong grid) is one line, not a traceback;
         # --verbose shows where it came from.
         if args.verbose:

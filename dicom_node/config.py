@@ -117,10 +117,124 @@ class SeriesConfig(AssemblyPolicy):
 
 
 @dataclass(frozen=True)
+class Destination:
+    """[[destinations]]: a peer every SEG is sent to by C-STORE.
+
+    With `reply_to_caller`, the SEG goes back to whoever sent the series: the calling AE title
+    and the address of its association replace `ae_title` and `host`; `port` stays (DICOM does
+    not tell us the sender's listening port).
+    """
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    reply_to_caller: bool = False
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", self.name):
+            raise ConfigError(
+                f"destinations.name: 1 to 32 letters, digits, '_', '.', '-', got {self.name!r}"
+            )
+        _check_ae_title(f"destinations[{self.name}].ae_title", self.ae_title)
+        if not self.host:
+            raise ConfigError(f"destinations[{self.name}].host: must not be empty")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"destinations[{self.name}].port: must be 1..65535, got {self.port}")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """[delivery]: how hard the node tries to hand a SEG over before calling it failed."""
+
+    max_attempts: int = 8  # per destination; then the series is `failed` (dicom-node retry)
+    backoff_initial_s: float = 30.0  # wait after the first failure; doubles per attempt
+    backoff_max_s: float = 3600.0
+    jitter: float = 0.2  # each wait is stretched by up to this fraction, at random
+    timeout_s: float = 60.0  # association, DIMSE and network time-outs of one attempt
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"delivery.max_attempts: must be >= 1, got {self.max_attempts}")
+        if not 0 < self.backoff_initial_s <= self.backoff_max_s:
+            raise ConfigError(
+                "delivery.backoff_initial_s: must be > 0 and <= delivery.backoff_max_s, got "
+                f"{self.backoff_initial_s} and {self.backoff_max_s}"
+            )
+        if not 0 <= self.jitter <= 1:
+            raise ConfigError(f"delivery.jitter: must be 0..1, got {self.jitter}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"delivery.timeout_s: must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """[worker]: the inference process (assemble, segment, write the SEG)."""
+
+    timeout_s: float = 1800.0  # one series; longer counts as a hang: the worker is restarted
+    retries: int = 1  # a series whose worker crashed or hung is tried this many more times
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ConfigError(f"worker.timeout_s: must be > 0, got {self.timeout_s}")
+        if self.retries < 0:
+            raise ConfigError(f"worker.retries: must be >= 0, got {self.retries}")
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """[seg]: how the result series looks in the viewer."""
+
+    series_number: int = 901
+    series_description: str = "Bone segmentation (dicom-node)"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.series_number <= 2**31 - 1:
+            raise ConfigError(f"seg.series_number: must be 0..2147483647, got {self.series_number}")
+        if not 1 <= len(self.series_description) <= 64 or "\\" in self.series_description:
+            raise ConfigError(
+                "seg.series_description: 1 to 64 characters without backslash (a DICOM LO), "
+                f"got {self.series_description!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """[retention]: when received instances and results are deleted."""
+
+    # Hours after a series reached done, no_findings or skipped; 0 keeps everything.
+    delete_after_h: float = 168.0
+    check_every_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.delete_after_h < 0:
+            raise ConfigError(f"retention.delete_after_h: must be >= 0, got {self.delete_after_h}")
+        if self.check_every_s <= 0:
+            raise ConfigError(f"retention.check_every_s: must be > 0, got {self.check_every_s}")
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    destinations: tuple[Destination, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"destinations.name: names must be unique, got {names}")
+
+    def destination(self, name: str) -> Destination:
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"no destination {name!r} (known: {known})")
 
 
 def _check_type(key: str, value: Any, expected: Any) -> Any:
@@ -145,6 +259,10 @@ def _section(cls: type, name: str, values: Any) -> Any:
     for key in values:
         if key not in known:
             raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(known)})")
+    for f in fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in values:
+            raise ConfigError(f"{name}.{f.name}: required")
     checked = {key: _check_type(f"{name}.{key}", v, hints[key]) for key, v in values.items()}
     try:
         return cls(**checked)
@@ -162,8 +280,17 @@ def load_config(path: Path) -> Config:
     for name in data:
         if name not in sections:
             raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
+    sections_in = {
+        name: _section(type(getattr(Config(), name)), name, values)
+        for name, values in data.items()
+        if name != "destinations"
+    }
+    destinations = data.get("destinations", [])
+    if not isinstance(destinations, list):
+        raise ConfigError("destinations: expected [[destinations]] tables")
     config = Config(
-        **{name: _section(type(getattr(Config(), name)), name, data[name]) for name in data}
+        **sections_in,
+        destinations=tuple(_section(Destination, "destinations", d) for d in destinations),
     )
     # data_dir is relative to the config file, not to wherever the daemon happens to start.
     data_dir = (path.parent / config.node.data_dir).resolve()

@@ -1,15 +1,19 @@
 """`dicom-node serve`: wires the stages together and runs until SIGTERM or SIGINT.
 
-receive (network) -> spool (disk) -> state (database) -> series (completion, selection).
+receive (network) -> spool (disk) -> state (database) -> series (completion, selection)
+-> segment (the worker process: volume, inference, SEG) -> deliver (C-STORE to the PACS);
+retention purges old files.
 
-Start-up order matters: the scheduler resumes idle timers and selections, the database and
-spool are made consistent (partial writes removed, spooled files the database lacks recorded),
-and only then does the node listen; the pid file appears once it listens, so "pid file
-present and its process alive" means "accepting associations".
+Start-up order matters: the inference worker loads its model, the scheduler resumes idle
+timers and selections, the database and spool are made consistent (partial writes removed,
+spooled files the database lacks recorded), and only then does the node listen; the pid file
+appears once it listens, so "pid file present and its process alive" means "accepting
+associations".
 
 Stop order: stop accepting, give associations in flight `SHUTDOWN_GRACE_S` to finish, abort
 the rest (an aborted C-STORE was never acknowledged, so the sender still has it), stop the
-scheduler, remove the pid file.
+segmentation (a series in flight is re-queued at the next start) and delivery (an attempt in
+flight is due again at the next start), stop the scheduler, remove the pid file.
 """
 
 from __future__ import annotations
@@ -30,15 +34,20 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
+from dicom_node.deliver import DeliveryStage
 from dicom_node.receive import Reception, build_ae, event_handlers
+from dicom_node.retention import schedule_retention
+from dicom_node.segment import SegmentationStage
 from dicom_node.series import SeriesCompletion
 from dicom_node.spool import Spool
 from dicom_node.state import NodeState
+from dicom_node.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 
 PID_FILE = "node.pid"
 SPOOL_DIR = "spool"
+RESULTS_DIR = "results"
 SHUTDOWN_GRACE_S = 10.0
 
 
@@ -86,13 +95,21 @@ def serve(config: Config) -> None:
 
     state = NodeState(node.database_url)
     spool = Spool(data_dir / SPOOL_DIR)
+    results_dir = data_dir / RESULTS_DIR
     scheduler = BackgroundScheduler(timezone=UTC)
-    completion = SeriesCompletion(state, spool, config.series, scheduler)
+    worker = InferenceWorker(config)
+    worker.start()  # a broken model or config fails the start, not the first series
+    delivery = DeliveryStage(config, state, results_dir, scheduler)
+    segmentation = SegmentationStage(config, state, spool, results_dir, worker, delivery.wake)
+    completion = SeriesCompletion(state, spool, config.series, scheduler, segmentation.wake)
     reception = Reception(spool, state, completion.received)
     scheduler.start()
     try:
         completion.resume()
         reception.recover()
+        segmentation.start()
+        delivery.start()
+        schedule_retention(scheduler, state, spool, results_dir, config.retention)
         ae = build_ae(node)
         server = ae.start_server(
             (node.bind, node.port), block=False, evt_handlers=event_handlers(reception)
@@ -114,7 +131,10 @@ def serve(config: Config) -> None:
             _stop_server(ae, server)
             pid_file.unlink(missing_ok=True)
     finally:
+        segmentation.stop()
+        delivery.stop()
         scheduler.shutdown(wait=True)
+        worker.stop()
         state.close()
     log.info("stopped")
 

@@ -101,8 +101,12 @@ class Reception:
         return recovered
 
 
-def _instance(file_meta: FileMetaDataset, dataset: Dataset) -> ReceivedInstance:
-    """The few values an instance is filed by (UIDs, modality, sender: no identifiers)."""
+def _instance(
+    file_meta: FileMetaDataset, dataset: Dataset, calling_host: str = ""
+) -> ReceivedInstance:
+    """The few values an instance is filed by (UIDs, modality, sender: no identifiers).
+
+    The dataset decodes lazily: only these elements are parsed."""
     received = ReceivedInstance(
         sop_instance_uid=str(file_meta.get("MediaStorageSOPInstanceUID", "")),
         sop_class_uid=str(file_meta.get("MediaStorageSOPClassUID", "")),
@@ -111,6 +115,7 @@ def _instance(file_meta: FileMetaDataset, dataset: Dataset) -> ReceivedInstance:
         study_instance_uid=str(dataset.get("StudyInstanceUID", "")),
         modality=str(dataset.get("Modality", ""))[:16],
         calling_ae=str(file_meta.get("SourceApplicationEntityTitle", "")),
+        calling_host=calling_host,
     )
     for key in ("sop_instance_uid", "series_instance_uid", "study_instance_uid"):
         if not 0 < len(getattr(received, key)) <= _UID_MAX:
@@ -124,7 +129,7 @@ def handle_store(event: Event, reception: Reception) -> int:
     # Who sent it, kept in the file (PS3.10 Source AE Title) so a recovery can restore it.
     file_meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
     try:
-        received = _instance(file_meta, event.dataset)  # decodes lazily: values on access
+        received = _instance(file_meta, event.dataset, event.assoc.requestor.address)
     except (InvalidDicomError, ValueError, KeyError) as error:  # UnusableInstanceError too
         log.warning("C-STORE of %s refused: %s", file_meta.MediaStorageSOPClassUID, error)
         return CANNOT_UNDERSTAND

@@ -18,6 +18,7 @@ made on an older generation is discarded rather than applied.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.base import BaseScheduler
@@ -34,12 +35,18 @@ class SeriesCompletion:
     """Idle timers on receiving series, and selection when one completes."""
 
     def __init__(
-        self, state: NodeState, spool: Spool, config: SeriesConfig, scheduler: BaseScheduler
+        self,
+        state: NodeState,
+        spool: Spool,
+        config: SeriesConfig,
+        scheduler: BaseScheduler,
+        on_queued: Callable[[], None],
     ) -> None:
         self.state = state
         self.spool = spool
         self.config = config
         self.scheduler = scheduler
+        self.on_queued = on_queued  # wake the segmentation stage
 
     def received(self, recorded: Recorded) -> None:
         """An instance was recorded: make sure its series has an idle timer.
@@ -99,7 +106,8 @@ class SeriesCompletion:
             self.state.mark_failed(series_id, files.generation, f"selection failed: {error}")
             return
         if reason is None:
-            self.state.enqueue(series_id, files.generation)
+            if self.state.enqueue(series_id, files.generation):
+                self.on_queued()
         else:
             self.state.mark_skipped(series_id, files.generation, reason)
 

@@ -36,6 +36,24 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def write_durably(path: Path, parts: Sequence[bytes | memoryview]) -> int:
+    """Write `parts` to `path` so that it survives a crash or power cut, or not at all:
+    a temporary name, fsync, rename, fsync of the folder. Returns the size; OSError on
+    failure (nothing left behind)."""
+    partial = path.with_name(path.name + _PARTIAL)
+    try:
+        with open(partial, "xb") as file:
+            file.writelines(parts)
+            file.flush()
+            os.fsync(file.fileno())
+        os.rename(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return sum(len(part) for part in parts)
+
+
 class Spool:
     """A flat folder of received DICOM files; the state database maps names to instances."""
 
@@ -49,18 +67,7 @@ class Spool:
     def write(self, parts: Sequence[bytes | memoryview]) -> SpooledFile:
         """Write a DICOM file (given in parts) durably under a new name; OSError on failure."""
         name = uuid.uuid4().hex + _SUFFIX
-        partial = self.directory / (name + _PARTIAL)
-        try:
-            with open(partial, "xb") as file:
-                file.writelines(parts)
-                file.flush()
-                os.fsync(file.fileno())
-            os.rename(partial, self.directory / name)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.directory)
-        return SpooledFile(name, sum(len(part) for part in parts))
+        return SpooledFile(name, write_durably(self.directory / name, parts))
 
     def discard(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)

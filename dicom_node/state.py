@@ -10,12 +10,19 @@ A series moves through these states; `TRANSITIONS` lists every legal move and `_
 
     receiving -> complete -> queued -> segmenting -> sending -> done
                          \\-> skipped (reason)       \\-> no_findings, failed (reason)
+    failed -> queued or sending (`dicom-node retry`)
 
 - `receiving`: instances arrive; the series completes after `series.complete_after_s` idle.
 - `complete`: nothing arrived for that long; selection (`volume.select_series`) runs next.
 - `skipped`: not something the node segments (scout, secondary capture, ...), with a reason.
 - `queued`, `segmenting`, `sending`, `done`, `no_findings`, `failed`: the processing stages.
-  After a restart a series found `segmenting` or `sending` goes back to `queued`.
+  After a restart a series found `segmenting` goes back to `queued`; one found `sending`
+  carries on sending its SEG (already on disk). A worker crash or hang sends the series back
+  to `queued` while it has retries left (`worker.retries`), else to `failed`.
+- Delivery: entering `sending` creates one `Delivery` per destination; each is attempted
+  until the peer answers success or `delivery.max_attempts` is spent, waiting with
+  exponential backoff in between. The series is `done` once every destination has it,
+  `failed` (with every destination's last error) once none is pending and one gave up.
 - Any state but `receiving` reopens to `receiving` when an instance of the series arrives
   later. The series' `generation` then goes up by one: whatever a previous generation
   produced is superseded (the next SEG gets a new SeriesInstanceUID), and results of work
@@ -71,21 +78,29 @@ _FORWARD: dict[SeriesState, frozenset[SeriesState]] = {
     # failed: the spooled headers could not be read at all.
     _S.COMPLETE: frozenset({_S.SKIPPED, _S.QUEUED, _S.FAILED}),
     _S.QUEUED: frozenset({_S.SEGMENTING}),
-    # queued again: a restart interrupted the work.
+    # queued again: a restart or a worker crash interrupted the work.
     _S.SEGMENTING: frozenset({_S.SENDING, _S.NO_FINDINGS, _S.FAILED, _S.QUEUED}),
-    _S.SENDING: frozenset({_S.DONE, _S.FAILED, _S.QUEUED}),
+    # done without any delivery: no destinations configured.
+    _S.SENDING: frozenset({_S.DONE, _S.FAILED}),
     _S.SKIPPED: frozenset(),
     _S.DONE: frozenset(),
     _S.NO_FINDINGS: frozenset(),
-    _S.FAILED: frozenset(),
+    # `dicom-node retry`: segment again, or only deliver again when the SEG is on disk.
+    _S.FAILED: frozenset({_S.QUEUED, _S.SENDING}),
 }
 # Every legal move: the forward ones, plus reopening to receiving from anywhere else.
 TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     state: targets | ({_S.RECEIVING} if state is not _S.RECEIVING else frozenset())
     for state, targets in _FORWARD.items()
 }
-# States whose work a restart interrupted: they go back to queued.
-_INTERRUPTED = (_S.SEGMENTING, _S.SENDING)
+# Final states: the work on this generation is over (retention may purge their files).
+FINAL_STATES = (_S.DONE, _S.NO_FINDINGS, _S.SKIPPED, _S.FAILED)
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # gave up after delivery.max_attempts
 
 
 class IllegalTransitionError(RuntimeError):
@@ -126,6 +141,7 @@ class Series(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64))
     modality: Mapped[str] = mapped_column(String(16))
     calling_ae: Mapped[str] = mapped_column(String(16))  # of the first instance
+    calling_host: Mapped[str] = mapped_column(String(255), default="")  # its IP address
     instance_count: Mapped[int] = mapped_column(default=0)
     state: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text)  # why skipped or failed
@@ -133,6 +149,33 @@ class Series(Base):
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Processing of the current generation:
+    attempts: Mapped[int] = mapped_column(default=0)  # worker runs started
+    seg_file: Mapped[str | None] = mapped_column(String(128))  # under data_dir/results
+    seg_series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    result: Mapped[str | None] = mapped_column(Text)  # JSON: segments, volumes, timings
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # files deleted
+
+
+class Delivery(Base):
+    """One SEG to one destination: attempts, the last error, when to try next."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    generation: Mapped[int]
+    destination: Mapped[str] = mapped_column(String(32))  # its name in config.toml
+    ae_title: Mapped[str] = mapped_column(String(16))  # resolved (reply_to_caller)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int]
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    # None while an attempt is in flight (a restart makes it due again).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Instance(Base):
@@ -174,6 +217,7 @@ class ReceivedInstance:
     study_instance_uid: str
     modality: str
     calling_ae: str
+    calling_host: str = ""  # unknown for files recovered from the spool
 
 
 @dataclass(frozen=True)
@@ -195,6 +239,39 @@ class SeriesFiles:
 
 
 @dataclass(frozen=True)
+class Job:
+    """A queued series claimed for the worker."""
+
+    series_id: int
+    generation: int
+    attempt: int  # 1 for the first run of this generation
+    series_instance_uid: str
+    file_names: list[str]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a SEG goes: a configured destination, resolved for this series."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class DeliveryJob:
+    """A due delivery, claimed (in flight) until its outcome is recorded."""
+
+    delivery_id: int
+    series_id: int
+    generation: int
+    attempt: int
+    target: Target
+    seg_file: str
+
+
+@dataclass(frozen=True)
 class Resumed:
     """What a restart found: idle timers to restart and selections to redo."""
 
@@ -213,6 +290,7 @@ def _transition(
         raise IllegalTransitionError(f"series {series.id}: {current} -> {to} is not allowed")
     if to is SeriesState.RECEIVING:
         series.generation += 1
+        series.attempts = 0
     now = utcnow()
     series.state, series.reason, series.state_changed_at = to, reason, now
     session.add(
@@ -334,6 +412,7 @@ class NodeState:
             study_instance_uid=received.study_instance_uid,
             modality=received.modality,
             calling_ae=received.calling_ae,
+            calling_host=received.calling_host,
             state=SeriesState.RECEIVING,
             first_received_at=now,
             last_received_at=now,
@@ -400,14 +479,272 @@ class NodeState:
     def mark_failed(self, series_id: int, generation: int, reason: str) -> bool:
         return self._move_if_current(series_id, generation, SeriesState.FAILED, reason)
 
+    # Segmentation ----------------------------------------------------------------------
+
+    def claim_next_queued(self) -> Job | None:
+        """The longest-queued series, moved to `segmenting` for the worker (None: no work)."""
+        with self._session() as session:
+            series = session.scalar(
+                select(Series)
+                .where(Series.state == SeriesState.QUEUED)
+                .order_by(Series.state_changed_at, Series.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if series is None:
+                return None
+            series.attempts += 1
+            _transition(session, series, SeriesState.SEGMENTING, f"attempt {series.attempts}")
+            names = session.scalars(
+                select(Instance.file_name)
+                .where(Instance.series_id == series.id)
+                .order_by(Instance.id)
+            ).all()
+            return Job(
+                series.id,
+                series.generation,
+                series.attempts,
+                series.series_instance_uid,
+                list(names),
+            )
+
+    def requeue(self, job: Job, reason: str) -> bool:
+        """A worker crash or hang interrupted `job`: queue it again (the caller checks retries)."""
+        return self._move_if_current(job.series_id, job.generation, SeriesState.QUEUED, reason)
+
+    def mark_no_findings(self, job: Job, result: str) -> bool:
+        with self._session() as session:
+            series = self._current(session, job.series_id, job.generation)
+            if series is None:
+                return False
+            series.result = result
+            _transition(session, series, SeriesState.NO_FINDINGS, "none of the six bones found")
+            return True
+
+    def mark_segmented(
+        self,
+        job: Job,
+        seg_file: str,
+        seg_uids: tuple[str, str],
+        result: str,
+        targets: list[Target],
+    ) -> bool:
+        """The SEG is on disk: `sending`, with a pending delivery per target (none: `done`)."""
+        with self._session() as session:
+            series = self._current(session, job.series_id, job.generation)
+            if series is None:
+                return False
+            series.seg_file = seg_file
+            series.seg_series_instance_uid, series.seg_sop_instance_uid = seg_uids
+            series.result = result
+            _transition(session, series, SeriesState.SENDING)
+            self._add_deliveries(session, series, targets)
+            if not targets:
+                _transition(session, series, SeriesState.DONE, "no destinations configured")
+            return True
+
+    @staticmethod
+    def _add_deliveries(session: Session, series: Series, targets: list[Target]) -> None:
+        now = utcnow()
+        for target in targets:
+            session.add(
+                Delivery(
+                    series_id=series.id,
+                    generation=series.generation,
+                    destination=target.name,
+                    ae_title=target.ae_title,
+                    host=target.host,
+                    port=target.port,
+                    state=DeliveryState.PENDING,
+                    next_attempt_at=now,
+                )
+            )
+
+    @staticmethod
+    def _current(session: Session, series_id: int, generation: int) -> Series | None:
+        """The series if it is still at `generation` (locked), else None: superseded work."""
+        series = session.get_one(Series, series_id, with_for_update=True)
+        if series.generation != generation:
+            log.info("series %d: generation %d superseded", series_id, generation)
+            return None
+        return series
+
+    def calling_peer(self, series_id: int) -> tuple[str, str]:
+        """(calling AE title, host) of the series' sender, for reply_to_caller destinations."""
+        with self._session() as session:
+            series = session.get_one(Series, series_id)
+            return series.calling_ae, series.calling_host
+
+    # Delivery --------------------------------------------------------------------------
+
+    def claim_due_deliveries(self, limit: int = 8) -> list[DeliveryJob]:
+        """Pending deliveries whose time has come, marked in flight (next_attempt_at None)."""
+        with self._session() as session:
+            rows = session.execute(
+                select(Delivery, Series)
+                .join(Series, Series.id == Delivery.series_id)
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at <= utcnow(),
+                    Series.state == SeriesState.SENDING,
+                    Series.generation == Delivery.generation,
+                )
+                .order_by(Delivery.next_attempt_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            jobs = []
+            for delivery, series in rows:
+                delivery.attempts += 1
+                delivery.next_attempt_at = None
+                target = Target(
+                    delivery.destination, delivery.ae_title, delivery.host, delivery.port
+                )
+                jobs.append(
+                    DeliveryJob(
+                        delivery.id,
+                        series.id,
+                        delivery.generation,
+                        delivery.attempts,
+                        target,
+                        str(series.seg_file),
+                    )
+                )
+            return jobs
+
+    def record_delivery(
+        self, job: DeliveryJob, error: str | None, retry_at: datetime | None
+    ) -> SeriesState | None:
+        """The outcome of one attempt: delivered (error None), retry at `retry_at`, or given
+        up (retry_at None). Settles the series once no delivery is pending; returns its new
+        state then, else None."""
+        with self._session() as session:
+            delivery = session.get_one(Delivery, job.delivery_id, with_for_update=True)
+            now = utcnow()
+            if error is None:
+                delivery.state, delivery.delivered_at, delivery.last_error = (
+                    DeliveryState.DELIVERED,
+                    now,
+                    None,
+                )
+                log.info("series %d: delivered to %s", job.series_id, delivery.destination)
+            else:
+                delivery.last_error = error
+                if retry_at is None:
+                    delivery.state = DeliveryState.FAILED
+                else:
+                    delivery.next_attempt_at = retry_at
+                log.warning(
+                    "series %d: delivery %d to %s failed: %s%s",
+                    job.series_id,
+                    job.attempt,
+                    delivery.destination,
+                    error,
+                    " (giving up)" if retry_at is None else f" (next at {retry_at:%H:%M:%S})",
+                )
+            series = self._current(session, job.series_id, job.generation)
+            if series is None or series.state != SeriesState.SENDING:
+                return None
+            deliveries = self._deliveries(session, series)
+            if any(d.state == DeliveryState.PENDING for d in deliveries):
+                return None
+            failed = [d for d in deliveries if d.state == DeliveryState.FAILED]
+            if not failed:
+                _transition(session, series, SeriesState.DONE)
+                return SeriesState.DONE
+            reason = "; ".join(
+                f"delivery to {d.destination} failed after {d.attempts} attempts: {d.last_error}"
+                for d in failed
+            )
+            _transition(session, series, SeriesState.FAILED, reason)
+            return SeriesState.FAILED
+
+    @staticmethod
+    def _deliveries(session: Session, series: Series) -> list[Delivery]:
+        return list(
+            session.scalars(
+                select(Delivery)
+                .where(Delivery.series_id == series.id, Delivery.generation == series.generation)
+                .order_by(Delivery.id)
+            )
+        )
+
+    def retry(self, series_id: int) -> SeriesState:
+        """`dicom-node retry`: a failed series is delivered again if its SEG is on disk and
+        only delivery failed, else segmented again. Returns the state it moved to."""
+        with self._session() as session:
+            series = session.get(Series, series_id, with_for_update=True)
+            if series is None:
+                raise LookupError(f"no job {series_id}")
+            if series.state != SeriesState.FAILED:
+                raise IllegalTransitionError(
+                    f"job {series_id} is {series.state}: only failed jobs are retried"
+                )
+            failed = [
+                d for d in self._deliveries(session, series) if d.state == DeliveryState.FAILED
+            ]
+            if series.seg_file and failed:
+                for delivery in failed:
+                    delivery.state, delivery.attempts = DeliveryState.PENDING, 0
+                    delivery.next_attempt_at = utcnow()
+                _transition(session, series, SeriesState.SENDING, "retry requested")
+                return SeriesState.SENDING
+            series.attempts = 0
+            _transition(session, series, SeriesState.QUEUED, "retry requested")
+            return SeriesState.QUEUED
+
+    # Retention -------------------------------------------------------------------------
+
+    def purgeable(self, older_than: datetime) -> list[tuple[int, list[str], str | None]]:
+        """(series id, spooled file names, SEG file) of series final before `older_than`
+        (failed ones are kept for `dicom-node retry`)."""
+        with self._session() as session:
+            series_list = session.scalars(
+                select(Series).where(
+                    Series.state.in_([_S.DONE, _S.NO_FINDINGS, _S.SKIPPED]),
+                    Series.state_changed_at < older_than,
+                    Series.purged_at.is_(None),
+                )
+            ).all()
+            return [
+                (
+                    series.id,
+                    list(
+                        session.scalars(
+                            select(Instance.file_name).where(Instance.series_id == series.id)
+                        )
+                    ),
+                    series.seg_file,
+                )
+                for series in series_list
+            ]
+
+    def mark_purged(self, series_id: int) -> None:
+        """Files deleted: forget the instances too, so that a resend is received anew (it
+        reopens the series) instead of being taken for a duplicate of a deleted file."""
+        with self._session() as session:
+            series = session.get_one(Series, series_id, with_for_update=True)
+            for instance in session.scalars(
+                select(Instance).where(Instance.series_id == series_id)
+            ):
+                session.delete(instance)
+            series.purged_at, series.seg_file = utcnow(), None
+            log.info("series %d: files purged (retention)", series_id)
+
     # Restart ---------------------------------------------------------------------------
 
     def resume(self) -> Resumed:
-        """After a restart: re-queue interrupted work, and say which series need their idle
-        timer or their selection again."""
+        """After a restart: re-queue interrupted segmentation, make deliveries that were in
+        flight due again, and say which series need their idle timer or selection again."""
         with self._session() as session:
-            for series in session.scalars(select(Series).where(Series.state.in_(_INTERRUPTED))):
+            segmenting = select(Series).where(Series.state == SeriesState.SEGMENTING)
+            for series in session.scalars(segmenting):
                 _transition(session, series, SeriesState.QUEUED, "node restarted")
+            in_flight = select(Delivery).where(
+                Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at.is_(None)
+            )
+            for delivery in session.scalars(in_flight):
+                delivery.next_attempt_at = utcnow()
             rows = session.execute(select(Series.id, Series.state, Series.last_received_at))
             receiving: dict[int, datetime] = {}
             complete: list[int] = []
@@ -432,6 +769,29 @@ class NodeState:
         with self._session() as session:
             rows = session.execute(select(Series.state, func.count()).group_by(Series.state))
             return {state: count for state, count in rows}
+
+    def delivered_to(self, series: Series) -> list[str]:
+        """Destinations that hold the current generation's SEG."""
+        with self._session() as session:
+            return [
+                d.destination
+                for d in self._deliveries(session, series)
+                if d.state == DeliveryState.DELIVERED
+            ]
+
+    def job(self, series_id: int) -> tuple[Series, list[Transition], list[Delivery]]:
+        """A series with its whole timeline and every delivery (all generations)."""
+        with self._session() as session:
+            series = session.get(Series, series_id)
+            if series is None:
+                raise LookupError(f"no job {series_id}")
+            transitions = session.scalars(
+                select(Transition).where(Transition.series_id == series_id).order_by(Transition.id)
+            ).all()
+            deliveries = session.scalars(
+                select(Delivery).where(Delivery.series_id == series_id).order_by(Delivery.id)
+            ).all()
+            return series, list(transitions), list(deliveries)
 
     def recent_series(self, limit: int = 20) -> list[Series]:
         with self._session() as session:

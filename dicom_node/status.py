@@ -5,6 +5,7 @@ Works whether or not the daemon runs: everything comes from data_dir, not from t
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,7 @@ def node_status(config: Config, limit: int = RECENT_SERIES) -> dict[str, Any]:
             counts = state.counts()
             series = [
                 {
+                    "id": s.id,
                     "series_instance_uid": s.series_instance_uid,
                     "study_instance_uid": s.study_instance_uid,
                     "modality": s.modality,
@@ -60,6 +62,9 @@ def node_status(config: Config, limit: int = RECENT_SERIES) -> dict[str, Any]:
                     "first_received_at": s.first_received_at.isoformat(),
                     "last_received_at": s.last_received_at.isoformat(),
                     "state_changed_at": s.state_changed_at.isoformat(),
+                    "seg_series_instance_uid": s.seg_series_instance_uid,
+                    "seg_sop_instance_uid": s.seg_sop_instance_uid,
+                    "delivered_to": state.delivered_to(s),
                 }
                 for s in state.recent_series(limit)
             ]
@@ -104,21 +109,144 @@ def render(status: dict[str, Any]) -> Group:
     lines.append(Text(f"series: {counts or 'none'}"))
 
     table = Table(title="recent series", title_justify="left")
+    table.add_column("job", justify="right")
     table.add_column("series", overflow="fold")  # a UID is only useful whole
-    for column in ("modality", "from", "instances", "state", "reason"):
+    for column in ("modality", "from", "instances", "state", "reason", "delivered to"):
         table.add_column(column)
     table.add_column("received over", justify="right")
     table.add_column("last received (UTC)")
     now = datetime.now(UTC).isoformat()
     for s in status["series"]:
         table.add_row(
+            str(s["id"]),
             s["series_instance_uid"],
             s["modality"],
             s["calling_ae"],
             str(s["instances"]),
             f"{s['state']} ({_seconds(now, s['state_changed_at'])})",
             s["reason"] or "",
+            ", ".join(s["delivered_to"]),
             _seconds(s["last_received_at"], s["first_received_at"]),
             s["last_received_at"][:19],
         )
     return Group(*lines, table)
+
+
+def job_report(config: Config, job_id: int) -> dict[str, Any]:
+    """One job (a series) as a JSON-ready object: its state, result, timeline, deliveries."""
+    state = NodeState(config.node.database_url)
+    try:
+        series, transitions, deliveries = state.job(job_id)
+        delivered_to = state.delivered_to(series)
+    finally:
+        state.close()
+    result = json.loads(series.result) if series.result else None
+    return {
+        "id": series.id,
+        "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": series.study_instance_uid,
+        "modality": series.modality,
+        "calling_ae": series.calling_ae,
+        "instances": series.instance_count,
+        "state": series.state,
+        "reason": series.reason,
+        "generation": series.generation,
+        "attempts": series.attempts,
+        "seg_file": series.seg_file,
+        "seg_series_instance_uid": series.seg_series_instance_uid,
+        "seg_sop_instance_uid": series.seg_sop_instance_uid,
+        "delivered_to": delivered_to,
+        "purged_at": series.purged_at.isoformat() if series.purged_at else None,
+        "result": result,
+        "timeline": [
+            {
+                "at": t.at.isoformat(),
+                "generation": t.generation,
+                "from": t.from_state,
+                "to": t.to_state,
+                "reason": t.reason,
+            }
+            for t in transitions
+        ],
+        "deliveries": [
+            {
+                "destination": d.destination,
+                "peer": f"{d.ae_title}@{d.host}:{d.port}",
+                "generation": d.generation,
+                "state": d.state,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+                "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
+            }
+            for d in deliveries
+        ],
+    }
+
+
+def render_job(job: dict[str, Any]) -> Group:
+    """A job for a terminal: what it is, its outcome, segments, timeline and deliveries."""
+    lines = [
+        Text(f"job {job['id']}: series {job['series_instance_uid']}", style="bold"),
+        Text(
+            f"state: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""),
+            style="red" if job["state"] == SeriesState.FAILED else "",
+        ),
+        Text(
+            f"from {job['calling_ae']}, {job['instances']} instances, generation "
+            f"{job['generation']}, attempts {job['attempts']}"
+        ),
+    ]
+    if job["seg_sop_instance_uid"]:
+        delivered = ", ".join(job["delivered_to"]) or "nowhere yet"
+        lines.append(Text(f"SEG {job['seg_sop_instance_uid']}, delivered to {delivered}"))
+    result = job["result"] or {}
+    if result.get("segments"):
+        segments = Table(title="segments", title_justify="left")
+        for column in ("segment", "volume (ml)"):
+            segments.add_column(column)
+        for s in result["segments"]:
+            segments.add_row(f"{s['side']} {s['bone']}", f"{s['volume_ml']:.1f}")
+        lines.append(segments)
+    timeline = Table(title="timeline", title_justify="left")
+    for column in ("at (UTC)", "gen", "state", "reason"):
+        timeline.add_column(column)
+    for t in job["timeline"]:
+        timeline.add_row(t["at"][:23], str(t["generation"]), t["to"], t["reason"] or "")
+    lines.append(timeline)
+    if job["deliveries"]:
+        table = Table(title="deliveries", title_justify="left")
+        for column in ("destination", "peer", "state", "attempts", "last error", "next attempt"):
+            table.add_column(column)
+        for d in job["deliveries"]:
+            table.add_row(
+                d["destination"],
+                d["peer"],
+                d["state"],
+                str(d["attempts"]),
+                d["last_error"] or "",
+                (d["next_attempt_at"] or "")[:19],
+            )
+        lines.append(table)
+    return Group(*lines)
+
+
+def render_jobs(jobs: list[dict[str, Any]]) -> Table:
+    """Jobs as a table: what `dicom-node jobs` prints."""
+    table = Table(title="jobs", title_justify="left")
+    table.add_column("job", justify="right")
+    table.add_column("series", overflow="fold")
+    for column in ("from", "instances", "state", "reason", "delivered to", "changed (UTC)"):
+        table.add_column(column)
+    for job in jobs:
+        table.add_row(
+            str(job["id"]),
+            job["series_instance_uid"],
+            job["calling_ae"],
+            str(job["instances"]),
+            job["state"],
+            job["reason"] or "",
+            ", ".join(job["delivered_to"]),
+            job["state_changed_at"][:19],
+        )
+    return table

@@ -79,18 +79,71 @@ def body_midline_x(hu: np.ndarray, grid: sitk.Image, stride: int = 4) -> float:
     return float(grid.TransformContinuousIndexToPhysicalPoint(centre.tolist())[0])
 
 
-def split_sides(labels: np.ndarray, hu: np.ndarray, grid: sitk.Image) -> np.ndarray:
-    """Sided labels (1..6 right, 7..12 left): each bone voxel by its side of the body midline."""
-    midline = body_midline_x(hu, grid)
+# Bone spread along patient x (1st to 99th percentile) above which a scan shows both legs.
+# One leg's bones span at most ~150 mm (a hip bone with its iliac wing); both legs' femoral
+# heads alone are ~170 mm apart.
+BILATERAL_SPREAD_MM = 160.0
+# A bone component with more than this fraction on each side of the midline is two bones
+# that touch (the hip bones at the pubic symphysis) and is split at the midline.
+STRADDLE_FRACTION = 0.25
+
+
+def _patient_x(grid: sitk.Image, box: tuple[slice, ...]) -> np.ndarray:
+    """Patient x (LPS, mm) of the voxels in `box` (k, j, i slices), broadcastable to it.
+
+    Per box, not per volume: a float64 map of a whole scan at 0.8 mm is gigabytes."""
     direction = np.array(grid.GetDirection()).reshape(3, 3)
-    spacing = np.array(grid.GetSpacing())
-    origin = np.array(grid.GetOrigin())
-    # Patient x of voxel (k, j, i) is linear in the indices: x = o_x + sum_a D[0, a] s_a idx_a.
-    step = direction[0] * spacing  # per (i, j, k) index step
-    k, j, i = np.ogrid[: labels.shape[0], : labels.shape[1], : labels.shape[2]]
-    x = origin[0] + step[0] * i + step[1] * j + step[2] * k
-    left = x > midline  # LPS: +x is the patient's left
+    step = direction[0] * np.array(grid.GetSpacing())  # x change per (i, j, k) index step
+    k, j, i = np.ogrid[box[0], box[1], box[2]]
+    return grid.GetOrigin()[0] + step[0] * i + step[1] * j + step[2] * k
+
+
+def sides_midline_x(labels: np.ndarray, hu: np.ndarray, grid: sitk.Image) -> float:
+    """The patient-x plane between the right and the left side for this scan.
+
+    Both legs in view: the body's centre. One leg only (bone spread under
+    `BILATERAL_SPREAD_MM`): the body's centre would run through that leg, so x = 0 is used,
+    the scanner's isocentre, near which patients are centred; a single leg scanned at the
+    isocentre itself cannot be sided from the image (a DICOM Laterality would be needed).
+    """
+    stride = 4
+    bone = np.argwhere(labels[::stride, ::stride, ::stride] > 0) * stride
+    if len(bone):
+        direction = np.array(grid.GetDirection()).reshape(3, 3)
+        step = direction[0] * np.array(grid.GetSpacing())
+        bone_x = bone[:, ::-1] @ step  # (i, j, k) . step; the origin cancels in a spread
+        low, high = np.percentile(bone_x, [1, 99])
+        if high - low < BILATERAL_SPREAD_MM:
+            return 0.0
+    return body_midline_x(hu, grid)
+
+
+def split_sides(labels: np.ndarray, hu: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """Sided labels (1..6 right, 7..12 left), one connected bone at a time.
+
+    Each connected component of a bone goes wholly to the side of the midline (see
+    `sides_midline_x`) that holds most of it, so that a femur is never half left and half
+    right; a component with a large share on both sides (hip bones touching at the
+    symphysis) is split at the midline.
+    """
+    midline = sides_midline_x(labels, hu, grid)
     sided = labels.copy()
     for bone in BONE_NAMES:
-        sided[(labels == bone) & left] = sided_label(bone, Side.LEFT)
+        mask = labels == bone
+        if not mask.any():
+            continue
+        box = ndimage.find_objects(mask.astype(np.uint8))[0]
+        components, _ = ndimage.label(mask[box], structure=FULL_CONNECTIVITY)
+        for index, sl in enumerate(ndimage.find_objects(components), start=1):
+            region = _shift(sl, box)
+            component = components[sl] == index
+            is_left = np.broadcast_to(_patient_x(grid, region) > midline, component.shape)[
+                component
+            ]
+            fraction_left = float(is_left.mean())
+            target = sided[region]
+            if min(fraction_left, 1 - fraction_left) > STRADDLE_FRACTION:
+                target[component] = np.where(is_left, sided_label(bone, Side.LEFT), int(bone))
+            elif fraction_left > 0.5:
+                target[component] = sided_label(bone, Side.LEFT)
     return sided

@@ -142,14 +142,14 @@ def stage_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
 
 
 def cascade_loss(outputs: Sequence[Tensor], targets: Tensor) -> Tensor:
-    """Deep supervision: every stage is supervised; coarser stages weigh half as much each."""
-    n = len(outputs)
-    weights = [0.5 ** (n - 1 - i) for i in range(n)]
-    total = sum(
-        w * stage_loss(out, targets[:, i])
-        for i, (w, out) in enumerate(zip(weights, outputs, strict=True))
-    )
-    return total / sum(weights)
+    """Deep supervision: every stage is supervised, all with the same weight.
+
+    The coarse stage is what tells a tibia from a femur (a 32^3 patch at 0.8 mm cannot), and
+    with the weight halved per stage it had learned almost nothing after 2400 steps (bone-voxel
+    accuracy 7 % against 64 % at the finest stage), so no stage is discounted.
+    """
+    total = sum(stage_loss(out, targets[:, i]) for i, out in enumerate(outputs))
+    return total / len(outputs)
 
 
 def learning_rate(step: int, settings: TrainingSettings) -> float:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,9 @@ def _toml(value: Any) -> str:
 class NodeProcess:
     """One node: its config file, data_dir and (while running) its process."""
 
-    def __init__(self, directory: Path, complete_after_s: float = 1.0, **node: Any) -> None:
+    def __init__(
+        self, directory: Path, complete_after_s: float = 1.0, extra_config: str = "", **node: Any
+    ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -63,7 +66,8 @@ class NodeProcess:
         settings = {"ae_title": AE_TITLE, "port": self.port, "data_dir": "data", **node}
         lines = ["[node]", *(f"{k} = {_toml(v)}" for k, v in settings.items())]
         lines += ["[series]", f"complete_after_s = {complete_after_s}"]
-        self.config.write_text("\n".join(lines) + "\n")
+        # Tests run the pipeline on one or two cores next to other work.
+        self.config.write_text("\n".join(lines) + "\n[inference]\nthreads = 2\n" + extra_config)
         self.process: subprocess.Popen[bytes] | None = None
         self.log = directory / "node.log"
 
@@ -84,7 +88,7 @@ class NodeProcess:
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
             )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # the inference worker loads its model first
         while self._pid_in_file() != self.process.pid:  # written once it listens
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
@@ -131,6 +135,17 @@ class NodeProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"series not {states} after {timeout} s: {series}")
             time.sleep(0.2)
+
+    def worker_pid(self) -> int:
+        """The inference worker: the node's spawned child (not multiprocessing's resource
+        tracker, its other child)."""
+        assert self.process is not None
+        (child,) = [
+            p
+            for p in psutil.Process(self.process.pid).children()
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        return child.pid
 
     def db_instances(self) -> dict[str, str]:
         """SOP Instance UID -> spool file name, straight from the database."""

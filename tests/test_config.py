@@ -56,3 +56,50 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(path)
+
+
+PACS = "[[destinations]]\nname = 'pacs'\nae_title = 'ORTHANC'\nhost = '127.0.0.1'\nport = 4242\n"
+
+
+def test_destinations_and_processing_sections_load(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        PACS
+        + PACS.replace("'pacs'", "'caller'")
+        + "reply_to_caller = true\n"
+        + "[delivery]\nmax_attempts = 3\n[worker]\ntimeout_s = 60\n[seg]\nseries_number = 77\n"
+    )
+    config = load_config(path)
+    assert [d.name for d in config.destinations] == ["pacs", "caller"]
+    assert config.destinations[1].reply_to_caller and not config.destinations[0].reply_to_caller
+    assert (config.delivery.max_attempts, config.worker.timeout_s) == (3, 60.0)
+    assert config.seg.series_number == 77 and config.retention.delete_after_h == 168
+    assert config.destination("caller").port == 4242
+    with pytest.raises(ConfigError, match="no destination 'archive' \\(known: pacs, caller\\)"):
+        config.destination("archive")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (PACS.replace("port = 4242", "port = 0"), r"destinations\[pacs\]\.port"),
+        (PACS.replace("ae_title = 'ORTHANC'\n", ""), r"destinations\.ae_title: required"),
+        (PACS.replace("'ORTHANC'", "'A_TITLE_TOO_LONG_'"), r"destinations\[pacs\]\.ae_title"),
+        (PACS + "colour = 'red'\n", r"destinations\.colour: unknown key"),
+        (PACS + PACS, r"destinations\.name: names must be unique"),
+        ("[delivery]\nmax_attempts = 0\n", r"delivery\.max_attempts"),
+        ("[delivery]\nbackoff_initial_s = 100\nbackoff_max_s = 10\n", r"delivery\.backoff"),
+        ("[delivery]\njitter = 2\n", r"delivery\.jitter"),
+        ("[worker]\ntimeout_s = 0\n", r"worker\.timeout_s"),
+        ("[seg]\nseries_description = ''\n", r"seg\.series_description"),
+        ("[retention]\ndelete_after_h = -1\n", r"retention\.delete_after_h"),
+        ("destinations = 'pacs'\n", r"destinations: expected \[\[destinations\]\]"),
+    ],
+)
+def test_bad_destination_or_processing_value_is_named(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -9,18 +10,24 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import select
 
+from dicom_node.config import RetentionConfig
 from dicom_node.ct_series import PatientInfo, write_ct_series
 from dicom_node.receive import Reception
+from dicom_node.retention import purge_expired
 from dicom_node.spool import Spool, SpooledFile
 from dicom_node.state import (
     TRANSITIONS,
+    Delivery,
     IllegalTransitionError,
+    Job,
     NodeState,
     ReceivedInstance,
     Recorded,
     Series,
     SeriesState,
+    Target,
     _transition,
+    utcnow,
 )
 from model.volume_io import Volume
 
@@ -98,22 +105,119 @@ def test_late_instance_reopens_and_supersedes_an_older_decision(state: NodeState
     assert (series.state, series.generation, series.instance_count) == ("receiving", 3, 3)
 
 
-def test_resume_requeues_interrupted_work(state: NodeState) -> None:
+def _queued(state: NodeState, sop: str, series: str) -> int:
+    series_id = _receive(state, sop, series=series)
+    _force(state, series_id, SeriesState.COMPLETE, SeriesState.QUEUED)
+    return series_id
+
+
+PACS = Target("pacs", "ORTHANC", "127.0.0.1", 4242)
+BACKUP = Target("backup", "ARCHIVE", "127.0.0.1", 4243)
+
+
+def _segmented(state: NodeState, targets: list[Target]) -> Job:
+    job = state.claim_next_queued()
+    assert job is not None
+    assert state.mark_segmented(job, f"{job.series_id}.dcm", ("9.1", "9.2"), "{}", targets)
+    return job
+
+
+def test_resume_requeues_segmenting_and_resumes_deliveries_in_flight(state: NodeState) -> None:
     receiving = _receive(state, "1.1", series="1")
     complete = _receive(state, "2.1", series="2")
-    segmenting = _receive(state, "3.1", series="3")
-    sending = _receive(state, "4.1", series="4")
     _force(state, complete, SeriesState.COMPLETE)
-    _force(state, segmenting, SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.SEGMENTING)
-    path = (SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.SEGMENTING, SeriesState.SENDING)
-    _force(state, sending, *path)
+    sending = _queued(state, "4.1", series="4")
+    _segmented(state, [PACS])
+    segmenting = _queued(state, "3.1", series="3")
+    assert state.claim_next_queued().series_id == segmenting  # type: ignore[union-attr]
+    (in_flight,) = state.claim_due_deliveries()
+    assert state.claim_due_deliveries() == []  # claimed: not handed out twice
     resumed = state.resume()
     assert set(resumed.receiving) == {receiving}
     assert resumed.complete == [complete]
-    assert sorted(resumed.requeued) == sorted([segmenting, sending])
+    assert resumed.requeued == [segmenting]
     with state._session() as session:
-        reasons = session.scalars(select(Series.reason).where(Series.id == sending)).all()
+        reasons = session.scalars(select(Series.reason).where(Series.id == segmenting)).all()
     assert reasons == ["node restarted"]
+    (again,) = state.claim_due_deliveries()  # the SEG is on disk: only delivery resumes
+    assert (again.delivery_id, again.series_id, again.attempt) == (
+        in_flight.delivery_id,
+        sending,
+        2,
+    )
+
+
+def test_series_is_done_when_every_destination_has_its_seg(state: NodeState) -> None:
+    _queued(state, "1.1", series="1")
+    job = _segmented(state, [PACS, BACKUP])
+    first, second = state.claim_due_deliveries()
+    assert state.record_delivery(first, None, None) is None  # backup still pending
+    retry_at = utcnow() + timedelta(hours=1)
+    assert state.record_delivery(second, "connection refused", retry_at) is None
+    assert state.claim_due_deliveries() == []  # not due before retry_at
+    (series,) = state.recent_series()
+    assert series.state == SeriesState.SENDING and state.delivered_to(series) == ["pacs"]
+    with state._session() as session:
+        session.get_one(Delivery, second.delivery_id).next_attempt_at = utcnow()
+    (third,) = state.claim_due_deliveries()
+    assert third.attempt == 2 and third.target == BACKUP
+    assert state.record_delivery(third, None, None) == SeriesState.DONE
+    (series,) = state.recent_series()
+    assert sorted(state.delivered_to(series)) == ["backup", "pacs"]
+    assert series.seg_sop_instance_uid == "9.2" and job.attempt == 1
+
+
+def test_given_up_delivery_fails_the_series_and_retry_only_redelivers(state: NodeState) -> None:
+    series_id = _queued(state, "1.1", series="1")
+    _segmented(state, [PACS])
+    (attempt,) = state.claim_due_deliveries()
+    assert state.record_delivery(attempt, "C-STORE failed: 0xA700", None) == SeriesState.FAILED
+    (series,) = state.recent_series()
+    assert "delivery to pacs failed after 1 attempts: C-STORE failed: 0xA700" in str(series.reason)
+    assert state.retry(series_id) == SeriesState.SENDING
+    (again,) = state.claim_due_deliveries()
+    assert again.attempt == 1
+    with pytest.raises(IllegalTransitionError, match="only failed jobs"):
+        state.retry(series_id)
+    with pytest.raises(LookupError, match="no job 99"):
+        state.retry(99)
+
+
+def test_failed_segmentation_is_retried_from_the_queue(state: NodeState) -> None:
+    series_id = _queued(state, "1.1", series="1")
+    job = state.claim_next_queued()
+    assert job is not None and state.requeue(job, "worker crashed (exit -9)")
+    job = state.claim_next_queued()
+    assert job is not None and job.attempt == 2
+    assert state.mark_failed(series_id, job.generation, "worker crashed (exit -9)")
+    assert state.retry(series_id) == SeriesState.QUEUED
+    job = state.claim_next_queued()
+    assert job is not None and job.attempt == 1
+
+
+def test_work_on_a_superseded_generation_is_discarded(state: NodeState) -> None:
+    _queued(state, "1.1", series="1")
+    job = state.claim_next_queued()
+    assert job is not None
+    _receive(state, "1.2", series="1")  # a late instance reopens the series
+    assert not state.mark_segmented(job, "1.dcm", ("9.1", "9.2"), "{}", [PACS])
+    assert not state.mark_no_findings(job, "{}")
+    (series,) = state.recent_series()
+    assert series.state == SeriesState.RECEIVING and series.seg_file is None
+
+
+def test_purge_forgets_instances_so_a_resend_reopens(state: NodeState) -> None:
+    series_id = _queued(state, "1.1", series="1")
+    _segmented(state, [])  # no destinations: done at once
+    assert state.purgeable(utcnow() - timedelta(hours=1)) == []
+    ((purged_id, names, seg_file),) = state.purgeable(utcnow() + timedelta(seconds=1))
+    assert (purged_id, names, seg_file) == (series_id, ["1.1.dcm"], f"{series_id}.dcm")
+    state.mark_purged(series_id)
+    assert state.file_names() == set()
+    again = state.record_instance(_instance("1.1", "1"), SpooledFile("new.dcm", 10))
+    assert not again.duplicate
+    (series,) = state.recent_series()
+    assert series.state == SeriesState.RECEIVING and series.generation == 2
 
 
 def test_spool_writes_durably_under_its_own_names(tmp_path: Path) -> None:
@@ -137,3 +241,35 @@ def test_recover_records_spooled_files_the_database_lost(tmp_path: Path, state: 
     assert spool.names() == names == state.file_names()
     (series,) = state.recent_series()
     assert series.instance_count == 3 and len(told) == 3
+
+
+def test_retention_deletes_the_files_of_finished_series_only(tmp_path: Path) -> None:
+    state = NodeState(f"sqlite:///{tmp_path / 'node.db'}")
+    spool = Spool(tmp_path / "spool")
+    results = tmp_path / "results"
+    results.mkdir()
+    try:
+        files = {}
+        for series in ("done", "failed"):
+            spooled = spool.write([b"DICM"])
+            received = _instance(f"{series}.1", series)
+            files[series] = spooled.name
+            series_id = state.record_instance(received, spooled).series_id
+            _force(state, series_id, SeriesState.COMPLETE, SeriesState.QUEUED)
+            job = state.claim_next_queued()
+            assert job is not None
+            (results / f"{series}.dcm").write_bytes(b"SEG")
+            state.mark_segmented(job, f"{series}.dcm", ("9.1", f"9.{series}"), "{}", [PACS])
+            (delivery,) = state.claim_due_deliveries()
+            state.record_delivery(delivery, None if series == "done" else "refused", None)
+        config = RetentionConfig(delete_after_h=1.0)
+        assert purge_expired(state, spool, results, config) == 0  # finished just now
+        with state._session() as session:  # an hour and a bit later
+            for series in session.scalars(select(Series)):
+                series.state_changed_at -= timedelta(hours=1, minutes=1)
+        assert purge_expired(state, spool, results, config) == 1
+        assert spool.names() == {files["failed"]}  # failed: kept for `dicom-node retry`
+        assert sorted(p.name for p in results.iterdir()) == ["failed.dcm"]
+        assert purge_expired(state, spool, results, RetentionConfig(delete_after_h=0)) == 0
+    finally:
+        state.close()

@@ -102,9 +102,44 @@ def test_sides_follow_patient_coordinates() -> None:
     labels[:, 8:12, 8:12] = Bone.FEMUR  # low column index
     labels[:, 8:12, 28:32] = Bone.FEMUR
     grid = sitk.GetImageFromArray(hu)
+    grid.SetSpacing((10.0, 1.0, 1.0))  # 400 mm across: both legs in view
+    grid.SetOrigin((-123.0, 0.0, 0.0))  # off-centre on the table: the body's centre decides
     sided = split_sides(labels, hu, grid)
     assert (sided[:, 8:12, 8:12] == sided_label(Bone.FEMUR, Side.RIGHT)).all()
     assert (sided[:, 8:12, 28:32] == sided_label(Bone.FEMUR, Side.LEFT)).all()
     grid.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
     flipped = split_sides(labels, hu, grid)
     assert (flipped[:, 8:12, 8:12] == sided_label(Bone.FEMUR, Side.LEFT)).all()
+
+
+def _grid(hu: np.ndarray, spacing_x: float, origin_x: float) -> sitk.Image:
+    grid = sitk.GetImageFromArray(hu)
+    grid.SetSpacing((spacing_x, 1.0, 1.0))
+    grid.SetOrigin((origin_x, 0.0, 0.0))
+    return grid
+
+
+def test_a_bone_across_the_midline_stays_whole_and_touching_hip_bones_split() -> None:
+    hu = np.full((10, 20, 40), -1000, dtype=np.int16)
+    hu[:, 5:15, 0:40] = 40  # body centred on column 20
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[:, 8:12, 2:6] = Bone.TIBIA  # keeps the spread bilateral
+    labels[:, 8:12, 8:20] = Bone.FEMUR  # one column beyond the centre (column 18)
+    labels[:, 8:12, 30:34] = Bone.FEMUR
+    labels[:, 14:16, 14:22] = Bone.HIP_BONE  # both hip bones, touching at the symphysis
+    sided = split_sides(labels, hu, _grid(hu, 10.0, -200.0))
+    assert (sided[:, 8:12, 8:20] == sided_label(Bone.FEMUR, Side.RIGHT)).all()
+    assert (sided[:, 8:12, 30:34] == sided_label(Bone.FEMUR, Side.LEFT)).all()
+    assert (sided[:, 14:16, 14:19] == sided_label(Bone.HIP_BONE, Side.RIGHT)).all()
+    assert (sided[:, 14:16, 19:22] == sided_label(Bone.HIP_BONE, Side.LEFT)).all()
+
+
+def test_one_leg_in_view_is_sided_by_the_isocentre_not_by_its_own_centre() -> None:
+    hu = np.full((10, 20, 40), -1000, dtype=np.int16)
+    hu[:, 2:18, 4:36] = 40  # one thigh fills the view
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[:, 8:12, 14:26] = Bone.FEMUR  # 36 mm wide femur across the view's centre
+    left_leg = split_sides(labels, hu, _grid(hu, 3.0, 30.0))  # x from +30 to +147 mm
+    assert (left_leg[labels > 0] == sided_label(Bone.FEMUR, Side.LEFT)).all()
+    right_leg = split_sides(labels, hu, _grid(hu, 3.0, -147.0))
+    assert (right_leg[labels > 0] == sided_label(Bone.FEMUR, Side.RIGHT)).all()

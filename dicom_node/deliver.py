@@ -1,0 +1,98 @@
+"""The delivery stage: SEG files to their destinations by C-STORE, with retries.
+
+The state database holds every delivery and when it is next due, so a retry survives a
+restart and `dicom-node retry` works by changing rows. An apscheduler interval job claims
+due deliveries and attempts them on a small thread pool; a failed attempt is due again after
+an exponential backoff with jitter (many nodes retrying a PACS that just came back should
+not arrive in lockstep), until `delivery.max_attempts` is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from apscheduler.schedulers.base import BaseScheduler
+
+from dicom_node.config import Config, DeliveryConfig, Destination
+from dicom_node.send import send_files
+from dicom_node.state import DeliveryJob, NodeState, utcnow
+
+log = logging.getLogger(__name__)
+
+DISPATCH_EVERY_S = 1.0
+_JOB_ID = "delivery-dispatch"
+
+
+def backoff_s(attempt: int, config: DeliveryConfig, rng: random.Random) -> float:
+    """Wait after failed attempt number `attempt` (1-based): initial x 2^(attempt-1), capped
+    at the maximum, then stretched by up to `jitter` at random."""
+    base = min(config.backoff_initial_s * 2 ** (attempt - 1), config.backoff_max_s)
+    return base * (1.0 + config.jitter * rng.random())
+
+
+def next_attempt_at(
+    attempt: int, config: DeliveryConfig, rng: random.Random, now: datetime
+) -> datetime | None:
+    """When to try again after failed attempt `attempt`, or None once attempts are spent."""
+    if attempt >= config.max_attempts:
+        return None
+    return now + timedelta(seconds=backoff_s(attempt, config, rng))
+
+
+class DeliveryStage:
+    """Claims due deliveries and sends them; records each outcome in the state."""
+
+    def __init__(
+        self, config: Config, state: NodeState, results_dir: Path, scheduler: BaseScheduler
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.results_dir = results_dir
+        self.scheduler = scheduler
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="delivery")
+        self._rng = random.Random()
+
+    def start(self) -> None:
+        self.scheduler.add_job(
+            self.dispatch,
+            "interval",
+            seconds=DISPATCH_EVERY_S,
+            id=_JOB_ID,
+            max_instances=1,
+            coalesce=True,
+            replace_existing=True,
+        )
+
+    def wake(self) -> None:
+        """A SEG is ready: dispatch now instead of at the next tick."""
+        self.scheduler.modify_job(_JOB_ID, next_run_time=utcnow())
+
+    def stop(self) -> None:
+        # Attempts in flight are abandoned, not awaited: they stay claimed and become due
+        # again at the next start (a SEG received twice is one instance at the PACS).
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def dispatch(self) -> None:
+        for job in self.state.claim_due_deliveries():
+            self._pool.submit(self.attempt, job)
+
+    def attempt(self, job: DeliveryJob) -> None:
+        target = job.target
+        destination = Destination(target.name, target.ae_title, target.host, target.port)
+        path = self.results_dir / job.seg_file
+        try:
+            result = send_files(
+                destination, [path], self.config.node.ae_title, self.config.delivery.timeout_s
+            )
+            error = None if result.delivered else result.reason
+        except Exception as error_:  # e.g. the SEG file is gone: a reason, not a dead thread
+            log.exception("series %d: delivery attempt", job.series_id)
+            error = f"{type(error_).__name__}: {error_}"
+        retry_at = None
+        if error is not None:
+            retry_at = next_attempt_at(job.attempt, self.config.delivery, self._rng, utcnow())
+        self.state.record_delivery(job, error, retry_at)

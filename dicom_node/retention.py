@@ -1,0 +1,63 @@
+"""Retention: received instances and results are deleted a while after the work is over.
+
+A series that is `done`, `no_findings` or `skipped` keeps its files for
+`retention.delete_after_h` hours (time to look at a result, or to resend it by hand), then
+its spooled instances and its SEG are deleted and the series is marked purged; its history
+stays in the database. `failed` series are kept until `dicom-node retry` or an operator
+deals with them. An apscheduler interval job runs the check.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+from apscheduler.schedulers.base import BaseScheduler
+
+from dicom_node.config import RetentionConfig
+from dicom_node.spool import Spool
+from dicom_node.state import NodeState, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def purge_expired(
+    state: NodeState, spool: Spool, results_dir: Path, config: RetentionConfig
+) -> int:
+    """Delete the files of series final for longer than the retention time; returns how many
+    series were purged (0 when retention is off)."""
+    if config.delete_after_h <= 0:
+        return 0
+    older_than = utcnow() - timedelta(hours=config.delete_after_h)
+    purged = 0
+    for series_id, file_names, seg_file in state.purgeable(older_than):
+        for name in file_names:
+            spool.discard(name)
+        if seg_file:
+            (results_dir / seg_file).unlink(missing_ok=True)
+        state.mark_purged(series_id)
+        purged += 1
+    if purged:
+        log.info("retention: purged the files of %d series", purged)
+    return purged
+
+
+def schedule_retention(
+    scheduler: BaseScheduler,
+    state: NodeState,
+    spool: Spool,
+    results_dir: Path,
+    config: RetentionConfig,
+) -> None:
+    scheduler.add_job(
+        purge_expired,
+        "interval",
+        seconds=config.check_every_s,
+        args=[state, spool, results_dir, config],
+        id="retention",
+        max_instances=1,
+        coalesce=True,
+        replace_existing=True,
+        next_run_time=utcnow(),
+    )

@@ -1,0 +1,137 @@
+"""The segmentation stage: queued series -> the worker -> `sending`, `no_findings` or `failed`.
+
+One thread takes the longest-queued series from the state database (so a restart, a retry
+from the CLI or a new series all arrive the same way), hands it to the `InferenceWorker`
+and records the outcome. Series are segmented one at a time: inference already uses every
+core, and one warm model is what keeps the node's memory bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from dicom_node.config import Config
+from dicom_node.spool import Spool
+from dicom_node.state import Job, NodeState, Target
+from dicom_node.worker import InferenceWorker, WorkerLostError, WorkOutcome, WorkRequest
+
+log = logging.getLogger(__name__)
+
+# How often the stage looks for queued series when nobody woke it (CLI retries, restarts).
+POLL_S = 2.0
+
+
+def seg_file_name(job: Job) -> str:
+    """The SEG's file name under results/: chosen by the node, one per series generation."""
+    return f"{job.series_id}-{job.generation}.dcm"
+
+
+def resolve_targets(config: Config, calling_ae: str, calling_host: str) -> list[Target]:
+    """Configured destinations as addresses; reply_to_caller ones point at the sender."""
+    targets = []
+    for d in config.destinations:
+        if d.reply_to_caller and calling_ae:
+            targets.append(Target(d.name, calling_ae, calling_host or d.host, d.port))
+        else:
+            targets.append(Target(d.name, d.ae_title, d.host, d.port))
+    return targets
+
+
+class SegmentationStage:
+    """The thread that feeds queued series to the worker and records what came back."""
+
+    def __init__(
+        self,
+        config: Config,
+        state: NodeState,
+        spool: Spool,
+        results_dir: Path,
+        worker: InferenceWorker,
+        on_segmented: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.spool = spool
+        self.results_dir = results_dir
+        self.worker = worker
+        self.on_segmented = on_segmented  # e.g. deliver now rather than at the next poll
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="segmentation", daemon=True)
+
+    def start(self) -> None:
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A series was queued: look now."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop taking work and end a job in flight (it is re-queued at the next start)."""
+        self._stop.set()
+        self._wake.set()
+        self.worker.shutdown()
+        self._thread.join(30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.state.claim_next_queued()
+                if job is None:
+                    self._wake.wait(POLL_S)
+                    self._wake.clear()
+                    continue
+                self.process(job)
+            except Exception:  # the stage must outlive any one series (or a database hiccup)
+                log.exception("segmentation stage")
+                self._stop.wait(POLL_S)
+
+    def process(self, job: Job) -> None:
+        """Run one claimed series through the worker and record the outcome."""
+        log.info(
+            "series %d: segmenting %s (%d files, attempt %d)",
+            job.series_id,
+            job.series_instance_uid,
+            len(job.file_names),
+            job.attempt,
+        )
+        seg_name = seg_file_name(job)
+        request = WorkRequest(
+            paths=[str(self.spool.path(name)) for name in job.file_names],
+            generation=job.generation,
+            seg_path=str(self.results_dir / seg_name),
+        )
+        try:
+            outcome = self.worker.run(request)
+        except WorkerLostError as error:
+            if self._stop.is_set():
+                return  # still `segmenting`: the next start re-queues it
+            self._lost(job, str(error))
+            return
+        self._record(job, seg_name, outcome)
+
+    def _lost(self, job: Job, reason: str) -> None:
+        retries = self.config.worker.retries
+        if job.attempt <= retries:
+            self.state.requeue(job, f"{reason}; retry {job.attempt} of {retries}")
+        else:
+            self.state.mark_failed(job.series_id, job.generation, reason)
+
+    def _record(self, job: Job, seg_name: str, outcome: WorkOutcome) -> None:
+        summary = json.dumps(outcome.summary)
+        if outcome.reason is not None:
+            self.state.mark_failed(job.series_id, job.generation, outcome.reason)
+        elif outcome.seg_uids is None:
+            self.state.mark_no_findings(job, summary)
+        else:
+            calling_ae, calling_host = self.state.calling_peer(job.series_id)
+            targets = resolve_targets(self.config, calling_ae, calling_host)
+            if self.state.mark_segmented(job, seg_name, outcome.seg_uids, summary, targets):
+                self.on_segmented()
+            else:  # superseded while segmenting: this SEG is of an incomplete series
+                (self.results_dir / seg_name).unlink(missing_ok=True)
