@@ -11,9 +11,13 @@ job as lost with the reason; the segmentation stage decides whether to retry.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import logging
 import multiprocessing
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -31,6 +35,7 @@ from dicom_node.volume import AssemblyError, AssemblyPolicy, assemble_volume
 
 log = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Model loading takes seconds; a worker that is not ready after this is broken.
 START_TIMEOUT_S = 300.0
 
@@ -137,8 +142,24 @@ class WorkerLostError(RuntimeError):
     """The worker process died or overran its time-out; str() is the reason."""
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when the daemon dies.
+
+    Otherwise a daemon killed mid-inference leaves its worker running: it competes with the
+    restarted node's worker for the CPU and may write the SEG file the new worker is writing.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker ends at its next request
+        log.warning("worker: cannot ask to die with the daemon on this platform")
+    if os.getppid() == 1:  # the daemon died before prctl took effect
+        os._exit(1)
+
+
 def _serve(connection: Connection, config: Config) -> None:
     """The worker process: load the model, then answer requests until the pipe closes."""
+    _die_with_parent()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s"
     )

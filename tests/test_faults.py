@@ -1,0 +1,123 @@
+"""Crashes: the daemon SIGKILLed during a transfer, during inference and during delivery.
+
+After each restart every instance the sender was told is stored is on disk and recorded,
+every series reaches a final state, and the PACS (a real Orthanc) holds exactly one SEG per
+series: a SEG delivered again after a crash is the same instance, not a duplicate.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import psutil
+from node_process import NodeProcess, start_storescu, storescu
+from peers import OrthancProcess
+from pydicom import dcmread
+
+from dicom_node.phantom_series import write_phantom
+
+DELIVERY = "[delivery]\nbackoff_initial_s = 0.5\nbackoff_max_s = 1\nmax_attempts = 1000\n"
+
+
+def _state(node: NodeProcess, uid: str) -> str | None:
+    with sqlite3.connect(node.data_dir / "node.db") as db:
+        row = db.execute(
+            "SELECT state FROM series WHERE series_instance_uid = ?", (uid,)
+        ).fetchone()
+    return row[0] if row else None
+
+
+def _wait_state(node: NodeProcess, uid: str, states: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _state(node, uid) not in states:
+        assert time.monotonic() < deadline, f"{uid} not {states}: {_state(node, uid)}"
+        time.sleep(0.02)
+
+
+def _kill_node_and_worker(node: NodeProcess) -> None:
+    """SIGKILL the daemon; its worker must die with it (it asks the kernel to)."""
+    assert node.process is not None
+    children = psutil.Process(node.process.pid).children()
+    node.kill()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"worker outlived the daemon: {alive}"
+
+
+def test_sigkill_at_any_stage_loses_nothing_and_delivers_each_seg_once(tmp_path: Path) -> None:
+    rng = random.Random(20261124)
+    pacs = OrthancProcess(tmp_path / "orthanc").start()
+    destination = pacs.destination()
+    node = NodeProcess(
+        tmp_path / "node",
+        extra_config=(
+            f'[[destinations]]\nname = "pacs"\nae_title = "{destination.ae_title}"\n'
+            f'host = "127.0.0.1"\nport = {destination.port}\n{DELIVERY}'
+        ),
+    )
+    series_uids: dict[str, int] = {}  # -> instances sent
+    try:
+        for seed, phase in ((1003, "transfer"), (1001, "inference"), (1002, "delivery")):
+            ct = write_phantom(tmp_path / f"phantom-{seed}", seed=seed, size="small")["ct"]
+            files = sorted(ct.iterdir())
+            uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            series_uids[uid] = len(files)
+            node.start()
+            if phase == "transfer":
+                # Kill after a random number of acknowledged instances; storescu -v prints
+                # "Received Store Response" once per instance the node acknowledged.
+                stop_after = rng.randrange(5, len(files) - 5)
+                sender = start_storescu(node.port, *files)
+                assert sender.stdout is not None
+                acknowledged = 0
+                for line in sender.stdout:
+                    if "Received Store Response" in line and "Success" in line:
+                        acknowledged += 1
+                        if acknowledged == stop_after:
+                            _kill_node_and_worker(node)
+                            break
+                sender.kill()
+                sender.wait()
+                told_stored = {
+                    str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in files[:acknowledged]  # storescu sends in the order given
+                }
+                node.start()
+                assert told_stored <= set(node.db_instances())
+                spool = node.spool_files()
+                assert {node.db_instances()[u] for u in told_stored} <= spool
+                # The sender retries what was not acknowledged (here: everything again).
+                assert storescu(node.port, *files).returncode == 0
+            elif phase == "inference":
+                assert storescu(node.port, *files).returncode == 0
+                _wait_state(node, uid, {"segmenting"}, 60)
+                time.sleep(rng.uniform(0.0, 2.0))
+                _kill_node_and_worker(node)
+                node.start()
+            else:  # delivery: the PACS is down while the node tries, the node dies meanwhile
+                pacs.stop()
+                assert storescu(node.port, *files).returncode == 0
+                _wait_state(node, uid, {"sending"}, 240)
+                time.sleep(rng.uniform(0.5, 2.0))  # a few failed attempts
+                _kill_node_and_worker(node)
+                pacs.start()
+                node.start()
+            _wait_state(node, uid, {"done", "no_findings", "failed"}, 240)
+            assert _state(node, uid) == "done", node.series()[uid]
+            node.stop()
+
+        # Every series reached done; the PACS holds one SEG per series.
+        node.start()
+        jobs = node.series()
+        for uid, sent in series_uids.items():
+            assert jobs[uid]["state"] == "done"
+            assert jobs[uid]["instances"] == sent  # none lost, none counted twice
+            seg_uid = jobs[uid]["seg_series_instance_uid"]
+            (seg_series,) = pacs.find_series("SEG", SeriesInstanceUID=seg_uid)
+            assert len(seg_series["Instances"]) == 1
+        assert len(node.db_instances()) == sum(series_uids.values()) == len(node.spool_files())
+    finally:
+        node.kill()
+        pacs.stop()
