@@ -42,6 +42,8 @@ bench: install
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.reception
 	$(BIN)/python -m bench.end_to_end
+	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.fuzz --cases 5000
 
 # The node's main job end to end: phantom CT series -> node (C-STORE) -> SEG at a local PACS
 # (Orthanc), with a report (timings per stage, segments in ml, Dice vs truth) and a PNG preview.

@@ -359,7 +359,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # pynetdicom's debug output dumps datasets: never below INFO, so no identifiers in logs.
     logging.getLogger("pynetdicom").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    serve(load_config(args.config))
+    serve(load_config(args.config), args.config)
     return 0
 
 
@@ -558,12 +558,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineFormatter(logging.Formatter):
+    """Escapes control characters in messages: a value a peer sent (a UID with a newline,
+    quoted by pynetdicom) must not be able to forge a log line. Tracebacks stay multi-line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        text = super().formatMessage(record)
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     try:
         return int(args.handler(args))
     except (OSError, ValueError, RuntimeError, LookupError) as error:

@@ -7,6 +7,8 @@ key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import re
 import tomllib
 import typing
@@ -54,6 +56,33 @@ def _check_ae_title(key: str, title: str) -> None:
         )
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _check_network(key: str, entry: str) -> None:
+    """An IP address or a CIDR network without host bits ('10.1.0.0/16', not '10.1.2.3/16':
+    that typo would silently allow a different range than meant)."""
+    try:
+        ipaddress.ip_network(entry)
+    except ValueError as error:
+        raise ConfigError(
+            f"{key}: expected an IP address or a CIDR network such as '10.1.0.0/16', got "
+            f"{entry!r} ({error})"
+        ) from None
+
+
+def _check_timeout(key: str, seconds: float) -> None:
+    # TOML has inf and nan: "never" is exactly what a time-out must not be.
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{key}: must be a number of seconds > 0, got {seconds}")
+
+
+def _check_key_pair(prefix: str, certificate: str, private_key: str) -> None:
+    if bool(certificate) != bool(private_key):
+        missing = "tls_private_key" if certificate else "tls_certificate"
+        raise ConfigError(f"{prefix}.{missing}: tls_certificate and tls_private_key go together")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """The DICOM daemon: who it is on the network and where it keeps everything it writes."""
@@ -70,9 +99,28 @@ class NodeConfig:
     # PDUs of at most this size, so small values cost throughput (pynetdicom's default 16382).
     max_pdu_size: int = 0
     database: str = ""  # "": SQLite under data_dir; or a postgresql:// URL
+    # Free space (MiB) every received instance must leave on the spool's file system; below it
+    # a C-STORE is answered out-of-resources before anything is written (dicom_node/spool.py),
+    # so a full disk never breaks the database or the results beside the spool. 0: off.
+    min_free_mb: int = 1024
+    # Peers by network address: IP addresses or CIDR networks (IPv4 or IPv6); empty: any. An
+    # association from elsewhere is rejected before anything is stored (dicom_node/access.py).
+    allowed_peer_addresses: tuple[str, ...] = ()
+    # Time-outs (seconds) so that a stalled or hostile peer cannot hold a thread forever.
+    network_timeout_s: float = 60.0  # peer silent mid-PDU, mid-handshake or between messages
+    acse_timeout_s: float = 30.0  # connection open without an A-ASSOCIATE-RQ; release
+    dimse_timeout_s: float = 30.0  # a DIMSE message the node waits for
+    # DICOM TLS (PS3.15 B.1) on the node's port: certificate and key both (then the port speaks
+    # TLS only) or neither. PEM files, relative to the config file like data_dir.
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca_certificates: str = ""  # verifies client certificates that peers present
+    tls_require_client_certificate: bool = False  # True: no verified certificate, no entry
 
     def __post_init__(self) -> None:
         _check_ae_title("node.ae_title", self.ae_title)
+        if self.min_free_mb < 0:
+            raise ConfigError(f"node.min_free_mb: must be >= 0 (0: off), got {self.min_free_mb}")
         for title in self.allowed_calling_aets:
             _check_ae_title("node.allowed_calling_aets", title)
         if not self.bind:
@@ -92,10 +140,33 @@ class NodeConfig:
                 f"node.database: expected '' (SQLite under data_dir), a sqlite:// or a "
                 f"postgresql:// URL, got {self.database.split(':', 1)[0]!r}..."
             )
+        for entry in self.allowed_peer_addresses:
+            _check_network("node.allowed_peer_addresses", entry)
+        for key in ("network_timeout_s", "acse_timeout_s", "dimse_timeout_s"):
+            _check_timeout(f"node.{key}", getattr(self, key))
+        _check_key_pair("node", self.tls_certificate, self.tls_private_key)
+        if not self.tls_certificate and self.tls_ca_certificates:
+            raise ConfigError(
+                "node.tls_ca_certificates: client certificates are verified only over TLS; "
+                "set node.tls_certificate and node.tls_private_key too"
+            )
+        if self.tls_require_client_certificate and not self.tls_ca_certificates:
+            raise ConfigError(
+                "node.tls_require_client_certificate: needs node.tls_ca_certificates "
+                "(the CA that signs the clients' certificates)"
+            )
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_certificate)
+
+    @property
+    def allowed_peer_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(entry) for entry in self.allowed_peer_addresses)
 
     @property
     def database_url(self) -> str:
@@ -116,6 +187,10 @@ class SeriesConfig(AssemblyPolicy):
             raise ConfigError(f"series.complete_after_s: must be >= 0, got {self.complete_after_s}")
 
 
+_NODE_TLS_FILES = ("tls_certificate", "tls_private_key", "tls_ca_certificates")
+_DESTINATION_TLS_FILES = ("tls_ca_certificates", "tls_certificate", "tls_private_key")
+
+
 @dataclass(frozen=True)
 class Destination:
     """[[destinations]]: a peer every SEG is sent to by C-STORE.
@@ -130,6 +205,12 @@ class Destination:
     host: str
     port: int
     reply_to_caller: bool = False
+    # DICOM TLS to this peer. Its certificate must verify against tls_ca_certificates (PEM;
+    # "": the system's CAs) and name `host` (DNS name or IP address in subjectAltName).
+    tls: bool = False
+    tls_ca_certificates: str = ""
+    tls_certificate: str = ""  # the node's client certificate, for a peer that asks for one
+    tls_private_key: str = ""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", self.name):
@@ -141,6 +222,11 @@ class Destination:
             raise ConfigError(f"destinations[{self.name}].host: must not be empty")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"destinations[{self.name}].port: must be 1..65535, got {self.port}")
+        prefix = f"destinations[{self.name}]"
+        _check_key_pair(prefix, self.tls_certificate, self.tls_private_key)
+        for key in _DESTINATION_TLS_FILES:
+            if getattr(self, key) and not self.tls:
+                raise ConfigError(f"{prefix}.{key}: set, but {prefix}.tls is false")
 
 
 @dataclass(frozen=True)
@@ -294,6 +380,27 @@ def load_config(path: Path) -> Config:
     )
     # data_dir is relative to the config file, not to wherever the daemon happens to start.
     data_dir = (path.parent / config.node.data_dir).resolve()
-    return dataclasses.replace(
-        config, node=dataclasses.replace(config.node, data_dir=str(data_dir))
+    node = dataclasses.replace(config.node, data_dir=str(data_dir))
+    node = _with_files(node, "node", _NODE_TLS_FILES, path.parent)
+    destinations = tuple(
+        _with_files(d, f"destinations[{d.name}]", _DESTINATION_TLS_FILES, path.parent)
+        for d in config.destinations
     )
+    return dataclasses.replace(config, node=node, destinations=destinations)
+
+
+_Section = typing.TypeVar("_Section", NodeConfig, Destination)
+
+
+def _with_files(section: _Section, prefix: str, keys: tuple[str, ...], base: Path) -> _Section:
+    """`keys` (file paths) made absolute against the config file's folder, and checked to
+    exist now: a missing certificate fails the start, not the first association."""
+    paths = {}
+    for key in keys:
+        value = getattr(section, key)
+        if value:
+            resolved = (base / value).resolve()
+            if not resolved.is_file():
+                raise ConfigError(f"{prefix}.{key}: no such file: {resolved}")
+            paths[key] = str(resolved)
+    return dataclasses.replace(section, **paths)

@@ -33,6 +33,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.access import check_permissions, start_server
 from dicom_node.config import Config
 from dicom_node.deliver import DeliveryStage
 from dicom_node.receive import Reception, build_ae, event_handlers
@@ -41,6 +42,7 @@ from dicom_node.segment import SegmentationStage
 from dicom_node.series import SeriesCompletion
 from dicom_node.spool import Spool
 from dicom_node.state import NodeState
+from dicom_node.tls import server_context
 from dicom_node.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -79,11 +81,13 @@ def running_daemon(data_dir: Path) -> DaemonInfo | None:
     return info if info.alive() else None
 
 
-def serve(config: Config) -> None:
-    """Run the node until SIGTERM or SIGINT."""
+def serve(config: Config, config_path: Path | None = None) -> None:
+    """Run the node until SIGTERM or SIGINT; `config_path` is checked for permissions."""
     node = config.node
     data_dir = node.data_path
     data_dir.mkdir(parents=True, exist_ok=True)
+    check_permissions(config, config_path)
+    ssl_context = server_context(node)  # a bad certificate or key fails here, not later
     other = running_daemon(data_dir)
     if other is not None:
         raise RuntimeError(f"a node (pid {other.pid}) already serves {data_dir}")
@@ -94,7 +98,7 @@ def serve(config: Config) -> None:
         signal.signal(signum, lambda *_: stop.set())
 
     state = NodeState(node.database_url)
-    spool = Spool(data_dir / SPOOL_DIR)
+    spool = Spool(data_dir / SPOOL_DIR, node.min_free_mb << 20)  # the watermark, in bytes
     results_dir = data_dir / RESULTS_DIR
     scheduler = BackgroundScheduler(timezone=UTC)
     worker = InferenceWorker(config)
@@ -111,10 +115,7 @@ def serve(config: Config) -> None:
         delivery.start()
         schedule_retention(scheduler, state, spool, results_dir, config.retention)
         ae = build_ae(node)
-        server = ae.start_server(
-            (node.bind, node.port), block=False, evt_handlers=event_handlers(reception)
-        )
-        assert server is not None  # block=False always returns the server
+        server = start_server(ae, node, event_handlers(reception), ssl_context)
         pid_file = data_dir / PID_FILE
         try:
             info = DaemonInfo(
@@ -122,7 +123,12 @@ def serve(config: Config) -> None:
             )
             pid_file.write_text(json.dumps(asdict(info)))
             log.info(
-                "%s listening on %s:%d, data in %s", node.ae_title, node.bind, node.port, data_dir
+                "%s listening on %s:%d%s, data in %s",
+                node.ae_title,
+                node.bind,
+                node.port,
+                " (TLS)" if node.tls else "",
+                data_dir,
             )
             while not stop.wait(1.0):
                 pass

@@ -9,6 +9,7 @@ not arrive in lockstep), until `delivery.max_attempts` is spent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -76,13 +77,24 @@ class DeliveryStage:
         # again at the next start (a SEG received twice is one instance at the PACS).
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _destination(self, job: DeliveryJob) -> Destination:
+        """Where the job goes (the target resolved when the SEG was made, e.g. the caller's
+        address for reply_to_caller) with the TLS settings of its [[destinations]] entry."""
+        target = job.target
+        for configured in self.config.destinations:
+            if configured.name == target.name:
+                return dataclasses.replace(
+                    configured, ae_title=target.ae_title, host=target.host, port=target.port
+                )
+        # No longer configured (the config changed since): plain, as queued.
+        return Destination(target.name, target.ae_title, target.host, target.port)
+
     def dispatch(self) -> None:
         for job in self.state.claim_due_deliveries():
             self._pool.submit(self.attempt, job)
 
     def attempt(self, job: DeliveryJob) -> None:
-        target = job.target
-        destination = Destination(target.name, target.ae_title, target.host, target.port)
+        destination = self._destination(job)
         path = self.results_dir / job.seg_file
         try:
             result = send_files(

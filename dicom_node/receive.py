@@ -11,38 +11,64 @@ every storage SOP class in every transfer syntax is accepted and kept; selection
 later what gets segmented. The encoded dataset is written as received (no decode and
 re-encode), behind the file meta information pynetdicom builds for it plus the sender's AE
 title.
+
+Whatever the bytes hold, the answer is a status, never an exception (which pynetdicom would
+turn into 0xC211 and a traceback): reception parses only the leading elements it files an
+instance by, inflates a deflated dataset with a cap, and refuses UIDs that could pass for a
+path or break a log line. What it stores but cannot use is skipped or failed later, with the
+reason, by selection and the worker.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import NodeConfig
-from dicom_node.spool import Spool, SpooledFile
+from dicom_node.spool import LowDiskSpaceError, Spool, SpooledFile
 from dicom_node.state import NodeState, ReceivedInstance, Recorded
 
 log = logging.getLogger(__name__)
 
 # C-STORE statuses (PS3.4 Table B.2-1).
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # could not store: disk, database
+OUT_OF_RESOURCES = 0xA700  # could not store: disk (or below node.min_free_mb), database
 CANNOT_UNDERSTAND = 0xC000  # could not make sense of the dataset
-_UID_MAX = 64
+# A UID as reception takes it: 1 to 64 printable ASCII characters other than space, '/' and
+# '\'. Looser than PS3.5 9.1 (digits and dots), because archives hold a few non-conformant
+# UIDs that are still unique; strict where it matters: no NUL, newline, escape sequence or
+# non-ASCII character reaches the database, the logs or a file name.
+UID_PATTERN = re.compile(r"[\x21-\x2e\x30-\x5b\x5d-\x7e]{1,64}")
+_UID_RULE = "1 to 64 printable ASCII characters without space, '/' or '\\'"
+# Elements come in tag order, and everything reception files an instance by lies at or before
+# (0020,000E) Series Instance UID: nothing after it (pixel data, a sequence nested a thousand
+# deep) is parsed while the sender waits.
+_LAST_TAG_READ = 0x0020000E
+# A deflated dataset is inflated with a cap: deflate packs zeros ~1000:1, so a few MB on the
+# wire would otherwise become gigabytes in memory, here and wherever the file is read later.
+# Deflate is meant for non-image objects (PS3.5 A.5); none comes near 256 MiB inflated.
+MAX_INFLATED_BYTES = 256 << 20
+_INFLATED_HEAD_BYTES = 16 << 20  # of the inflated data, kept to parse the leading elements
+_INFLATE_CHUNK = 1 << 20
 
 
 class UnusableInstanceError(ValueError):
-    """The dataset lacks what the node needs to file it (its series and study UIDs)."""
+    """The dataset lacks what the node needs to file it (its series and study UIDs), or it
+    is too big to inflate."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +82,10 @@ class Reception:
     def store(self, received: ReceivedInstance, parts: Sequence[bytes | memoryview]) -> bool:
         """Spool and record one instance; False if it was a duplicate (nothing changed).
 
-        Raises OSError or SQLAlchemyError if the instance could not be made durable. A
-        duplicate is written before the database says so: resends are rare, and asking first
-        would cost every instance a query.
+        Raises OSError or SQLAlchemyError if the instance could not be made durable (its
+        subclass LowDiskSpaceError, before anything is written, below the free-space
+        watermark). A duplicate is written before the database says so: resends are rare,
+        and asking first would cost every instance a query.
         """
         spooled = self.spool.write(parts)
         try:
@@ -82,16 +109,22 @@ class Reception:
         without waiting for the disk (SQLite synchronous=NORMAL), so a power cut can lose its
         last commits but not the files. A file left by a crash between its rename and its
         commit was never acknowledged: recording it is harmless, the resend is a duplicate.
+        Files are read as reception read them (file meta, then the leading elements only): an
+        instance acknowledged with a malformed tail must not be discarded here.
         """
         self.spool.remove_partial()
         recovered = 0
         for name in sorted(self.spool.names() - self.state.file_names()):
             path = self.spool.path(name)
             try:
-                dataset = dcmread(path, stop_before_pixels=True)
-                received = _instance(dataset.file_meta, dataset)
-            except (InvalidDicomError, ValueError, AttributeError) as error:
-                log.warning("spool: discarding unreadable %s: %s", name, error)
+                file_meta, offset = split_dataset(path)
+                with path.open("rb") as file:
+                    file.seek(offset)
+                    encoded = BytesIO(file.read())
+                header = _leading_elements(encoded, UID(file_meta.TransferSyntaxUID))
+                received = _instance(file_meta, header)
+            except Exception as error:  # a crash must not leave a file that stops the start
+                log.warning("spool: discarding unreadable %s: %s", name, _describe(error))
                 self.spool.discard(name)
                 continue
             spooled = SpooledFile(name, path.stat().st_size)
@@ -101,45 +134,100 @@ class Reception:
         return recovered
 
 
-def _instance(
-    file_meta: FileMetaDataset, dataset: Dataset, calling_host: str = ""
-) -> ReceivedInstance:
+def _instance(file_meta: Dataset, dataset: Dataset, calling_host: str = "") -> ReceivedInstance:
     """The few values an instance is filed by (UIDs, modality, sender: no identifiers).
 
-    The dataset decodes lazily: only these elements are parsed."""
+    The dataset decodes lazily: only these elements are parsed. The SOP Instance UID is the
+    request's (pynetdicom puts it in the file meta); the dataset's own, when present, must be
+    a UID too, because selection and the worker name instances by it in their reasons."""
     received = ReceivedInstance(
         sop_instance_uid=str(file_meta.get("MediaStorageSOPInstanceUID", "")),
         sop_class_uid=str(file_meta.get("MediaStorageSOPClassUID", "")),
         transfer_syntax_uid=str(file_meta.TransferSyntaxUID),
         series_instance_uid=str(dataset.get("SeriesInstanceUID", "")),
         study_instance_uid=str(dataset.get("StudyInstanceUID", "")),
-        modality=str(dataset.get("Modality", ""))[:16],
+        # A CS of 16 characters at most; kept printable, it is shown by `status`.
+        modality="".join(c for c in str(dataset.get("Modality", "")) if " " <= c <= "~")[:16],
         calling_ae=str(file_meta.get("SourceApplicationEntityTitle", "")),
         calling_host=calling_host,
     )
     for key in ("sop_instance_uid", "series_instance_uid", "study_instance_uid"):
-        if not 0 < len(getattr(received, key)) <= _UID_MAX:
-            raise UnusableInstanceError(f"{key} missing or longer than {_UID_MAX} characters")
+        if not UID_PATTERN.fullmatch(getattr(received, key)):
+            raise UnusableInstanceError(f"{key}: missing or not a UID ({_UID_RULE})")
+    own = dataset.get("SOPInstanceUID")
+    if own is not None and str(own) and not UID_PATTERN.fullmatch(str(own)):
+        raise UnusableInstanceError(f"SOP Instance UID in the dataset: not a UID ({_UID_RULE})")
     return received
 
 
+def _past_leading_elements(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_TAG_READ
+
+
+def _leading_elements(encoded: BytesIO, syntax: UID) -> Dataset:
+    """The dataset's elements up to the Series Instance UID, parsed (values are converted
+    when read); the rest of the stream is not looked at."""
+    encoded.seek(0)
+    stream = encoded
+    if syntax.is_deflated:
+        with encoded.getbuffer() as data:
+            stream = _inflate_head(data)
+    return read_dataset(
+        stream, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_past_leading_elements
+    )
+
+
+def _inflate_head(data: memoryview) -> BytesIO:
+    """The first `_INFLATED_HEAD_BYTES` of a deflated dataset (PS3.5 A.5: raw deflate),
+    after checking that all of it inflates to at most MAX_INFLATED_BYTES. The rest is
+    inflated in chunks and counted, never held: memory stays bounded whatever the ratio."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = bytearray()
+    total = 0
+    pending: bytes | memoryview = data
+    while True:
+        chunk = inflater.decompress(pending, _INFLATE_CHUNK)
+        total += len(chunk)
+        if total > MAX_INFLATED_BYTES:
+            raise UnusableInstanceError(
+                f"deflated dataset inflates to more than {MAX_INFLATED_BYTES >> 20} MiB"
+            )
+        if len(head) < _INFLATED_HEAD_BYTES:
+            head += chunk[: _INFLATED_HEAD_BYTES - len(head)]
+        pending = inflater.unconsumed_tail
+        if not pending and len(chunk) < _INFLATE_CHUNK:
+            return BytesIO(bytes(head))
+
+
+def _describe(error: BaseException) -> str:
+    """An exception for a log line: its type and message, control characters escaped and
+    cut short (messages about hostile data quote it)."""
+    text = f"{type(error).__name__}: {error}"[:300]
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in text)
+
+
 def handle_store(event: Event, reception: Reception) -> int:
-    """EVT_C_STORE: persist the instance and answer a status."""
-    file_meta = event.file_meta  # from the request: SOP class and instance, transfer syntax
-    # Who sent it, kept in the file (PS3.10 Source AE Title) so a recovery can restore it.
-    file_meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
+    """EVT_C_STORE: persist the instance and answer a status (see the module doc)."""
     try:
-        received = _instance(file_meta, event.dataset, event.assoc.requestor.address)
-    except (InvalidDicomError, ValueError, KeyError) as error:  # UnusableInstanceError too
-        log.warning("C-STORE of %s refused: %s", file_meta.MediaStorageSOPClassUID, error)
+        file_meta = event.file_meta  # from the request: SOP class and instance, syntax
+        # Who sent it, kept in the file (PS3.10 Source AE Title) so a recovery can restore it.
+        file_meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
+        header = _leading_elements(event.request.DataSet, event.context.transfer_syntax)
+        received = _instance(file_meta, header, event.assoc.requestor.address)
+        # The file as received: preamble, file meta, then the encoded dataset without a copy.
+        head = b"\0" * 128 + b"DICM" + encode_file_meta(file_meta)
+    except Exception as error:  # malformed data makes pydicom and zlib raise many kinds
+        sop_class = event.request.AffectedSOPClassUID
+        log.warning("C-STORE of %s refused: %s", sop_class, _describe(error))
         return CANNOT_UNDERSTAND
-    # The file as received: preamble, file meta, then the encoded dataset without a copy.
-    head = b"\0" * 128 + b"DICM" + encode_file_meta(file_meta)
     try:
         with event.request.DataSet.getbuffer() as dataset:
             new = reception.store(received, (head, dataset))
+    except LowDiskSpaceError as error:  # the spool logs when refusals start and end
+        log.debug("C-STORE of %s refused: %s", received.sop_instance_uid, error)
+        return OUT_OF_RESOURCES
     except (OSError, SQLAlchemyError) as error:
-        log.error("C-STORE: could not store %s: %s", received.sop_instance_uid, error)
+        log.error("C-STORE: could not store %s: %s", received.sop_instance_uid, _describe(error))
         return OUT_OF_RESOURCES
     log.debug("C-STORE %s%s", received.sop_instance_uid, "" if new else " (again)")
     return SUCCESS
@@ -148,14 +236,21 @@ def handle_store(event: Event, reception: Reception) -> int:
 def build_ae(node: NodeConfig) -> AE:
     """The node's application entity: verification and every storage SOP class, every
     transfer syntax (pynetdicom's list: uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000,
-    RLE, ...), the calling-AE allow-list and the association limit from the config."""
+    RLE, ...), the calling-AE allow-list, the association limit and the time-outs from the
+    config. The called AE title must be the node's: a peer that means another AE is
+    misconfigured, and storing its instances here would misfile them. The peer address
+    allow-list, TLS and the connection cap come with the server (dicom_node/access.py)."""
     ae = AE(ae_title=node.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.require_calling_aet = list(node.allowed_calling_aets)
+    ae.require_called_aet = True
     ae.maximum_associations = node.max_associations
     ae.maximum_pdu_size = node.max_pdu_size
+    ae.network_timeout = node.network_timeout_s
+    ae.acse_timeout = node.acse_timeout_s
+    ae.dimse_timeout = node.dimse_timeout_s
     return ae
 
 

@@ -39,6 +39,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DA, TM
 
 from dicom_node import __version__
 from dicom_node.codes import SEGMENTS, SegmentDefinition
@@ -67,6 +68,10 @@ _TYPE2_SOURCE = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
+# The dates and times among them that highdicom parses. A malformed one ("17.04.1923") would
+# fail the whole SEG, and the parser's error quotes it: a birth date in the log and in the
+# job's reason. Type 2, so it is left empty instead; the source file keeps its value.
+_PARSED_SOURCE = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}
 
 
 class SegError(ValueError):
@@ -171,6 +176,11 @@ def _source_header(path: Path, sop_instance_uid: str) -> Dataset:
         ds.SOPInstanceUID = sop_instance_uid
     for keyword in _TYPE2_SOURCE:
         if keyword not in ds:
+            setattr(ds, keyword, "")
+    for keyword, parse in _PARSED_SOURCE.items():
+        try:
+            parse(ds[keyword].value or "")
+        except (ValueError, TypeError):  # malformed, or several values where one belongs
             setattr(ds, keyword, "")
     return ds
 

@@ -377,22 +377,25 @@ class NodeState:
             )
             if series is None:
                 series = self._new_series(session, received, now)
-            elif series.state != SeriesState.RECEIVING:
+            instance = Instance(
+                sop_instance_uid=received.sop_instance_uid,
+                series_id=series.id,
+                file_name=spooled.name,
+                sop_class_uid=received.sop_class_uid,
+                transfer_syntax_uid=received.transfer_syntax_uid,
+                size_bytes=spooled.size_bytes,
+                generation=series.generation,
+                received_at=now,
+            )
+            session.add(instance)
+            # The unique index speaks first: a duplicate raises here, before a reopen is
+            # logged (and rolled back) for an instance that changes nothing.
+            session.flush()
+            if series.state != SeriesState.RECEIVING:
                 _transition(session, series, SeriesState.RECEIVING)
+                instance.generation = series.generation
             series.instance_count += 1
             series.last_received_at = now
-            session.add(
-                Instance(
-                    sop_instance_uid=received.sop_instance_uid,
-                    series_id=series.id,
-                    file_name=spooled.name,
-                    sop_class_uid=received.sop_class_uid,
-                    transfer_syntax_uid=received.transfer_syntax_uid,
-                    size_bytes=spooled.size_bytes,
-                    generation=series.generation,
-                    received_at=now,
-                )
-            )
             return Recorded(series.id, False, now)
 
     def _duplicate(self, sop_instance_uid: str) -> Recorded | None:

@@ -7,7 +7,10 @@ frame's own rescale, on a regular orthogonal grid. Tilted or irregularly spaced 
 resampled or rejected by policy; the source frames and their geometry are kept, because the
 DICOM SEG must be written on the source images' grid, not on ours.
 
-The rules, in the order they are applied (the first that fails is the reason):
+The rules, in the order they are applied (the first that fails is the reason); headers the
+rules cannot make sense of (NaN or infinite positions, zero or negative pixel spacing, zero
+rows or columns, orientation cosines that are not unit vectors, ...) are a reason too, never
+an exception of another kind:
 
 1. Instances: CT Image, Enhanced CT or Legacy Converted Enhanced CT, by SOP Class UID (from the
    file meta information, or Modality CT with an image plane, when the dataset's is empty).
@@ -26,7 +29,12 @@ The rules, in the order they are applied (the first that fails is the reason):
    are rejected: nothing says which frame is right.
 5. Selection policy: axial within `axial_tolerance_deg`, at least `min_slices`, no slice
    thicker than `max_slice_thickness_mm`.
-6. Geometry policy: gantry tilt (slices shifted in-plane along the stack, as GE and Philips
+6. Size: at most `max_slices` frames in the series (checked before frames are expanded, so a
+   header claiming 2^31 frames costs nothing) and at most `max_voxels` voxels, on the grid the
+   volume would be assembled on and on the model's 0.8 mm grid over the same extent (an
+   absurd pixel spacing makes a small image a huge volume there). Checked on headers alone,
+   before any pixel data is decoded or any memory allocated for it.
+7. Geometry policy: gantry tilt (slices shifted in-plane along the stack, as GE and Philips
    write tilted series) and irregular spacing (missing slices included) are resampled or
    rejected; a gap wider than `max_gap_factor` times the spacing is always rejected.
 """
@@ -46,6 +54,7 @@ import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -87,6 +96,14 @@ _SHEAR_TOLERANCE_PX = 0.1
 # the headers is ~1e-7; a real difference is larger than 1e-3).
 _GEOMETRY_DECIMALS = 3
 _ORTHONORMAL_TOLERANCE = 1e-3
+# Orientation cosines are unit vectors; DICOM writes them to a few decimals, so allow that much.
+_UNIT_TOLERANCE = 1e-2
+# Patient coordinates beyond a kilometre are corrupt headers, and they would overflow the
+# arithmetic along the stack into inf and NaN.
+_MAX_COORDINATE_MM = 1e6
+# The model's grid (model.network.CascadeConfig.spacing_mm; not imported: this module runs in
+# the daemon, which does not load torch).
+MODEL_SPACING_MM = 0.8
 _INT16 = np.iinfo(np.int16)
 # Attributes that an Enhanced CT keeps in functional group macros (PS3.3 C.7.6.16).
 _FUNCTIONAL_GROUP_OF = {
@@ -115,9 +132,15 @@ class AssemblyPolicy:
     when regular, else the smallest gap that repeats, e.g. 4.0 mm for a 4 mm + 7 mm series:
     no detail is lost where slices are dense, and no single odd gap sets the grid). The
     spacing is then adjusted to whole steps from the first slice to the last.
+    `min_slices` is at least 2: one slice is not a volume. `max_slices` 5000 and `max_voxels`
+    500 M bound what a header can make the node allocate: a full-leg CT at 0.5 mm has ~2600
+    slices, and inference peaked at 8.9 GB for the 378 M voxels of the full-leg phantom at
+    0.8 mm (bench/README.md), so the default keeps the worker near 12 GB.
     """
 
     min_slices: int = 20
+    max_slices: int = 5000
+    max_voxels: int = 500_000_000
     max_slice_thickness_mm: float = 5.0
     axial_tolerance_deg: float = 30.0
     irregular_spacing: str = "resample"  # "resample" or "reject"
@@ -128,7 +151,9 @@ class AssemblyPolicy:
 
     def __post_init__(self) -> None:
         rules = (
-            ("min_slices", self.min_slices >= 1, "must be >= 1"),
+            ("min_slices", self.min_slices >= 2, "must be >= 2 (one slice is not a volume)"),
+            ("max_slices", self.max_slices >= self.min_slices, "must be >= series.min_slices"),
+            ("max_voxels", self.max_voxels >= 1, "must be >= 1"),
             ("max_slice_thickness_mm", self.max_slice_thickness_mm > 0, "must be > 0"),
             ("axial_tolerance_deg", 0 <= self.axial_tolerance_deg <= 90, "must be 0..90"),
             ("irregular_spacing", self.irregular_spacing in _POLICY_CHOICES, _CHOICE_RULE),
@@ -149,7 +174,16 @@ class AssemblyPolicy:
 
 
 class AssemblyError(ValueError):
-    """A series that cannot (or by policy must not) become a volume; str() is the reason."""
+    """A series that cannot (or by policy must not) become a volume; str() is the reason.
+
+    Reasons quote header values (UIDs, acquisition numbers, library messages) and end up in
+    the database and the log: characters that are not printable are escaped, so that a
+    hostile value cannot forge a log line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in reason)
+        )
 
 
 @dataclass(frozen=True)
@@ -296,6 +330,8 @@ class _Plan:
     spacing: float  # output slice spacing, mm
     output_depths: np.ndarray | None  # output slice depths when resampling, else None
     notes: list[str]
+    plane_low: tuple[float, float] = (0.0, 0.0)  # output grid's in-plane origin (tilt), mm
+    plane_size: tuple[int, int] = (0, 0)  # output grid's (columns, rows)
 
 
 # -- numerics (pure) ---------------------------------------------------------------------------
@@ -510,7 +546,11 @@ def read_headers(paths: Iterable[str | Path]) -> Headers:
             log.debug("not DICOM: %s (%s)", path.name, type(error).__name__)
             headers.skipped += 1
             continue
-        if _sop_class(ds) == MediaStorageDirectoryStorage:
+        try:
+            directory = _sop_class(ds) == MediaStorageDirectoryStorage
+        except Exception:  # an undecodable SOP Class UID: the rules give the reason
+            directory = False
+        if directory:
             headers.skipped += 1
             continue
         headers.append((path, ds))
@@ -581,6 +621,55 @@ def _is_localizer(ds: Dataset, index: int) -> bool:
     return any(len(t) > 2 and str(t[2]).upper() == "LOCALIZER" for t in image_types)
 
 
+def _malformed(
+    path: Path, ds: Dataset, error: BaseException, element: BaseTag | None = None
+) -> AssemblyError:
+    """The reason for a header pydicom cannot decode: the error's type and, when known, the
+    element, not the message (library messages quote values, which may identify the
+    patient)."""
+    try:
+        where = _sop_instance(ds) or path.name
+    except Exception:  # the SOP Instance UID itself is what is broken
+        where = path.name
+    at = f" in {element}" if element is not None else ""
+    return AssemblyError(f"instance {where}: malformed header ({type(error).__name__}{at})")
+
+
+def _check_decodes(path: Path, ds: Dataset) -> None:
+    """Every standard element of the header, in sequences too, decodes (private elements are
+    the vendor's business). pydicom decodes on access, so without this a broken value (a US
+    of 3 bytes, an unknown VR) raises in whatever reads it first, the SEG writer copying the
+    patient module included; here it is the reason the series is skipped."""
+    trail: list[BaseTag] = []  # the element being decoded, innermost last
+
+    def check(dataset: Dataset) -> None:
+        for tag in list(dataset.keys()):
+            if tag.is_private:
+                continue
+            trail.append(tag)
+            element = dataset[tag]  # converts the raw element
+            if element.VR == "SQ":
+                for item in element.value:
+                    check(item)
+            trail.pop()
+
+    try:
+        check(ds)
+    except Exception as error:  # any kind: ValueError, NotImplementedError, RecursionError...
+        raise _malformed(path, ds, error, trail[-1] if trail else None) from error
+
+
+def _declared_frames(path: Path, ds: Dataset) -> int:
+    """NumberOfFrames (1 when absent), read before any frame is expanded."""
+    try:
+        count = int(ds.get("NumberOfFrames") or 1)
+    except Exception as error:  # an IS that is not a number, a wrong VR, ...
+        raise _malformed(path, ds, error) from error
+    if count < 1:
+        raise AssemblyError(f"instance {_sop_instance(ds) or path.name}: NumberOfFrames {count}")
+    return count
+
+
 def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     """The frames of one instance: one for single-frame CT, NumberOfFrames for Enhanced CT."""
     try:
@@ -588,15 +677,14 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     except AssemblyError:
         raise
     except Exception as error:  # pydicom converts elements lazily: malformed ones raise here
-        where = _sop_instance(ds) or path.name
-        raise AssemblyError(f"instance {where}: malformed header ({error})") from error
+        raise _malformed(path, ds, error) from error
 
 
 def _parse_frames(path: Path, ds: Dataset) -> list[_Frame]:
     uid = _sop_instance(ds)
     where = uid or path.name
-    multiframe = "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames") or 1) > 1
-    count = int(ds.get("NumberOfFrames") or 1)
+    count = _declared_frames(path, ds)
+    multiframe = "PerFrameFunctionalGroupsSequence" in ds or count > 1
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or columns <= 0:
         raise AssemblyError(f"instance {where}: Rows/Columns missing")
@@ -615,17 +703,22 @@ def _parse_frames(path: Path, ds: Dataset) -> list[_Frame]:
         slope = _optional_float(value("RescaleSlope"), 1.0)
         if not slope:
             raise AssemblyError(f"instance {where}: RescaleSlope is 0")
+        position = _floats(value("ImagePositionPatient"), 3, "ImagePositionPatient", where)
+        if max(map(abs, position)) > _MAX_COORDINATE_MM:
+            raise AssemblyError(f"instance {where}: ImagePositionPatient out of range")
+        # 0 or negative: written by some scanners for "unknown"; never a geometry to use.
+        thickness = _optional_float(value("SliceThickness"), None)
         frames.append(
             _Frame(
                 ref=FrameRef(uid, index + 1 if multiframe else None, path),
-                position=_floats(value("ImagePositionPatient"), 3, "ImagePositionPatient", where),
+                position=position,
                 orientation=_floats(
                     value("ImageOrientationPatient"), 6, "ImageOrientationPatient", where
                 ),
                 pixel_spacing=pixel_spacing,
                 rows=rows,
                 columns=columns,
-                thickness=_optional_float(value("SliceThickness"), None),
+                thickness=thickness if thickness is not None and thickness > 0 else None,
                 slope=slope,
                 intercept=_optional_float(value("RescaleIntercept"), 0.0) or 0.0,
                 acquisition="" if acquisition is None else str(acquisition),
@@ -666,6 +759,10 @@ def _check_consistent(frames: list[_Frame]) -> None:
         if len(counts) > 1:
             found = ", ".join(f"{k}: {n} frames" for k, n in counts.most_common())
             raise AssemblyError(f"inconsistent {label} ({found})")
+    orientation = np.asarray(frames[0].orientation, dtype=np.float64)
+    norms = np.linalg.norm(orientation[:3]), np.linalg.norm(orientation[3:])
+    if any(abs(norm - 1.0) > _UNIT_TOLERANCE for norm in norms):
+        raise AssemblyError("image orientation: direction cosines are not unit vectors")
     row, column, _ = _axes(frames[0].orientation)
     if abs(float(row @ column)) > _ORTHONORMAL_TOLERANCE:
         raise AssemblyError("image orientation: row and column directions are not orthogonal")
@@ -748,13 +845,15 @@ def _check_selection(frames: list[_Frame], policy: AssemblyPolicy) -> None:
 
 
 def _plan(headers: Sequence[tuple[Path, Dataset]], policy: AssemblyPolicy) -> _Plan:
-    """Rules 1-6 of the module doc on headers alone; raises AssemblyError with the reason."""
+    """Rules 1-7 of the module doc on headers alone; raises AssemblyError with the reason."""
     notes: list[str] = []
     skipped = getattr(headers, "skipped", 0)
     if skipped:
         notes.append(f"ignored {_count(skipped, 'non-DICOM file')}")
     if not headers:
         raise AssemblyError("no DICOM instances")
+    for path, ds in headers:
+        _check_decodes(path, ds)
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
     if len(series) > 1:
         raise AssemblyError(f"{len(series)} series in one input; assemble one at a time")
@@ -763,6 +862,9 @@ def _plan(headers: Sequence[tuple[Path, Dataset]], policy: AssemblyPolicy) -> _P
         raise AssemblyError(Counter(_kind_of_non_ct(ds) for _, ds in headers).most_common(1)[0][0])
     if len(ct) < len(headers):
         notes.append(f"left out {_count(len(headers) - len(ct), 'non-CT instance')}")
+    declared = sum(_declared_frames(path, ds) for path, ds in ct)
+    if declared > policy.max_slices:  # before expanding frames: NumberOfFrames may be 2^31
+        raise AssemblyError(f"too many slices ({declared} > {policy.max_slices})")
     no_class = sum(not ds.get("SOPClassUID") for _, ds in ct)
     if no_class:
         notes.append(f"empty SOP Class UID in {_count(no_class, 'instance')}: taken as CT")
@@ -801,13 +903,25 @@ def _plan_grid(
             )
     if not tilted:
         offsets = np.zeros_like(offsets)
+    first = stack[0]
     if analysis.regular and not tilted:
-        spacing = analysis.spacing or stack[0].thickness or 1.0
-        return _Plan(series_uid, stack, offsets, depths, spacing, None, notes)
+        spacing = analysis.spacing or first.thickness or 1.0
+        size = (first.columns, first.rows)
+        _check_size(len(stack), size, first.pixel_spacing, spacing, policy)
+        return _Plan(series_uid, stack, offsets, depths, spacing, None, notes, (0.0, 0.0), size)
     # Whole steps from the first slice to the last, as close to the target as can be: the
     # volume then covers every source slice, and the SEG can be sampled back on each of them.
     steps = max(1, round(float(depths[-1]) / (policy.resample_spacing_mm or analysis.spacing)))
     spacing, count = float(depths[-1]) / steps, steps + 1
+    # The in-plane box that holds every shifted slice (a tilted stack is wider than a slice).
+    low = offsets.min(axis=0)
+    extent = offsets.max(axis=0) - low
+    row_spacing, column_spacing = first.pixel_spacing
+    size = (
+        first.columns + math.ceil(extent[0] / column_spacing - 1e-6),
+        first.rows + math.ceil(extent[1] / row_spacing - 1e-6),
+    )
+    _check_size(count, size, first.pixel_spacing, spacing, policy)  # before arange(count)
     if tilted:
         notes.append(
             f"gantry tilt {tilt:.1f} deg corrected: slices moved onto an orthogonal grid "
@@ -820,17 +934,53 @@ def _plan_grid(
         )
     elif policy.resample_spacing_mm:
         notes.append(f"resampled to {spacing:.2f} mm ({count} slices from {len(stack)})")
-    return _Plan(series_uid, stack, offsets, depths, spacing, np.arange(count) * spacing, notes)
+    output_depths = np.arange(count) * spacing
+    plane_low = (float(low[0]), float(low[1]))
+    return _Plan(series_uid, stack, offsets, depths, spacing, output_depths, notes, plane_low, size)
+
+
+def _check_size(
+    slices: int,
+    plane_size: tuple[int, int],
+    pixel_spacing: tuple[float, ...],
+    slice_spacing: float,
+    policy: AssemblyPolicy,
+) -> None:
+    """Rule 6: the volume, on its own grid and on the model's 0.8 mm grid, fits `max_voxels`.
+
+    Python integers and floats, not numpy's: 65535 x 65535 x 5000 must not wrap around."""
+    columns, rows = plane_size
+    voxels = slices * rows * columns
+    row_spacing, column_spacing = pixel_spacing
+    extent_mm = (columns * column_spacing, rows * row_spacing, slices * slice_spacing)
+    model_voxels = math.prod(max(1.0, mm / MODEL_SPACING_MM) for mm in extent_mm)
+    largest = max(voxels, model_voxels)
+    if largest > policy.max_voxels:
+        where = "" if voxels >= model_voxels else f" at the model's {MODEL_SPACING_MM} mm"
+        raise AssemblyError(
+            f"volume too large: {_voxels(largest)}{where} > max_voxels "
+            f"{_voxels(policy.max_voxels).removesuffix(' voxels')} ({columns}x{rows}x{slices} "
+            f"at {column_spacing:g} x {row_spacing:g} x {slice_spacing:.3g} mm)"
+        )
+
+
+def _voxels(count: float) -> str:
+    return f"{count / 1e6:,.0f} M voxels" if count >= 1e6 else f"{count:,.0f} voxels"
 
 
 # -- public stage ------------------------------------------------------------------------------
 
 
 def group_series(headers: Iterable[tuple[Path, Dataset]]) -> dict[str, list[tuple[Path, Dataset]]]:
-    """Headers by SeriesInstanceUID ('' for instances without one), in order of appearance."""
+    """Headers by SeriesInstanceUID ('' for instances without one or with an undecodable
+    one, which the rules then name), in order of appearance."""
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     for path, ds in headers:
-        groups[str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
+        try:
+            uid = str(ds.get("SeriesInstanceUID", ""))
+        except Exception:
+            uid = ""
+        groups[uid].append((path, ds))
     return dict(groups)
 
 
@@ -947,22 +1097,16 @@ def assemble_volume(
     hu = _read_hu(frames, _hu_dtype(frames, plan.output_depths is not None))
     origin = np.asarray(first.position, dtype=np.float64)
     if plan.output_depths is not None:
-        low = plan.offsets.min(axis=0)
-        extent = plan.offsets.max(axis=0) - low
-        size = (
-            first.columns + math.ceil(extent[0] / column_spacing - 1e-6),
-            first.rows + math.ceil(extent[1] / row_spacing - 1e-6),
-        )
         hu = resample_stack(
             hu,
             plan.depths,
             plan.offsets,
             (column_spacing, row_spacing),
             plan.output_depths,
-            (float(low[0]), float(low[1])),
-            size,
+            plan.plane_low,
+            plan.plane_size,
         )
-        origin = origin + low[0] * row + low[1] * column
+        origin = origin + plan.plane_low[0] * row + plan.plane_low[1] * column
     if any(f.padding is not None for f in frames):
         plan.notes.append("pixel padding (outside the reconstructed field) set to -1024 HU")
     volume = Volume(

@@ -174,8 +174,13 @@ def _serve(connection: Connection, config: Config) -> None:
         try:
             outcome = _work(request, config.series, segmenter, writer)
         except Exception as error:  # the job fails with the reason; the warm worker stays
-            log.exception("series processing failed")
-            outcome = WorkOutcome(f"internal error: {type(error).__name__}: {error}")
+            # Library messages may quote header values (a patient's name, a birth date): the
+            # reason and the default log carry the error's type only, the details go to DEBUG.
+            log.error("series processing failed: %s", type(error).__name__)
+            log.debug("series processing failed", exc_info=True)
+            outcome = WorkOutcome(
+                f"internal error: {type(error).__name__} (details: node log at debug level)"
+            )
         connection.send(outcome)
 
 

@@ -56,8 +56,14 @@ class NodeProcess:
     """One node: its config file, data_dir and (while running) its process."""
 
     def __init__(
-        self, directory: Path, complete_after_s: float = 1.0, extra_config: str = "", **node: Any
+        self,
+        directory: Path,
+        complete_after_s: float = 1.0,
+        extra_config: str = "",
+        series: dict[str, Any] | None = None,
+        **node: Any,
     ) -> None:
+        """`node` and `series`: keys of those config sections; `extra_config`: more sections."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -66,6 +72,7 @@ class NodeProcess:
         settings = {"ae_title": AE_TITLE, "port": self.port, "data_dir": "data", **node}
         lines = ["[node]", *(f"{k} = {_toml(v)}" for k, v in settings.items())]
         lines += ["[series]", f"complete_after_s = {complete_after_s}"]
+        lines += [f"{k} = {_toml(v)}" for k, v in (series or {}).items()]
         # Tests run the pipeline on one or two cores next to other work.
         self.config.write_text("\n".join(lines) + "\n[inference]\nthreads = 2\n" + extra_config)
         self.process: subprocess.Popen[bytes] | None = None

@@ -250,12 +250,16 @@ class StoreSCP:
     """DCMTK storescp (a PACS stand-in) on a free port, writing into `directory`/received.
 
     storescp accepts any called AE title; for a PACS that refuses, use PynetdicomSCP, and for
-    a PACS that is down, a port nobody listens on (free_port()).
+    a PACS that is down, a port nobody listens on (free_port()). `options` go on its command
+    line, e.g. ("+tls", KEY, CERT, "+cf", CA) for DICOM TLS.
     """
 
-    def __init__(self, directory: Path, ae_title: str = "PACS") -> None:
+    def __init__(
+        self, directory: Path, ae_title: str = "PACS", options: Sequence[str] = ()
+    ) -> None:
         self.directory = Path(directory)
         self.ae_title = ae_title
+        self.options = list(options)
         self.port = free_port()
         self.out = self.directory / "received"
         self.log = self.directory / "storescp.log"
@@ -268,7 +272,7 @@ class StoreSCP:
         binary = require("storescp")
         self.out.mkdir(parents=True, exist_ok=True)
         command = [binary, "-v", "-aet", self.ae_title, "-od", str(self.out), "+xa"]
-        command += ["-fe", ".dcm", str(self.port)]
+        command += ["-fe", ".dcm", *self.options, str(self.port)]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV

@@ -45,7 +45,26 @@ def test_node_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
         ("[node]\nallowed_calling_aets = ['PACS', 7]\n", "node.allowed_calling_aets"),
         ("[node]\nmax_associations = 0\n", "node.max_associations"),
         ("[node]\ndatabase = 'mysql://x'\n", "node.database"),
+        ("[node]\nmin_free_mb = -1\n", "node.min_free_mb"),
+        ("[node]\nmin_free_mb = 1.5\n", "node.min_free_mb"),
+        ("[series]\nmin_slices = 1\n", "series.min_slices"),
+        ("[series]\nmax_slices = 10\n", "series.max_slices"),
+        ("[series]\nmax_voxels = 0\n", "series.max_voxels"),
         ("[node]\nbind_address = '0.0.0.0'\n", "node.bind_address"),
+        ("[node]\nallowed_peer_addresses = '10.0.0.0/8'\n", "node.allowed_peer_addresses"),
+        ("[node]\nallowed_peer_addresses = ['pacs.local']\n", "node.allowed_peer_addresses"),
+        ("[node]\nallowed_peer_addresses = ['10.1.2.3/16']\n", "node.allowed_peer_addresses"),
+        ("[node]\nallowed_peer_addresses = ['10.0.0.0/33']\n", "node.allowed_peer_addresses"),
+        ("[node]\nnetwork_timeout_s = 0\n", "node.network_timeout_s"),
+        ("[node]\nacse_timeout_s = -1\n", "node.acse_timeout_s"),
+        ("[node]\ndimse_timeout_s = inf\n", "node.dimse_timeout_s"),
+        ("[node]\nnetwork_timeout_s = nan\n", "node.network_timeout_s"),
+        ("[node]\nacse_timeout_s = '30'\n", "node.acse_timeout_s"),
+        ("[node]\ntls_certificate = 'node.pem'\n", "node.tls_private_key"),
+        ("[node]\ntls_private_key = 'node.key'\n", "node.tls_certificate"),
+        ("[node]\ntls_ca_certificates = 'ca.pem'\n", "node.tls_ca_certificates"),
+        ("[node]\ntls_require_client_certificate = true\n", "node.tls_require_client_certificate"),
+        ("[node]\ntls_require_client_certificate = 'yes'\n", "node.tls_require_client_certificate"),
         ("[series]\ncomplete_after_s = -1\n", "series.complete_after_s"),
         ("[series]\nmin_slices = 0\n", "series.min_slices"),
         ("[series]\ngantry_tilt = 'ignore'\n", "series.gantry_tilt"),
@@ -79,6 +98,43 @@ def test_destinations_and_processing_sections_load(tmp_path: Path) -> None:
         config.destination("archive")
 
 
+def _pem_files(folder: Path, *names: str) -> None:
+    """Files that exist (load_config checks that much; their content is checked at start)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("-----BEGIN CERTIFICATE-----\n")
+
+
+def test_tls_paths_are_relative_to_the_config_file_and_must_exist(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "config.toml"
+    _pem_files(tmp_path / "etc" / "tls", "node.pem", "node.key", "ca.pem")
+    node_tls = (
+        "[node]\ntls_certificate = 'tls/node.pem'\ntls_private_key = 'tls/node.key'\n"
+        "tls_ca_certificates = 'tls/ca.pem'\ntls_require_client_certificate = true\n"
+        "allowed_peer_addresses = ['10.1.0.0/16', '192.168.7.7', 'fd00::/8']\n"
+        "network_timeout_s = 5\nacse_timeout_s = 2.5\n"
+    )
+    path.write_text(node_tls + PACS + "tls = true\ntls_ca_certificates = 'tls/ca.pem'\n")
+    config = load_config(path)
+    node, (pacs,) = config.node, config.destinations
+    assert node.tls and node.tls_certificate == str(tmp_path / "etc" / "tls" / "node.pem")
+    assert node.tls_require_client_certificate
+    assert (node.network_timeout_s, node.acse_timeout_s, node.dimse_timeout_s) == (5, 2.5, 30)
+    assert [str(n) for n in node.allowed_peer_networks] == [
+        "10.1.0.0/16",
+        "192.168.7.7/32",
+        "fd00::/8",
+    ]
+    assert pacs.tls and pacs.tls_ca_certificates == str(tmp_path / "etc" / "tls" / "ca.pem")
+
+    (tmp_path / "etc" / "tls" / "node.key").unlink()
+    with pytest.raises(ConfigError, match=r"node\.tls_private_key: no such file: .*node\.key"):
+        load_config(path)
+    path.write_text(PACS + "tls = true\ntls_ca_certificates = 'missing.pem'\n")
+    with pytest.raises(ConfigError, match=r"destinations\[pacs\]\.tls_ca_certificates: no such"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -94,6 +150,15 @@ def test_destinations_and_processing_sections_load(tmp_path: Path) -> None:
         ("[seg]\nseries_description = ''\n", r"seg\.series_description"),
         ("[retention]\ndelete_after_h = -1\n", r"retention\.delete_after_h"),
         ("destinations = 'pacs'\n", r"destinations: expected \[\[destinations\]\]"),
+        (PACS + "tls = 'yes'\n", r"destinations\.tls: expected bool"),
+        (
+            PACS + "tls_ca_certificates = 'ca.pem'\n",
+            r"destinations\[pacs\]\.tls_ca_certificates: set",
+        ),
+        (
+            PACS + "tls = true\ntls_certificate = 'c.pem'\n",
+            r"destinations\[pacs\]\.tls_private_key",
+        ),
     ],
 )
 def test_bad_destination_or_processing_value_is_named(

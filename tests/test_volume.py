@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -488,6 +491,176 @@ def test_bad_input_is_a_reason_not_a_crash(tmp_path: Path) -> None:
     del ds.ImagePositionPatient
     ds.save_as(paths[0])
     assert select_series(read_headers(paths)).endswith("ImagePositionPatient missing or malformed")
+
+
+# -- absurd volumes: a reason from the headers, before any pixel is decoded ---------------------
+
+
+def _rewrite(paths: Sequence[Path], **values: object) -> list[Path]:
+    """Set (or with None, delete) header attributes in every file of a written series."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+    return list(paths)
+
+
+def _reason(paths: Sequence[Path], policy: AssemblyPolicy | None = None) -> str:
+    """select_series' reason, which assemble_volume must raise as well (same rules)."""
+    reason = select_series(read_headers(paths), policy)
+    assert reason is not None
+    with pytest.raises(AssemblyError) as raised:
+        assemble_volume(paths, policy)
+    assert str(raised.value) == reason
+    return reason
+
+
+def _constant_series(folder: Path, slices: int = 21) -> list[Path]:
+    positions = table_positions([2.0] * (slices - 1))
+    return write_series(folder, sample_slices(constant_field, positions))
+
+
+def test_one_slice_is_not_a_volume(tmp_path: Path) -> None:
+    one = write_series(tmp_path, sample_slices(constant_field, table_positions([])))
+    assert _reason(one, FEW) == "too few slices (1 < 2)"
+    with pytest.raises(ValueError, match=re.escape("series.min_slices: must be >= 2")):
+        AssemblyPolicy(min_slices=1)
+
+
+def test_too_many_slices_rejected_before_frames_are_expanded(tmp_path: Path) -> None:
+    paths = _constant_series(tmp_path / "a", 21)
+    assert _reason(paths, AssemblyPolicy(max_slices=20)) == "too many slices (21 > 20)"
+    # An Enhanced CT header claiming 2^31 - 1 frames: refused at once, nothing expanded.
+    slices = sample_slices(constant_field, table_positions([2.0] * 3))
+    enhanced = write_enhanced_ct(tmp_path / "e.dcm", slices, AXIAL, range(4))
+    _rewrite([enhanced], NumberOfFrames=2**31 - 1)
+    assert _reason([enhanced], FEW) == "too many slices (2147483647 > 5000)"
+    _rewrite([enhanced], NumberOfFrames=-1)
+    assert _reason([enhanced], FEW).endswith(": NumberOfFrames -1")
+    with pytest.raises(
+        ValueError, match=re.escape("series.max_slices: must be >= series.min_slices")
+    ):
+        AssemblyPolicy(min_slices=30, max_slices=29)
+
+
+def test_volume_too_large_for_memory_rejected_from_headers(tmp_path: Path) -> None:
+    # 65535 x 65535 pixels claimed by every header: 90 G voxels; never allocated.
+    huge = _constant_series(tmp_path / "huge")
+    _rewrite(huge, Rows=65535, Columns=65535, PixelSpacing=[0.5, 0.5])
+    assert _reason(huge) == (
+        "volume too large: 90,192 M voxels > max_voxels 500 M (65535x65535x21 at 0.5 x 0.5 x 2 mm)"
+    )
+    # Small images with an absurd pixel spacing are huge on the model's 0.8 mm grid.
+    wide = _rewrite(_constant_series(tmp_path / "wide"), PixelSpacing=[500.0, 500.0])
+    assert _reason(wide).startswith("volume too large: ")
+    assert "M voxels at the model's 0.8 mm > max_voxels" in _reason(wide)
+    # A policy can lower the cap. 20 x 24 pixels of 1.2 x 1 mm, 21 slices 2 mm apart: 10,080
+    # voxels as they are, 30 x 30 x 52.5 = 47,250 on the model's grid.
+    small = _constant_series(tmp_path / "small")
+    assert select_series(read_headers(small), AssemblyPolicy(max_voxels=48_000)) is None
+    assert _reason(small, AssemblyPolicy(max_voxels=47_000)) == (
+        "volume too large: 47,250 voxels at the model's 0.8 mm > max_voxels 47,000 "
+        "(20x24x21 at 1.2 x 1 x 2 mm)"
+    )
+    with pytest.raises(ValueError, match=re.escape("series.max_voxels")):
+        AssemblyPolicy(max_voxels=0)
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ({"PixelSpacing": [0.0, 1.0]}, "PixelSpacing must be positive"),
+        ({"PixelSpacing": [-1.0, 1.0]}, "PixelSpacing must be positive"),
+        ({"Rows": 0}, "Rows/Columns missing"),
+        ({"Columns": 0}, "Rows/Columns missing"),
+        ({"ImagePositionPatient": ["nan", "0", "0"]}, "ImagePositionPatient missing or malformed"),
+        ({"ImagePositionPatient": ["0", "inf", "0"]}, "ImagePositionPatient missing or malformed"),
+        ({"ImagePositionPatient": ["0", "0", "1e300"]}, "ImagePositionPatient out of range"),
+        ({"ImageOrientationPatient": [0, 0, 0, 0, 1, 0]}, "not unit vectors"),
+        ({"ImageOrientationPatient": [2, 0, 0, 0, 1, 0]}, "not unit vectors"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # NaN and inf, on purpose
+def test_absurd_geometry_is_a_reason(tmp_path: Path, values: dict, reason: str) -> None:
+    paths = _constant_series(tmp_path)
+    _rewrite(paths[:1] if "ImagePositionPatient" in values else paths, **values)
+    assert reason in _reason(paths)
+
+
+def test_unreadable_number_of_frames_is_a_reason(tmp_path: Path) -> None:
+    paths = _constant_series(tmp_path)
+    rows = b"\x28\x00\x10\x00US"  # (0028,0010) Rows; NumberOfFrames (0028,0008) goes before
+    data = paths[0].read_bytes()
+    assert data.count(rows) == 1
+    paths[0].write_bytes(data.replace(rows, b"\x28\x00\x08\x00IS\x04\x00many" + rows))
+    assert "malformed header" in _reason(paths)
+
+
+def _raw(path: Path, tag: int, vr: str, value: bytes) -> None:
+    """Put an element into a file exactly as given (pydicom writes raw elements verbatim).
+    pydicom will not write an unknown VR: that one is written as UN and patched."""
+    ds = pydicom.dcmread(path)
+    written_vr = "UN" if vr == "XX" else vr
+    ds[tag] = RawDataElement(Tag(tag), written_vr, len(value), value, 0, False, True)
+    ds.save_as(path)
+    if vr == "XX":  # UN: tag, VR, 2 reserved bytes, 4-byte length; XX: tag, VR, 2-byte length
+        tag_bytes = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        long_form = tag_bytes + b"UN\0\0" + struct.pack("<I", len(value))
+        data = path.read_bytes()
+        assert data.count(long_form) == 1
+        path.write_bytes(data.replace(long_form, tag_bytes + b"XX" + struct.pack("<H", len(value))))
+
+
+@pytest.mark.parametrize(
+    ("tag", "vr", "value", "error"),
+    [
+        (0x00280106, "US", b"\x01\x02\x03", "BytesLengthException"),  # a US of 3 bytes
+        (0x00080016, "XX", b"1.2.3\0", "NotImplementedError"),  # an unknown VR
+        (0x00080008, "SQ", b"\xfe\xff\x00\xe0\xff\xff", "OSError"),  # a cut item
+    ],
+    ids=["length", "vr", "sequence"],
+)
+def test_undecodable_header_element_is_a_reason(
+    tmp_path: Path, tag: int, vr: str, value: bytes, error: str
+) -> None:
+    """An element nothing in this module reads would break the SEG writer later: it is the
+    reason now, by its type and tag, never its value (it may identify the patient)."""
+    paths = _constant_series(tmp_path)
+    _raw(paths[3], tag, vr, value)
+    reason = _reason(paths)
+    assert reason.startswith("instance ") and "malformed header (" in reason
+    assert reason.endswith(f" in {Tag(tag)})") and error in reason, reason
+
+
+def test_reason_quoting_a_hostile_value_cannot_forge_a_log_line(tmp_path: Path) -> None:
+    paths = _constant_series(tmp_path)
+    _raw(paths[0], 0x00200052, "UI", b"1.2.3\n2024-01-01 00:00:00 ERROR forged\0")
+    reason = _reason(paths)
+    assert reason.startswith("inconsistent frame of reference (")
+    assert "\n" not in reason and "1.2.3\\n2024-01-01 00:00:00 ERROR forged" in reason
+
+
+def test_zero_spacing_between_slices_rejected(tmp_path: Path) -> None:
+    same_place = write_series(tmp_path, sample_slices(constant_field, table_positions([0.0] * 20)))
+    assert _reason(same_place).startswith("duplicate slice positions (20 frames")
+
+
+def test_zero_or_negative_slice_thickness_is_unknown(tmp_path: Path) -> None:
+    paths = _rewrite(_constant_series(tmp_path), SliceThickness=-2.0)
+    assembled = assemble_volume(paths)
+    assert assembled.source_geometry.slice_thickness_mm is None
+    assert assembled.volume.spacing[2] == pytest.approx(2.0)  # from the positions
+
+
+def test_model_spacing_matches_the_network() -> None:
+    from dicom_node.volume import MODEL_SPACING_MM
+    from model.network import CascadeConfig
+
+    assert CascadeConfig().spacing_mm == MODEL_SPACING_MM
 
 
 def test_cli_assembles_the_qualifying_series(

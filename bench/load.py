@@ -1,0 +1,293 @@
+"""Load benchmark: eight concurrent senders, each a different 300-slice series, plus one that
+re-sends a series it already sent, into one node; stored once, grouped, processed, memory.
+
+    python -m bench.load [--senders 8] [--slices 300] [--size 256] [--out bench/results/load.json]
+
+Each sender is a DCMTK storescu process (one association, TCP_NODELAY=1) started at the same
+moment; the ninth sends its own series and then sends it again. The series are synthetic legs
+(two soft-tissue cylinders with a cortical ring and marrow, noise, drifting along z), 256 x 256
+pixels of 0.5 mm and 0.5 mm slices: a 128 mm field of view, so that the worker segments each
+in seconds on CPU (the model resamples everything to 0.8 mm; a 512 x 512 series of a whole leg
+takes minutes per series there, bench/README.md). The node runs as `dicom-node serve` with
+`complete_after_s` 5 and two inference threads; the whole pipeline runs: reception, grouping
+by series, completion, selection, segmentation, SEG written (no destination configured).
+
+Checked: every storescu succeeded; database instances == unique SOP Instance UIDs sent ==
+spool files; each series holds exactly its slices; every series reached a final state.
+Measured: reception throughput (bytes of the distinct series over the senders' wall time),
+time until every series was complete and final, peak RSS of the daemon and of its children
+(the worker), sampled every 0.2 s with psutil, and the daemon's peak thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from pydicom import dcmread
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # NodeProcess: the real daemon, as the tests run it
+
+from node_process import PEER_ENV, NodeProcess  # noqa: E402
+
+from bench.inference import machine  # noqa: E402
+from dicom_node.ct_series import PatientInfo, write_ct_series  # noqa: E402
+from model.volume_io import Volume  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "load.json"
+FINAL = {"skipped", "failed", "done", "no_findings"}
+SPACING_MM = 0.5
+SAMPLE_S = 0.2
+
+
+def legs(seed: int, slices: int, size: int) -> np.ndarray:
+    """A synthetic pair of legs in HU, different for every seed (position, drift, noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size].astype(np.float32)
+    hu = np.empty((slices, size, size), np.int16)
+    phase = rng.uniform(0, 2 * np.pi)
+    for k in range(slices):
+        image = np.full((size, size), -1000.0, np.float32)
+        for cx in (size * 0.3, size * 0.7):
+            cy = size / 2 + size / 25 * np.sin(k / 60 + phase)
+            r = np.hypot(x - cx, y - cy) * 256 / size
+            image[r < 55] = 40
+            image[r < 22] = 1200
+            image[r < 15] = 100
+        hu[k] = np.clip(image + rng.normal(0, 15, image.shape), -1024, 3071).astype(np.int16)
+    return hu
+
+
+@dataclass
+class Sampler:
+    """Peak RSS of a process and of its children, and its peak thread count, in a thread."""
+
+    pid: int
+    peak_daemon: int = 0
+    peak_children: int = 0
+    peak_total: int = 0
+    peak_threads: int = 0
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        process = psutil.Process(self.pid)
+        while not self._stop.wait(SAMPLE_S):
+            try:
+                daemon = process.memory_info().rss
+                threads = process.num_threads()
+                children = 0
+                for child in process.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):  # a child that just ended
+                        children += child.memory_info().rss
+            except psutil.Error:
+                return
+            self.peak_daemon = max(self.peak_daemon, daemon)
+            self.peak_children = max(self.peak_children, children)
+            self.peak_total = max(self.peak_total, daemon + children)
+            self.peak_threads = max(self.peak_threads, threads)
+            self.samples += 1
+
+
+def storescu(port: int, aet: str, folder: Path) -> list[str]:
+    return ["storescu", "-aet", aet, "-aec", "BONESEG", "+sd", "127.0.0.1", str(port), str(folder)]
+
+
+def run_sender(command: list[str], repeat: int, log: Path) -> tuple[int, float, float]:
+    """storescu `repeat` times in a row; (worst exit status, seconds, perf_counter at end)."""
+    start = time.perf_counter()
+    worst = 0
+    with log.open("ab") as out:
+        for _ in range(repeat):
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=PEER_ENV)
+            worst = max(worst, code.returncode)
+    end = time.perf_counter()
+    return worst, end - start, end
+
+
+def series_rows(database: Path) -> list[tuple[str, str, int, str | None]]:
+    with sqlite3.connect(database) as db:
+        return list(
+            db.execute("SELECT series_instance_uid, state, instance_count, reason FROM series")
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--senders", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--timeout", type=float, default=1800, help="for everything to settle")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if shutil.which("storescu") is None:
+        sys.exit("storescu not found: make system-deps installs DCMTK")
+
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        work = Path(tmp)
+        folders = []
+        t = time.perf_counter()
+        for index in range(args.senders + 1):  # the last one is the re-sender's
+            hu = legs(index, args.slices, args.size)
+            folder = work / f"series{index}"
+            write_ct_series(
+                Volume(hu, (SPACING_MM,) * 3),
+                folder,
+                patient=PatientInfo(f"LOAD^SERIES{index}", f"LOAD{index}"),
+                uid_seed=f"bench-load-{index}",
+            )
+            folders.append(folder)
+        print(f"wrote {len(folders)} series in {time.perf_counter() - t:.0f} s", flush=True)
+        sent_uids = {
+            str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for folder in folders
+            for p in folder.iterdir()
+        }
+        megabytes = sum(p.stat().st_size for f in folders for p in f.iterdir()) / 1e6
+
+        node = NodeProcess(work / "node", complete_after_s=5).start()
+        assert node.process is not None
+        sampler = Sampler(node.process.pid).start()
+        results: dict[int, tuple[int, float, float]] = {}
+        try:
+            threads = []
+            for index, folder in enumerate(folders):
+                repeat = 2 if index == args.senders else 1  # the re-sender sends twice
+                command = storescu(node.port, f"SENDER{index}", folder)
+                thread = threading.Thread(
+                    target=lambda i=index, c=command, r=repeat: results.__setitem__(
+                        i, run_sender(c, r, work / f"s{i}.log")
+                    )
+                )
+                threads.append(thread)
+            threads_at_start = psutil.Process(node.process.pid).num_threads()
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            # Polled while the senders send: a series completes 5 s after its last new
+            # instance, whatever the others do (the re-sent duplicates do not count).
+            reception_s = complete_s = final_s = None
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline:
+                now = time.perf_counter() - started
+                if reception_s is None and not any(t.is_alive() for t in threads):
+                    reception_s = now  # to within a poll; exact below
+                    print(f"received in {reception_s:.1f} s", flush=True)
+                rows = series_rows(node.data_dir / "node.db")
+                states = [state for _, state, _, _ in rows]
+                grouped = len(rows) == len(folders)
+                if complete_s is None and grouped and "receiving" not in states:
+                    complete_s = now
+                if reception_s is not None and grouped and all(s in FINAL for s in states):
+                    final_s = now
+                    break
+                time.sleep(0.5)
+            for thread in threads:
+                thread.join()
+            reception_s = max(end for _, _, end in results.values()) - started  # exact
+            rows = series_rows(node.data_dir / "node.db")
+            with sqlite3.connect(node.data_dir / "node.db") as db:
+                recorded = {uid for (uid,) in db.execute("SELECT sop_instance_uid FROM instances")}
+            spool_files = len(list((node.data_dir / "spool").iterdir()))
+            threads_at_end = psutil.Process(node.process.pid).num_threads()
+        finally:
+            sampler.stop()
+            node.stop()
+
+    failed_senders = {i: code for i, (code, _, _) in results.items() if code != 0}
+    checks = {
+        "every_sender_succeeded": not failed_senders,
+        "database_equals_unique_sent": recorded == sent_uids,
+        "spool_files_equal_unique_sent": spool_files == len(sent_uids),
+        "each_series_holds_its_slices": all(count == args.slices for _, _, count, _ in rows),
+        "every_series_grouped": len(rows) == len(folders),
+        "every_series_final": final_s is not None,
+    }
+    mib = 2**20
+    result: dict[str, Any] = {
+        "benchmark": "load",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "series": {
+            "concurrent_senders": args.senders + 1,
+            "distinct_series": len(folders),
+            "resent_series": 1,
+            "slices": args.slices,
+            "rows": args.size,
+            "columns": args.size,
+            "spacing_mm": SPACING_MM,
+            "mb_distinct": round(megabytes, 1),
+            "instances_sent": len(sent_uids) + args.slices,
+            "unique_instances": len(sent_uids),
+        },
+        "sender": "DCMTK storescu, one association each, all started together, TCP_NODELAY=1",
+        "reception_s": round(reception_s, 1),
+        "mb_per_s": round((megabytes + megabytes / len(folders)) / reception_s, 1),
+        "instances_per_s": round((len(sent_uids) + args.slices) / reception_s, 1),
+        "sender_seconds": {f"SENDER{i}": round(s, 1) for i, (_, s, _) in sorted(results.items())},
+        "all_complete_s": None if complete_s is None else round(complete_s, 1),
+        "all_final_s": None if final_s is None else round(final_s, 1),
+        "series_states": {uid[-12:]: [state, reason] for uid, state, _, reason in rows},
+        "database_instances": len(recorded),
+        "spool_files": spool_files,
+        "checks": checks,
+        "failed_senders": failed_senders,
+        "peak_rss_mb": {
+            "daemon": round(sampler.peak_daemon / mib),
+            "children": round(sampler.peak_children / mib),
+            "total": round(sampler.peak_total / mib),
+        },
+        "daemon_threads": {
+            "before": threads_at_start,
+            "peak": sampler.peak_threads,
+            "at_end": threads_at_end,
+        },
+        "rss_samples": sampler.samples,
+        "notes": [
+            "mb_per_s and instances_per_s count every instance sent (the re-send included) "
+            "over the wall time from the first sender's start to the last one's end",
+            "all_complete_s: from the start until every series had completed (none "
+            "receiving; complete_after_s is 5 s); all_final_s: until every series was done, "
+            "no_findings, skipped or failed",
+            "the worker starts on the first complete series while the others still arrive",
+            "children: the inference worker (and multiprocessing's resource tracker)",
+            "one run, on a machine shared with other work",
+        ],
+        "machine": {**machine(), "load_average": os.getloadavg()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("reception_s", "mb_per_s", "all_final_s")}))
+    print(f"checks: {checks}; peak RSS {result['peak_rss_mb']}; written to {args.out}")
+    if not all(checks.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
