@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch loads only when a command needs it: `--help` stays fast
     from model.inference import Segmenter
@@ -377,20 +377,24 @@ def _add_status(sub: SubParsers) -> None:
     parser.set_defaults(handler=_status)
 
 
-def _status(args: argparse.Namespace) -> int:
+def _report(value: Any, as_json: bool, render: Callable[[Any], Any]) -> int:
+    """Print a report as JSON (for scripts) or rendered with rich (for people)."""
     import json
 
     from rich.console import Console
 
+    if as_json:
+        print(json.dumps(value, indent=2))
+    else:
+        Console().print(render(value))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
     from dicom_node.config import load_config
     from dicom_node.status import node_status, render
 
-    status = node_status(load_config(args.config), args.limit)
-    if args.json:
-        print(json.dumps(status, indent=2))
-    else:
-        Console().print(render(status))
-    return 0
+    return _report(node_status(load_config(args.config), args.limit), args.json, render)
 
 
 def _add_jobs(sub: SubParsers) -> None:
@@ -406,21 +410,13 @@ def _add_jobs(sub: SubParsers) -> None:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    import json
-
-    from rich.console import Console
-
     from dicom_node.config import load_config
     from dicom_node.status import node_status, render_jobs
 
     jobs = node_status(load_config(args.config), args.limit)["series"]
     if args.state:
         jobs = [job for job in jobs if job["state"] == args.state]
-    if args.json:
-        print(json.dumps(jobs, indent=2))
-    else:
-        Console().print(render_jobs(jobs))
-    return 0
+    return _report(jobs, args.json, render_jobs)
 
 
 def _add_job(sub: SubParsers) -> None:
@@ -432,19 +428,10 @@ def _add_job(sub: SubParsers) -> None:
 
 
 def _job(args: argparse.Namespace) -> int:
-    import json
-
-    from rich.console import Console
-
     from dicom_node.config import load_config
     from dicom_node.status import job_report, render_job
 
-    job = job_report(load_config(args.config), args.id)
-    if args.json:
-        print(json.dumps(job, indent=2))
-    else:
-        Console().print(render_job(job))
-    return 0
+    return _report(job_report(load_config(args.config), args.id), args.json, render_job)
 
 
 def _add_retry(sub: SubParsers) -> None:
