@@ -32,19 +32,14 @@ from pynetdicom import evt
 
 from dicom_node.config import NodeConfig
 from dicom_node.ct_series import PatientInfo, write_ct_series
+from dicom_node.demo import PEER_ENV, free_port
 from dicom_node.receive import build_ae
 from dicom_node.spool import Spool
 from model.volume_io import Volume
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reception.json"
-ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian's DCMTK leaves Nagle on otherwise
+ENV = PEER_ENV  # Debian's DCMTK leaves Nagle on otherwise
 STORESCU_MAX_PDU = 131072  # the largest PDU DCMTK sends or receives
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_listening(port: int, process: subprocess.Popen, timeout: float = 30) -> None:

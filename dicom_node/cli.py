@@ -411,9 +411,9 @@ def _add_jobs(sub: SubParsers) -> None:
 
 def _jobs(args: argparse.Namespace) -> int:
     from dicom_node.config import load_config
-    from dicom_node.status import node_status, render_jobs
+    from dicom_node.status import recent_jobs, render_jobs
 
-    jobs = node_status(load_config(args.config), args.limit)["series"]
+    jobs = recent_jobs(load_config(args.config), args.limit)
     if args.state:
         jobs = [job for job in jobs if job["state"] == args.state]
     return _report(jobs, args.json, render_jobs)

@@ -35,7 +35,6 @@ from highdicom.seg import (
     SegmentDescription,
 )
 from highdicom.sr import CodedConcept
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -161,14 +160,14 @@ def seg_uids(source_series_uid: str, algorithm: AlgorithmInfo, generation: int) 
     return uid("series"), uid("sop-instance")
 
 
-def _source_header(path: Path, sop_instance_uid: str) -> Dataset:
+def _source_header(ds: Dataset, sop_instance_uid: str) -> Dataset:
     """A source instance's header, completed where highdicom needs what sloppy headers lack.
 
-    Pixel data is not read (highdicom needs only the metadata). An empty SOP Class UID is taken
-    from the file meta information, or as CT Image as `volume` takes it; an empty SOP Instance
-    UID is the one assembly found (file meta). These copies are ours: the files are untouched.
+    `ds` is the header assembly read (no pixel data: highdicom needs only the metadata). An
+    empty SOP Class UID is taken from the file meta information, or as CT Image as `volume`
+    takes it; an empty SOP Instance UID is the one assembly found (file meta). The patches go
+    to these in-memory headers only: the files are untouched.
     """
-    ds = dcmread(path, stop_before_pixels=True)
     meta = getattr(ds, "file_meta", None) or Dataset()
     if not ds.get("SOPClassUID"):
         ds.SOPClassUID = meta.get("MediaStorageSOPClassUID") or CTImageStorage
@@ -454,13 +453,14 @@ class SegWriter:
         refs = assembled.frames
         paths = list(dict.fromkeys(ref.path for ref in refs))
         if all(ref.frame_number is None for ref in refs):
-            return [_source_header(ref.path, ref.sop_instance_uid) for ref in refs], frames
+            sources = [_source_header(assembled.headers[r.path], r.sop_instance_uid) for r in refs]
+            return sources, frames
         if len(paths) > 1:
             raise SegError(
                 f"the series' frames come from {len(paths)} multi-frame instances; highdicom "
                 "writes a SEG of one multi-frame source instance only"
             )
-        source = _source_header(paths[0], refs[0].sop_instance_uid)
+        source = _source_header(assembled.headers[paths[0]], refs[0].sop_instance_uid)
         ordered = np.zeros((int(source.NumberOfFrames), *frames.shape[1:]), dtype=frames.dtype)
         for index, ref in enumerate(refs):
             ordered[(ref.frame_number or 1) - 1] = frames[index]

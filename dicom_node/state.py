@@ -306,6 +306,12 @@ def _transition(
     log.info("series %d: %s -> %s%s", series.id, current, to, f" ({reason})" if reason else "")
 
 
+def _file_names(session: Session, series_id: int) -> list[str]:
+    """A series' spooled files, in the order they arrived."""
+    query = select(Instance.file_name).where(Instance.series_id == series_id)
+    return list(session.scalars(query.order_by(Instance.id)))
+
+
 def _configure_sqlite(engine: Engine) -> None:
     """WAL (readers never block the writer); synchronous=NORMAL (a commit survives a crash of
     the node, not a power cut: the spool, fsynced before success, is the durable record and
@@ -453,12 +459,7 @@ class NodeState:
             series = session.get(Series, series_id)
             if series is None or series.state != SeriesState.COMPLETE:
                 return None
-            names = session.scalars(
-                select(Instance.file_name)
-                .where(Instance.series_id == series_id)
-                .order_by(Instance.id)
-            ).all()
-            return SeriesFiles(series_id, series.generation, list(names))
+            return SeriesFiles(series_id, series.generation, _file_names(session, series_id))
 
     def _move_if_current(
         self, series_id: int, generation: int, to: SeriesState, reason: str | None = None
@@ -498,17 +499,13 @@ class NodeState:
                 return None
             series.attempts += 1
             _transition(session, series, SeriesState.SEGMENTING, f"attempt {series.attempts}")
-            names = session.scalars(
-                select(Instance.file_name)
-                .where(Instance.series_id == series.id)
-                .order_by(Instance.id)
-            ).all()
+            names = _file_names(session, series.id)
             return Job(
                 series.id,
                 series.generation,
                 series.attempts,
                 series.series_instance_uid,
-                list(names),
+                names,
             )
 
     def requeue(self, job: Job, reason: str) -> bool:
@@ -712,11 +709,7 @@ class NodeState:
             return [
                 (
                     series.id,
-                    list(
-                        session.scalars(
-                            select(Instance.file_name).where(Instance.series_id == series.id)
-                        )
-                    ),
+                    _file_names(session, series.id),
                     series.seg_file,
                 )
                 for series in series_list

@@ -17,13 +17,50 @@ from rich.text import Text
 
 from dicom_node.config import Config
 from dicom_node.daemon import running_daemon
-from dicom_node.state import NodeState, SeriesState
+from dicom_node.state import NodeState, Series, SeriesState
 
 RECENT_SERIES = 20
 
 
 def _directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _has_database(config: Config) -> bool:
+    """A node that never ran has no database yet; reporting must not create one."""
+    return bool(config.node.database) or (config.node.data_path / "node.db").exists()
+
+
+def _series_summary(state: NodeState, s: Series) -> dict[str, Any]:
+    """A series (a job) as `status`, `jobs` and `job` report it."""
+    return {
+        "id": s.id,
+        "series_instance_uid": s.series_instance_uid,
+        "study_instance_uid": s.study_instance_uid,
+        "modality": s.modality,
+        "calling_ae": s.calling_ae,
+        "instances": s.instance_count,
+        "state": s.state,
+        "reason": s.reason,
+        "generation": s.generation,
+        "first_received_at": s.first_received_at.isoformat(),
+        "last_received_at": s.last_received_at.isoformat(),
+        "state_changed_at": s.state_changed_at.isoformat(),
+        "seg_series_instance_uid": s.seg_series_instance_uid,
+        "seg_sop_instance_uid": s.seg_sop_instance_uid,
+        "delivered_to": state.delivered_to(s),
+    }
+
+
+def recent_jobs(config: Config, limit: int = RECENT_SERIES) -> list[dict[str, Any]]:
+    """The most recent jobs, newest first: the database only (no pid file, no disk walk)."""
+    if not _has_database(config):
+        return []
+    state = NodeState(config.node.database_url)
+    try:
+        return [_series_summary(state, s) for s in state.recent_series(limit)]
+    finally:
+        state.close()
 
 
 def node_status(config: Config, limit: int = RECENT_SERIES) -> dict[str, Any]:
@@ -43,31 +80,11 @@ def node_status(config: Config, limit: int = RECENT_SERIES) -> dict[str, Any]:
         }
     counts: dict[str, int] = {}
     series: list[dict[str, Any]] = []
-    # A node that never ran has no database yet; status must not create one.
-    if node.database or (data_dir / "node.db").exists():
+    if _has_database(config):
         state = NodeState(node.database_url)
         try:
             counts = state.counts()
-            series = [
-                {
-                    "id": s.id,
-                    "series_instance_uid": s.series_instance_uid,
-                    "study_instance_uid": s.study_instance_uid,
-                    "modality": s.modality,
-                    "calling_ae": s.calling_ae,
-                    "instances": s.instance_count,
-                    "state": s.state,
-                    "reason": s.reason,
-                    "generation": s.generation,
-                    "first_received_at": s.first_received_at.isoformat(),
-                    "last_received_at": s.last_received_at.isoformat(),
-                    "state_changed_at": s.state_changed_at.isoformat(),
-                    "seg_series_instance_uid": s.seg_series_instance_uid,
-                    "seg_sop_instance_uid": s.seg_sop_instance_uid,
-                    "delivered_to": state.delivered_to(s),
-                }
-                for s in state.recent_series(limit)
-            ]
+            series = [_series_summary(state, s) for s in state.recent_series(limit)]
         finally:
             state.close()
     status["counts"] = {s.value: counts.get(s.value, 0) for s in SeriesState}
@@ -137,27 +154,15 @@ def job_report(config: Config, job_id: int) -> dict[str, Any]:
     state = NodeState(config.node.database_url)
     try:
         series, transitions, deliveries = state.job(job_id)
-        delivered_to = state.delivered_to(series)
+        summary = _series_summary(state, series)
     finally:
         state.close()
-    result = json.loads(series.result) if series.result else None
     return {
-        "id": series.id,
-        "series_instance_uid": series.series_instance_uid,
-        "study_instance_uid": series.study_instance_uid,
-        "modality": series.modality,
-        "calling_ae": series.calling_ae,
-        "instances": series.instance_count,
-        "state": series.state,
-        "reason": series.reason,
-        "generation": series.generation,
+        **summary,
         "attempts": series.attempts,
         "seg_file": series.seg_file,
-        "seg_series_instance_uid": series.seg_series_instance_uid,
-        "seg_sop_instance_uid": series.seg_sop_instance_uid,
-        "delivered_to": delivered_to,
         "purged_at": series.purged_at.isoformat() if series.purged_at else None,
-        "result": result,
+        "result": json.loads(series.result) if series.result else None,
         "timeline": [
             {
                 "at": t.at.isoformat(),

@@ -45,7 +45,7 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +264,9 @@ class AssembledVolume:
     notes: list[str]
     series_instance_uid: str
     resampled: bool = False
+    # The headers assembly read (no pixel data), by file: the SEG writer references them
+    # instead of reading every source file again.
+    headers: dict[Path, Dataset] = field(default_factory=dict)
 
 
 class Headers(list[tuple[Path, Dataset]]):
@@ -1090,7 +1093,9 @@ def assemble_volume(
 ) -> AssembledVolume:
     """The volume of one series' files (or folders), or AssemblyError with the reason."""
     policy = policy or AssemblyPolicy()
-    plan = _plan(read_headers(paths), policy)
+    headers = read_headers(paths)
+    by_path = dict(headers)
+    plan = _plan(headers, policy)
     frames, first = plan.frames, plan.frames[0]
     row, column, normal = _axes(first.orientation)
     row_spacing, column_spacing = first.pixel_spacing
@@ -1138,4 +1143,5 @@ def assemble_volume(
         notes=plan.notes,
         series_instance_uid=plan.series_instance_uid,
         resampled=plan.output_depths is not None,
+        headers={f.ref.path: by_path[f.ref.path] for f in frames},
     )

@@ -7,10 +7,8 @@ to it over real sockets; only the config and data_dir are temporary.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,17 +19,11 @@ from typing import Any
 import psutil
 import pytest
 
+from dicom_node.demo import PEER_ENV, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "dicom"
 AE_TITLE = "BONESEG"
-# Debian's DCMTK and Orthanc leave Nagle on: every round trip waits ~40 ms without this.
-PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def require(binary: str) -> str:
