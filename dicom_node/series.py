@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.base import BaseScheduler
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import SeriesConfig
 from dicom_node.spool import Spool
@@ -87,11 +88,24 @@ class SeriesCompletion:
         )
 
     def _on_idle(self, series_id: int) -> None:
-        due = self.state.complete_if_idle(series_id, self.config.complete_after_s)
-        if due is not None:
-            self._schedule(series_id, due)
-            return
-        self.select(series_id)
+        try:
+            due = self.state.complete_if_idle(series_id, self.config.complete_after_s)
+            if due is not None:
+                self._schedule(series_id, due)
+                return
+            self.select(series_id)
+        except (OSError, SQLAlchemyError) as error:
+            # A full disk or a locked database fails the write; the series is still in the
+            # database as it was, so its timer is armed again instead of dying with the job
+            # (the series would stay `receiving` until the next restart).
+            retry_at = self._deadline(utcnow())
+            log.error(
+                "series %d: completion could not be recorded (%s); trying again at %s",
+                series_id,
+                type(error).__name__,
+                retry_at.isoformat(timespec="seconds"),
+            )
+            self._schedule(series_id, retry_at)
 
     def select(self, series_id: int) -> None:
         """Decide on a complete series: skipped with a reason, or queued."""

@@ -303,7 +303,10 @@ def _transition(
             at=now,
         )
     )
-    log.info("series %d: %s -> %s%s", series.id, current, to, f" ({reason})" if reason else "")
+    # Logged once committed (see `_session`): a write the database refuses moved nothing.
+    session.info.setdefault("transitions", []).append(
+        f"series {series.id}: {current} -> {to}" + (f" ({reason})" if reason else "")
+    )
 
 
 def _file_names(session: Session, series_id: int) -> list[str]:
@@ -351,6 +354,8 @@ class NodeState:
     def _session(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
             yield session
+        for transition in session.info.pop("transitions", ()):
+            log.info("%s", transition)
 
     # Reception -------------------------------------------------------------------------
 

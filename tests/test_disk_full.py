@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,5 +161,41 @@ def test_write_failing_midway_leaves_nothing_partial(small_disk: Path, tmp_path:
         rest = [p for p in paths if p not in accepted]
         assert set(_send(node.port, rest).values()) == {SUCCESS}
         _assert_consistent(node, _uids(paths))
+    finally:
+        assert node.stop() == 0, node.log.read_text()
+
+
+def _fill(data_dir: Path) -> Path:
+    """Fill the small disk to the last byte: every write that needs a new block fails."""
+    ballast = data_dir / "ballast"
+    with ballast.open("wb", buffering=0) as file:
+        for chunk in (MIB, 4096, 1):
+            try:
+                while True:
+                    file.write(b"\xff" * chunk)
+            except OSError:  # ENOSPC: on to a smaller chunk
+                continue
+    assert _free(data_dir) == 0
+    return ballast
+
+
+def test_completion_survives_a_database_write_failure(small_disk: Path, tmp_path: Path) -> None:
+    """The idle timer fires while the disk is full: the database cannot record the series'
+    completion. The timer is armed again and the series moves on once space is freed."""
+    paths = _series(tmp_path / "ct", 5)
+    node = NodeProcess(tmp_path / "node", complete_after_s=2, min_free_mb=0).start()
+    try:
+        assert set(_send(node.port, paths).values()) == {SUCCESS}
+        (uid,) = {str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in paths}
+        ballast = _fill(small_disk)
+        deadline = time.monotonic() + 30
+        while "completion could not be recorded" not in node.log.read_text():
+            assert time.monotonic() < deadline, node.log.read_text()
+            time.sleep(0.2)
+        assert node.series()[uid]["state"] == "receiving"
+
+        ballast.unlink()
+        node.wait_for_states({uid}, {"skipped"})  # five slices: too few to segment
+        assert "too few slices" in node.series()[uid]["reason"]
     finally:
         assert node.stop() == 0, node.log.read_text()
