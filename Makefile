@@ -6,15 +6,22 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the tests talk to: dciodvfy checks the DICOM the node writes; DCMTK
 # (storescu, echoscu, storescp) and Orthanc are the scanner and PACS the node receives from.
+# Node.js and npm (for dcmjs, the OHIF viewer's SEG reader, tests/viewer) come with the
+# machine (NodeSource's build, which bundles npm: Debian's npm package would conflict with it).
 APT_PACKAGES := dicom3tools dcmtk orthanc
 APT_BINARIES := dciodvfy storescu Orthanc
 APT_STAMP := $(VENV)/.apt-installed
+# dcmjs at the version tests/viewer/package-lock.json pins.
+VIEWER := tests/viewer
+VIEWER_STAMP := $(VIEWER)/node_modules/.installed
 
-.PHONY: install system-deps test lint bench demo serve segment-phantom clean
+.PHONY: install system-deps viewer-deps test lint bench demo serve segment-phantom clean
 
-install: $(STAMP) system-deps
+install: $(STAMP) system-deps viewer-deps
 
 system-deps: $(APT_STAMP)
+
+viewer-deps: $(VIEWER_STAMP)
 
 $(APT_STAMP): Makefile
 	@if (for b in $(APT_BINARIES); do command -v $$b >/dev/null || exit 1; done); then :; \
@@ -22,6 +29,13 @@ $(APT_STAMP): Makefile
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	else echo "warning: install $(APT_PACKAGES) (apt) for the conformance tests"; fi
 	@mkdir -p $(VENV) && touch $(APT_STAMP)
+
+# Without npm the stamp is not written, so the next `make install` tries again;
+# tests/test_viewer.py skips until then.
+$(VIEWER_STAMP): $(VIEWER)/package-lock.json $(VIEWER)/package.json | $(APT_STAMP)
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(VIEWER) --no-audit --no-fund && touch $(VIEWER_STAMP); \
+	else echo "warning: install Node.js and npm for the viewer test (dcmjs)"; fi
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -1,11 +1,12 @@
 """End-to-end latency: a full-size phantom CT series through the node to the SEG in Orthanc.
 
-    python -m bench.end_to_end [--seed 3001] [--size full] [--out bench/results/end_to_end.json]
+    python -m bench.end_to_end [--seed 4242] [--out bench/results/end_to_end.json]
 
 Runs `make demo`'s pipeline (`dicom_node.demo.run_demo`: real node process, real Orthanc,
-C-STORE both ways) on a 512 x 512 x ~1400 phantom and splits the time from the first instance
-sent to the SEG stored at the PACS by stage, from the node's own job timeline. The target
-(issue 4): everything except the completion wait and inference under 20 s.
+C-STORE both ways) on the inference benchmark's phantom (whole legs at 0.8 mm, 512 x 512 x
+1442) and splits the time from the first instance sent to the SEG stored at the PACS by
+stage, from the node's own job timeline. The target (issue 4): everything except the
+completion wait and inference under 20 s.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.inference import machine
+from bench.inference import FULL_SEED, machine
 from dicom_node.demo import run_demo
 
 RESULTS = Path(__file__).resolve().parent / "results" / "end_to_end.json"
@@ -26,13 +27,14 @@ OVERHEAD_STAGES = ("queue_s", "assemble_s", "seg_encode_s", "send_s")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, default=3001)
-    parser.add_argument("--size", choices=["small", "full"], default="full")
+    parser.add_argument("--seed", type=int, default=FULL_SEED)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as workdir:
-        report = run_demo(Path(workdir), args.seed, args.size, None, args.threads, "auto")
+        report = run_demo(
+            Path(workdir), args.seed, "full", "whole_legs", args.threads, "auto", (0.8, 0.8, 0.8)
+        )
     timings = report["timings_s"]
     overhead = sum(timings[stage] for stage in OVERHEAD_STAGES)
     result = {

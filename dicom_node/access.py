@@ -3,7 +3,8 @@
 In the order a connection meets them:
 
 1. The server (`NodeServer`) caps the connections open at once, puts the network time-out on
-   every accepted socket and does the TLS handshake in the connection's own thread.
+   every accepted socket and does the TLS handshake in the connection's own thread. Its
+   sockets (`BoundedReadSocket`) refuse a PDU longer than an instance may be.
 2. At association: the peer address allow-list (`PeerPolicy`, here), then the called AE title
    and the calling-AE allow-list (pynetdicom, configured in `receive.build_ae`). Every
    rejection is logged with the peer's address and AE titles, never anything from a dataset.
@@ -13,7 +14,9 @@ pynetdicom's own server needs two of these changes. It does the TLS handshake in
 that accepts connections, without a time-out: one peer that connects to a TLS port and says
 nothing stops every later connection. And its sockets block without a time-out: a peer that
 sends half a PDU holds two threads forever (its association thread waits on the reader,
-which waits on the socket). Neither is configurable through `AE.start_server`.
+which waits on the socket). Neither is configurable through `AE.start_server`. Nor is the
+socket's read: pynetdicom reads whatever length a PDU header declares (up to 4 GiB) into
+memory, 4 KiB per system call, which also caps reception at a fraction of the disk's speed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import Config, IPNetwork, NodeConfig
 
@@ -47,6 +50,9 @@ _REJECTED_PERMANENT, _SERVICE_USER, _NO_REASON = 0x01, 0x01, 0x01
 # of node.max_associations: pynetdicom only counts associations once they are negotiated, so
 # without a cap a flood of idle connections costs two threads each until it times out.
 CONNECTIONS_PER_ASSOCIATION = 2
+# Beyond node.max_instance_mb, what one PDU may hold: its header, a command set and a margin.
+PDU_OVERHEAD_BYTES = 1 << 16
+_READ_CHUNK_BYTES = 1 << 20  # per recv_into: a large PDU in a few system calls
 _REFUSALS_LOGGED_EVERY_S = 10.0  # a flood is one warning per interval, not one per connection
 
 
@@ -106,18 +112,58 @@ def access_handlers(node: NodeConfig) -> list[tuple[evt.EventType, Callable, lis
     ]
 
 
+class BoundedReadSocket(AssociationSocket):
+    """pynetdicom's socket with its one read replaced: large reads into one buffer, and a PDU
+    declared longer than the server's `max_pdu_bytes` read as a closed connection (nothing of
+    it is read; pynetdicom ends the association)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
+        server = self.assoc._server
+        assert isinstance(server, NodeServer)
+        if nr_bytes > server.max_pdu_bytes:
+            log.warning(
+                "association from %s aborted: a PDU of %d MiB, more than an instance may be "
+                "(node.max_instance_mb)",
+                self.assoc.requestor.ae_title,
+                nr_bytes >> 20,
+            )
+            return bytearray()
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        read = 0
+        while read < nr_bytes:
+            count = self.socket.recv_into(view[read:], min(nr_bytes - read, _READ_CHUNK_BYTES))
+            if not count:  # closed by the peer: what arrived, as pynetdicom's recv does
+                del view
+                del buffer[read:]
+                return buffer
+            read += count
+        return buffer
+
+
+class NodeRequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # pynetdicom makes its AssociationSocket right there, with no parameter for another
+        # class; the subclass adds no state, so the object can take its class instead.
+        assoc.dul.socket.__class__ = BoundedReadSocket
+        return assoc
+
+
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with what one peer can hold bounded (see the module
     docstring): a socket time-out, the TLS handshake off the accepting thread, a cap on open
     connections."""
 
-    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_connections: int, max_pdu_bytes: int, **kwargs: Any) -> None:
         self.max_connections = max_connections
+        self.max_pdu_bytes = max_pdu_bytes
         self._lock = threading.Lock()
         self._pending = 0  # accepted, association thread not started yet (TLS handshakes)
         self._refused = 0
         self._refusal_logged_at = -_REFUSALS_LOGGED_EVERY_S
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, request_handler=NodeRequestHandler, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept, without a handshake: here it would block every later connection."""
@@ -204,6 +250,7 @@ def start_server(
         evt_handlers=[*evt_handlers, *access_handlers(node)],
         server_class=NodeServer,
         max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
+        max_pdu_bytes=(node.max_instance_mb << 20) + PDU_OVERHEAD_BYTES,
     )
     ae._servers.append(server)  # as start_server does: server.shutdown() removes it again
     threading.Thread(target=server.serve_forever, name="dicom-node-server", daemon=True).start()

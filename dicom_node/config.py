@@ -98,6 +98,11 @@ class NodeConfig:
     # Largest P-DATA PDU the node accepts (0: no limit). The sender splits each instance into
     # PDUs of at most this size, so small values cost throughput (pynetdicom's default 16382).
     max_pdu_size: int = 0
+    # Largest instance (MiB of encoded dataset) the node takes. pynetdicom gathers a C-STORE's
+    # dataset in memory before the handler sees it, so without a cap one sender declaring an
+    # endless dataset takes all memory; past it the association is aborted. A whole-leg
+    # Enhanced CT (1400 frames of 512 x 512 x 16 bits) is 734 MiB.
+    max_instance_mb: int = 1024
     database: str = ""  # "": SQLite under data_dir; or a postgresql:// URL
     # Free space (MiB) every received instance must leave on the spool's file system; below it
     # a C-STORE is answered out-of-resources before anything is written (dicom_node/spool.py),
@@ -131,6 +136,8 @@ class NodeConfig:
             raise ConfigError("node.data_dir: must not be empty")
         if self.max_associations < 1:
             raise ConfigError(f"node.max_associations: must be >= 1, got {self.max_associations}")
+        if self.max_instance_mb < 1:
+            raise ConfigError(f"node.max_instance_mb: must be >= 1, got {self.max_instance_mb}")
         if self.max_pdu_size != 0 and not 4096 <= self.max_pdu_size <= 2**32 - 1:
             raise ConfigError(
                 f"node.max_pdu_size: 0 (no limit) or 4096..4294967295, got {self.max_pdu_size}"

@@ -115,7 +115,7 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         delivery.start()
         schedule_retention(scheduler, state, spool, results_dir, config.retention)
         ae = build_ae(node)
-        server = start_server(ae, node, event_handlers(reception), ssl_context)
+        server = start_server(ae, node, event_handlers(reception, node), ssl_context)
         pid_file = data_dir / PID_FILE
         try:
             info = DaemonInfo(

@@ -319,10 +319,12 @@ def run_demo(
     region: str | None = None,
     threads: int = 0,
     pacs_kind: str = "auto",
+    spacing: tuple[float, float, float] | None = None,
 ) -> dict[str, Any]:
     """Run the demo in `workdir` and return its report (also written as report.json).
 
     `pacs_kind`: "orthanc", "scp" (the built-in storage SCP) or "auto" (Orthanc if installed).
+    `spacing`: the phantom's (x, y, z) voxel size in mm; None draws it from the seed.
     """
     if pacs_kind not in ("auto", "orthanc", "scp"):
         raise ValueError(f"pacs_kind: expected auto, orthanc or scp, got {pacs_kind!r}")
@@ -332,7 +334,9 @@ def run_demo(
         raise RuntimeError("Orthanc is not installed (apt install orthanc, or make system-deps)")
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    phantom = write_phantom(workdir / "phantom", seed=seed, size=size, region=region)
+    phantom = write_phantom(
+        workdir / "phantom", seed=seed, size=size, spacing=spacing, region=region
+    )
     generate_s = time.perf_counter() - t0
     ct_files = sorted(phantom["ct"].iterdir())
     first = dcmread(ct_files[0], stop_before_pixels=True)

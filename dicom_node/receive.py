@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -208,6 +210,8 @@ def _describe(error: BaseException) -> str:
 
 def handle_store(event: Event, reception: Reception) -> int:
     """EVT_C_STORE: persist the instance and answer a status (see the module doc)."""
+    if event.assoc.is_aborted:  # e.g. by InstanceSizeCap: the dataset arrived, but too big
+        return OUT_OF_RESOURCES
     try:
         file_meta = event.file_meta  # from the request: SOP class and instance, syntax
         # Who sent it, kept in the file (PS3.10 Source AE Title) so a recovery can restore it.
@@ -233,6 +237,45 @@ def handle_store(event: Event, reception: Reception) -> int:
     return SUCCESS
 
 
+class InstanceSizeCap:
+    """EVT_PDU_RECV: aborts an association whose dataset in transfer passes `max_bytes`.
+
+    pynetdicom gathers a C-STORE's dataset in memory and calls the handler only once it is
+    whole, so the size must be counted as the P-DATA PDUs arrive. Each association has its
+    own DUL thread, which runs this handler: the count is thread-local.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._local = threading.local()
+
+    def on_pdu(self, event: Event) -> None:
+        if not isinstance(event.pdu, P_DATA_TF):
+            return
+        received = getattr(self._local, "received", 0)
+        for item in event.pdu.presentation_data_value_items:
+            value = item.presentation_data_value
+            header = value[0]  # PS3.8 E.2: bit 0 command (else dataset), bit 1 last fragment
+            if header & 0x01:
+                continue
+            received += len(value) - 1
+            if received > self.max_bytes:
+                if not event.assoc.is_aborted:
+                    log.warning(
+                        "association from %s aborted: an instance of more than %d MiB "
+                        "(node.max_instance_mb)",
+                        event.assoc.requestor.ae_title,
+                        self.max_bytes >> 20,
+                    )
+                    # Queued for the DUL thread, which sends the A-ABORT before it reads
+                    # another PDU; abort() would wait here for this very thread to end.
+                    event.assoc.acse.send_abort(0x02)
+                return
+            if header & 0x02:
+                received = 0
+        self._local.received = received
+
+
 def build_ae(node: NodeConfig) -> AE:
     """The node's application entity: verification and every storage SOP class, every
     transfer syntax (pynetdicom's list: uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000,
@@ -254,6 +297,9 @@ def build_ae(node: NodeConfig) -> AE:
     return ae
 
 
-def event_handlers(reception: Reception) -> list[tuple[evt.EventType, Callable, list]]:
+def event_handlers(
+    reception: Reception, node: NodeConfig
+) -> list[tuple[evt.EventType, Callable, list]]:
     # C-ECHO needs no handler: pynetdicom answers success by default.
-    return [(evt.EVT_C_STORE, handle_store, [reception])]
+    cap = InstanceSizeCap(node.max_instance_mb << 20)
+    return [(evt.EVT_C_STORE, handle_store, [reception]), (evt.EVT_PDU_RECV, cap.on_pdu, [])]

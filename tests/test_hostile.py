@@ -17,13 +17,19 @@ from collections import Counter
 from pathlib import Path
 
 import hostile
+import numpy as np
 import psutil
 import pytest
 from hostile import UNSENDABLE, Case, HostileSender, Spec
 from hypothesis import HealthCheck, Phase, example, given, settings
-from node_process import ROOT, NodeProcess
+from node_process import AE_TITLE, ROOT, NodeProcess
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.ct_series import PatientInfo, write_ct_series
 from dicom_node.receive import CANNOT_UNDERSTAND, MAX_INFLATED_BYTES, SUCCESS
+from model.volume_io import Volume
 
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"  # little endian VR
 CASES = 280  # plus EXAMPLES; about a minute on the 2 shared cores of the development machine
@@ -56,6 +62,7 @@ EXAMPLES = [
     Spec("syntax_mismatch", (("syntax", IMPLICIT), ("sent_as", "1.2.840.10008.1.2.1.99"))),
     Spec("sop_class", (("sop_class", "1.2.840.10008.5.1.4.1.1.88.11"),)),
 ]
+PATIENT = PatientInfo(name="HOSTILE^TEST", patient_id="PID-HOSTILE")
 
 
 class Run:
@@ -149,3 +156,47 @@ def test_deflate_bomb_refused_without_inflating_it(node: NodeProcess, tmp_path: 
     finally:
         sender.close()
     assert "inflates to more than 256 MiB" in node.log.read_text(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("max_pdu_size", "refusal"),
+    [
+        (0, "a PDU of 2 MiB, more than an instance may be"),  # the sender's one large PDU
+        (16384, "an instance of more than 1 MiB"),  # many small PDUs, counted
+    ],
+)
+def test_oversized_instance_aborts_the_association(
+    tmp_path: Path, max_pdu_size: int, refusal: str
+) -> None:
+    """Past node.max_instance_mb the association is aborted while the dataset is still
+    arriving (pynetdicom would gather all of it in memory first, however long the PDU
+    header says it is); nothing is stored, the node stays up and takes instances under the
+    cap."""
+    big, small = (
+        write_ct_series(
+            Volume(np.zeros((1, n, n), np.int16), (0.5, 0.5, 1.0)),
+            tmp_path / f"{n}",
+            patient=PATIENT,
+        )
+        for n in (1024, 256)  # 2 MiB and 128 KiB of pixel data
+    )
+    node = NodeProcess(tmp_path / "node", max_instance_mb=1, max_pdu_size=max_pdu_size).start()
+    try:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        answer = assoc.send_c_store(big[0])
+        assert "Status" not in answer  # no answer: the node aborted
+        assoc.join(10)  # the association ends with the connection the node closed
+        assert not assoc.is_alive()
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+        assert int(assoc.send_c_store(small[0]).Status) == SUCCESS
+        assoc.release()
+        uid = str(dcmread(small[0], stop_before_pixels=True).SOPInstanceUID)
+        assert set(node.db_instances()) == {uid}
+        assert len(node.spool_files()) == 1
+        log = node.log.read_text()
+        assert f"association from SCANNER aborted: {refusal} (node.max_instance_mb)" in log
+    finally:
+        assert node.stop() == 0, node.log.read_text()
