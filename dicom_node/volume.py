@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 from pydicom.tag import BaseTag
@@ -105,6 +106,7 @@ _MAX_COORDINATE_MM = 1e6
 # the daemon, which does not load torch).
 MODEL_SPACING_MM = 0.8
 _INT16 = np.iinfo(np.int16)
+_SPECIFIC_CHARACTER_SET = 0x00080005
 # Attributes that an Enhanced CT keeps in functional group macros (PS3.3 C.7.6.16).
 _FUNCTIONAL_GROUP_OF = {
     "ImagePositionPatient": "PlanePositionSequence",
@@ -638,23 +640,44 @@ def _malformed(
     return AssemblyError(f"instance {where}: malformed header ({type(error).__name__}{at})")
 
 
-def _check_decodes(path: Path, ds: Dataset) -> None:
+def _check_decodes(path: Path, ds: Dataset, decoded: set[tuple[Any, ...]]) -> None:
     """Every standard element of the header, in sequences too, decodes (private elements are
     the vendor's business). pydicom decodes on access, so without this a broken value (a US
     of 3 bytes, an unknown VR) raises in whatever reads it first, the SEG writer copying the
-    patient module included; here it is the reason the series is skipped."""
+    patient module included; here it is the reason the series is skipped.
+
+    `decoded` holds the raw elements (with the character set they were decoded in) already
+    found good in this series: the slices of a series repeat most of their header, and
+    decoding all of every one took longer than reading them."""
+    charset = ds.get_item(_SPECIFIC_CHARACTER_SET)
+    charset_bytes = charset.value if charset is not None else None
     trail: list[BaseTag] = []  # the element being decoded, innermost last
 
     def check(dataset: Dataset) -> None:
         for tag in list(dataset.keys()):
             if tag.is_private:
                 continue
+            raw = dataset.get_item(tag)
+            key = None
+            if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+                key = (
+                    tag,
+                    raw.VR,
+                    raw.is_implicit_VR,
+                    raw.is_little_endian,
+                    raw.value,
+                    charset_bytes,
+                )
+                if key in decoded:
+                    continue
             trail.append(tag)
             element = dataset[tag]  # converts the raw element
             if element.VR == "SQ":
                 for item in element.value:
                     check(item)
             trail.pop()
+            if key is not None:
+                decoded.add(key)
 
     try:
         check(ds)
@@ -855,8 +878,9 @@ def _plan(headers: Sequence[tuple[Path, Dataset]], policy: AssemblyPolicy) -> _P
         notes.append(f"ignored {_count(skipped, 'non-DICOM file')}")
     if not headers:
         raise AssemblyError("no DICOM instances")
+    decoded: set[tuple[Any, ...]] = set()
     for path, ds in headers:
-        _check_decodes(path, ds)
+        _check_decodes(path, ds, decoded)
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
     if len(series) > 1:
         raise AssemblyError(f"{len(series)} series in one input; assemble one at a time")
@@ -1078,7 +1102,14 @@ def _read_hu(frames: list[_Frame], dtype: np.dtype) -> np.ndarray:
             number = (frame.ref.frame_number or 1) - 1
             if number >= len(stored):
                 raise AssemblyError(f"instance {where}: frame {number + 1} missing")
-            values = np.multiply(stored[number], frame.slope, dtype=np.float64) + frame.intercept
+            if hu.dtype == np.int16:  # whole slope and intercept (_hu_dtype): exact in int32
+                values = stored[number].astype(np.int32)
+                if frame.slope != 1:
+                    values *= int(frame.slope)
+                values += int(frame.intercept)
+            else:
+                values = np.multiply(stored[number], frame.slope, dtype=np.float64)
+                values += frame.intercept
             if frame.padding is not None:
                 low, high = frame.padding
                 values[(stored[number] >= low) & (stored[number] <= high)] = AIR_HU
