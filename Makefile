@@ -5,11 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages the tests talk to: dciodvfy checks the DICOM the node writes; DCMTK
-# (storescu, echoscu, storescp) and Orthanc are the scanner and PACS the node receives from.
+# (storescu, echoscu, storescp) and Orthanc are the scanner and PACS the node receives from;
+# PostgreSQL is the node's other state database (tests/pg.py runs a throw-away server). Its
+# server binaries are not on PATH (/usr/lib/postgresql/<version>/bin); pg_ctlcluster, from
+# postgresql-common which the server package pulls in, is, so it stands for them here.
 # Node.js and npm (for dcmjs, the OHIF viewer's SEG reader, tests/viewer) come with the
 # machine (NodeSource's build, which bundles npm: Debian's npm package would conflict with it).
-APT_PACKAGES := dicom3tools dcmtk orthanc
-APT_BINARIES := dciodvfy storescu Orthanc
+APT_PACKAGES := dicom3tools dcmtk orthanc postgresql
+APT_BINARIES := dciodvfy storescu Orthanc pg_ctlcluster
 APT_STAMP := $(VENV)/.apt-installed
 # dcmjs at the version tests/viewer/package-lock.json pins.
 VIEWER := tests/viewer
@@ -27,7 +30,7 @@ $(APT_STAMP): Makefile
 	@if (for b in $(APT_BINARIES); do command -v $$b >/dev/null || exit 1; done); then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
-	else echo "warning: install $(APT_PACKAGES) (apt) for the conformance tests"; fi
+	else echo "warning: install $(APT_PACKAGES) (apt) for the conformance and PostgreSQL tests"; fi
 	@mkdir -p $(VENV) && touch $(APT_STAMP)
 
 # Without npm the stamp is not written, so the next `make install` tries again;

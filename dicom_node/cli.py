@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -429,9 +430,12 @@ def _add_job(sub: SubParsers) -> None:
 
 def _job(args: argparse.Namespace) -> int:
     from dicom_node.config import load_config
+    from dicom_node.state import NodeState
     from dicom_node.status import job_report, render_job
 
-    return _report(job_report(load_config(args.config), args.id), args.json, render_job)
+    with closing(NodeState(load_config(args.config).node.database_url)) as state:
+        report = job_report(state, args.id)
+    return _report(report, args.json, render_job)
 
 
 def _add_retry(sub: SubParsers) -> None:

@@ -39,6 +39,7 @@ from dicom_node.codes import SEGMENTS
 from dicom_node.config import Destination, load_config
 from dicom_node.phantom_series import write_phantom
 from dicom_node.send import send_files
+from dicom_node.state import NodeState
 from dicom_node.status import job_report
 from dicom_node.volume import assemble_volume
 from model.labels import BONE_NAMES
@@ -227,6 +228,13 @@ class NodeUnderDemo:
                 raise RuntimeError(f"the node did not start; see {self.directory / 'node.log'}")
             time.sleep(0.1)
 
+        self.state = NodeState(load_config(self.config).node.database_url)
+
+    def job(self, series_uid: str) -> dict[str, Any] | None:
+        """The node's job for `series_uid`, from its state database (as `dicom-node job`)."""
+        match = [s.id for s in self.state.recent_series(100) if s.series_instance_uid == series_uid]
+        return job_report(self.state, match[0]) if match else None
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -234,6 +242,8 @@ class NodeUnderDemo:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        if hasattr(self, "state"):  # not when the node failed to start
+            self.state.close()
 
 
 def seg_sided_labels(seg_path: Path, source_uids: list[str]) -> np.ndarray:
@@ -356,18 +366,18 @@ def run_demo(
             raise RuntimeError(f"sending the series to the node failed: {sent.reason}")
         deadline = time.monotonic() + 3600
         while not (segs := pacs.seg_files(study_uid, workdir)):
-            job = _find_job(node, series_uid)
+            job = node.job(series_uid)
             if job is not None and job["state"] in ("failed", "no_findings", "skipped"):
                 raise RuntimeError(f"the node ended the series as {job['state']}: {job['reason']}")
             if time.monotonic() > deadline or node.process.poll() is not None:
                 raise RuntimeError(f"no SEG at the PACS; see {node.directory / 'node.log'}")
             time.sleep(0.2)
         arrived_at = time.perf_counter()
-        job = _find_job(node, series_uid)
+        job = node.job(series_uid)
         assert job is not None
         while job["state"] != "done":  # the PACS answered; the node records it a moment later
             time.sleep(0.1)
-            job = _find_job(node, series_uid) or job
+            job = node.job(series_uid) or job
     finally:
         if node is not None:
             node.stop()
@@ -410,16 +420,3 @@ def run_demo(
     write_preview(assembled.volume.array, sided, assembled.volume.spacing, workdir / "preview.png")
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _find_job(node: NodeUnderDemo, series_uid: str) -> dict[str, Any] | None:
-    """The node's job for `series_uid`, read from its state database (as `dicom-node job`)."""
-    from dicom_node.state import NodeState
-
-    config = load_config(node.config)
-    state = NodeState(config.node.database_url)
-    try:
-        match = [s.id for s in state.recent_series(100) if s.series_instance_uid == series_uid]
-    finally:
-        state.close()
-    return job_report(config, match[0]) if match else None

@@ -120,9 +120,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+        if value is None:
+            return None
+        # SQLite gives back the naive UTC stored above; PostgreSQL gives the session's
+        # TimeZone (the server's by default: often local), the same instant in another zone.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def utcnow() -> datetime:
@@ -594,7 +596,7 @@ class NodeState:
                     Series.state == SeriesState.SENDING,
                     Series.generation == Delivery.generation,
                 )
-                .order_by(Delivery.next_attempt_at)
+                .order_by(Delivery.next_attempt_at, Delivery.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             ).all()

@@ -149,14 +149,10 @@ def render(status: dict[str, Any]) -> Group:
     return Group(*lines, table)
 
 
-def job_report(config: Config, job_id: int) -> dict[str, Any]:
+def job_report(state: NodeState, job_id: int) -> dict[str, Any]:
     """One job (a series) as a JSON-ready object: its state, result, timeline, deliveries."""
-    state = NodeState(config.node.database_url)
-    try:
-        series, transitions, deliveries = state.job(job_id)
-        summary = _series_summary(state, series)
-    finally:
-        state.close()
+    series, transitions, deliveries = state.job(job_id)
+    summary = _series_summary(state, series)
     return {
         **summary,
         "attempts": series.attempts,

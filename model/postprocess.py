@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -39,6 +41,27 @@ def _neighbour_label(labels: np.ndarray, region: tuple[slice, ...], island: np.n
     return int(np.bincount(values).argmax()) if values.size else 0
 
 
+def bone_masks(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray]]:
+    """(bone, its bounding box, its mask in that box) for every bone label present.
+
+    The slices holding each label come from one count per slice; the rows and columns from
+    the mask within those slices. On a whole scan (512 x 512 x 1442) this takes a second where
+    a mask and `ndimage.find_objects` per bone took seconds each."""
+    flat = labels.reshape(labels.shape[0], -1)
+    present = np.stack([np.bincount(s, minlength=len(BONE_NAMES) + 1) > 0 for s in flat])
+    for bone in BONE_NAMES:
+        slices = np.flatnonzero(present[:, bone])
+        if not slices.size:
+            continue
+        z = slice(int(slices[0]), int(slices[-1]) + 1)
+        mask = labels[z] == bone
+        rows = np.flatnonzero(mask.any(axis=(0, 2)))
+        columns = np.flatnonzero(mask.any(axis=(0, 1)))
+        y = slice(int(rows[0]), int(rows[-1]) + 1)
+        x = slice(int(columns[0]), int(columns[-1]) + 1)
+        yield int(bone), (z, y, x), mask[:, y, x]
+
+
 def remove_islands(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     """Drop connected components of a bone smaller than `min_voxels` (the paper's Figure 9).
 
@@ -48,12 +71,8 @@ def remove_islands(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     is not spurious.
     """
     out = labels.copy()
-    for bone in BONE_NAMES:
-        mask = labels == bone
-        if not mask.any():
-            continue
-        box = ndimage.find_objects(mask.astype(np.uint8))[0]
-        components, n = ndimage.label(mask[box], structure=FULL_CONNECTIVITY)
+    for _, box, mask in bone_masks(labels):
+        components, n = ndimage.label(mask, structure=FULL_CONNECTIVITY)
         sizes = np.bincount(components.ravel(), minlength=n + 1)
         for index, sl in enumerate(ndimage.find_objects(components), start=1):
             region = _shift(sl, box)
@@ -128,12 +147,8 @@ def split_sides(labels: np.ndarray, hu: np.ndarray, grid: sitk.Image) -> np.ndar
     """
     midline = sides_midline_x(labels, hu, grid)
     sided = labels.copy()
-    for bone in BONE_NAMES:
-        mask = labels == bone
-        if not mask.any():
-            continue
-        box = ndimage.find_objects(mask.astype(np.uint8))[0]
-        components, _ = ndimage.label(mask[box], structure=FULL_CONNECTIVITY)
+    for bone, box, mask in bone_masks(labels):
+        components, _ = ndimage.label(mask, structure=FULL_CONNECTIVITY)
         for index, sl in enumerate(ndimage.find_objects(components), start=1):
             region = _shift(sl, box)
             component = components[sl] == index

@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
+from pydicom import dcmread
 
 from dicom_node.demo import PEER_ENV, free_port
 
@@ -110,6 +111,14 @@ class NodeProcess:
         finally:
             self.kill()
 
+    def crash(self) -> None:
+        """SIGKILL the daemon; its worker must die with it (it asks the kernel to)."""
+        assert self.process is not None
+        children = psutil.Process(self.process.pid).children()
+        self.kill()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"worker outlived the daemon: {alive}"
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -150,6 +159,28 @@ class NodeProcess:
         """SOP Instance UID -> spool file name, straight from the database."""
         with sqlite3.connect(self.data_dir / "node.db") as db:
             return dict(db.execute("SELECT sop_instance_uid, file_name FROM instances"))
+
+    def db_state(self, series_uid: str) -> str | None:
+        """A series' state straight from the database: cheap enough to poll for a state the
+        pipeline passes through in a moment (the CLI takes a second to start)."""
+        with sqlite3.connect(self.data_dir / "node.db") as db:
+            row = db.execute(
+                "SELECT state FROM series WHERE series_instance_uid = ?", (series_uid,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def wait_for_db_state(self, series_uid: str, states: set[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (state := self.db_state(series_uid)) not in states:
+            assert time.monotonic() < deadline, f"{series_uid} not {states}: {state}"
+            time.sleep(0.02)
+
+    def send_series(self, folder: Path) -> str:
+        """Send a folder of one series with storescu; its Series Instance UID."""
+        result = storescu(self.port, folder, extra=("+sd", "+r"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        first = next(p for p in sorted(folder.rglob("*")) if p.is_file())
+        return str(dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
 
     def spool_files(self) -> set[str]:
         return {p.name for p in (self.data_dir / "spool").iterdir()}

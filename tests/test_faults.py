@@ -8,11 +8,9 @@ series: a SEG delivered again after a crash is the same instance, not a duplicat
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 from pathlib import Path
 
-import psutil
 from node_process import NodeProcess, start_storescu, storescu
 from peers import OrthancProcess
 from pydicom import dcmread
@@ -20,30 +18,6 @@ from pydicom import dcmread
 from dicom_node.phantom_series import write_phantom
 
 DELIVERY = "[delivery]\nbackoff_initial_s = 0.5\nbackoff_max_s = 1\nmax_attempts = 1000\n"
-
-
-def _state(node: NodeProcess, uid: str) -> str | None:
-    with sqlite3.connect(node.data_dir / "node.db") as db:
-        row = db.execute(
-            "SELECT state FROM series WHERE series_instance_uid = ?", (uid,)
-        ).fetchone()
-    return row[0] if row else None
-
-
-def _wait_state(node: NodeProcess, uid: str, states: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _state(node, uid) not in states:
-        assert time.monotonic() < deadline, f"{uid} not {states}: {_state(node, uid)}"
-        time.sleep(0.02)
-
-
-def _kill_node_and_worker(node: NodeProcess) -> None:
-    """SIGKILL the daemon; its worker must die with it (it asks the kernel to)."""
-    assert node.process is not None
-    children = psutil.Process(node.process.pid).children()
-    node.kill()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive, f"worker outlived the daemon: {alive}"
 
 
 def test_sigkill_at_any_stage_loses_nothing_and_delivers_each_seg_once(tmp_path: Path) -> None:
@@ -76,7 +50,7 @@ def test_sigkill_at_any_stage_loses_nothing_and_delivers_each_seg_once(tmp_path:
                     if "Received Store Response" in line and "Success" in line:
                         acknowledged += 1
                         if acknowledged == stop_after:
-                            _kill_node_and_worker(node)
+                            node.crash()
                             break
                 sender.kill()
                 sender.wait()
@@ -92,20 +66,20 @@ def test_sigkill_at_any_stage_loses_nothing_and_delivers_each_seg_once(tmp_path:
                 assert storescu(node.port, *files).returncode == 0
             elif phase == "inference":
                 assert storescu(node.port, *files).returncode == 0
-                _wait_state(node, uid, {"segmenting"}, 60)
+                node.wait_for_db_state(uid, {"segmenting"}, 60)
                 time.sleep(rng.uniform(0.0, 2.0))
-                _kill_node_and_worker(node)
+                node.crash()
                 node.start()
             else:  # delivery: the PACS is down while the node tries, the node dies meanwhile
                 pacs.stop()
                 assert storescu(node.port, *files).returncode == 0
-                _wait_state(node, uid, {"sending"}, 240)
+                node.wait_for_db_state(uid, {"sending"}, 240)
                 time.sleep(rng.uniform(0.5, 2.0))  # a few failed attempts
-                _kill_node_and_worker(node)
+                node.crash()
                 pacs.start()
                 node.start()
-            _wait_state(node, uid, {"done", "no_findings", "failed"}, 240)
-            assert _state(node, uid) == "done", node.series()[uid]
+            node.wait_for_db_state(uid, {"done", "no_findings", "failed"}, 240)
+            assert node.db_state(uid) == "done", node.series()[uid]
             node.stop()
 
         # Every series reached done; the PACS holds one SEG per series.

@@ -10,10 +10,8 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,10 +161,7 @@ def test_delivery_retries_gives_up_and_dicom_node_retry_delivers(
         tmp_path / "node", extra_config=_destination_toml(pacs.destination(), **delivery)
     ).start()
     try:
-        assert storescu(node.port, hip_phantom["ct"], extra=("+sd", "+r")).returncode == 0
-        uid = str(
-            dcmread(next(hip_phantom["ct"].iterdir()), stop_before_pixels=True).SeriesInstanceUID
-        )
+        uid = node.send_series(hip_phantom["ct"])
         node.wait_for_states({uid}, PROCESSED, timeout=240)
         status = node.series()[uid]
         assert status["state"] == "failed"
@@ -193,28 +188,14 @@ def test_delivery_retries_gives_up_and_dicom_node_retry_delivers(
         node.stop()
 
 
-def _state_of(node: NodeProcess, uid: str) -> str | None:
-    with sqlite3.connect(node.data_dir / "node.db") as db:
-        row = db.execute(
-            "SELECT state FROM series WHERE series_instance_uid = ?", (uid,)
-        ).fetchone()
-    return row[0] if row else None
-
-
 def test_worker_crash_is_retried_and_reception_goes_on(
     tmp_path: Path, hip_phantom: dict[str, Path]
 ) -> None:
     node = NodeProcess(tmp_path).start()  # no destinations: done once the SEG is written
     try:
         first_worker = node.worker_pid()
-        assert storescu(node.port, hip_phantom["ct"], extra=("+sd", "+r")).returncode == 0
-        uid = str(
-            dcmread(next(hip_phantom["ct"].iterdir()), stop_before_pixels=True).SeriesInstanceUID
-        )
-        deadline = time.monotonic() + 60
-        while _state_of(node, uid) != "segmenting":
-            assert time.monotonic() < deadline, node.series()
-            time.sleep(0.02)
+        uid = node.send_series(hip_phantom["ct"])
+        node.wait_for_db_state(uid, {"segmenting"}, 60)
         os.kill(first_worker, signal.SIGKILL)
         # Reception does not notice: another series is stored meanwhile.
         no_bone = _no_bone_series(tmp_path / "no_bone")
@@ -235,10 +216,7 @@ def test_worker_hang_fails_the_job_with_the_time_out(
     node = NodeProcess(tmp_path, extra_config="[worker]\ntimeout_s = 0.2\nretries = 0\n").start()
     try:
         first_worker = node.worker_pid()
-        assert storescu(node.port, hip_phantom["ct"], extra=("+sd", "+r")).returncode == 0
-        uid = str(
-            dcmread(next(hip_phantom["ct"].iterdir()), stop_before_pixels=True).SeriesInstanceUID
-        )
+        uid = node.send_series(hip_phantom["ct"])
         node.wait_for_states({uid}, PROCESSED, timeout=120)
         status = node.series()[uid]
         assert status["state"] == "failed"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pg import PostgresServer, running_postgres
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import select
 
@@ -32,9 +35,22 @@ from dicom_node.state import (
 from model.volume_io import Volume
 
 
-@pytest.fixture
-def state(tmp_path: Path) -> NodeState:
-    state = NodeState(f"sqlite:///{tmp_path / 'node.db'}")
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """One server for the module; each test gets a database of its own (see `state`)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeState]:
+    """A fresh state database, on each backend the node supports ([node] database)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'node.db'}"
+    else:  # looked up only here, so that the SQLite runs neither start nor need the server
+        server: PostgresServer = request.getfixturevalue("postgres")
+        url = server.create_database(f"state_{uuid.uuid4().hex}")
+    state = NodeState(url)
     yield state
     state.close()
 
