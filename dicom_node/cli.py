@@ -200,7 +200,7 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     if result.reason is not None:
         raise ValueError(result.reason)
     if result.dataset is None:
-        print(f"{survey.series_instance_uid}: none of the six bones found; no SEG written")
+        print(f"{survey.series_instance_uid}: {result.no_findings}; no SEG written")
         return 0
     save_seg(result.dataset, args.output)
     print(args.output)

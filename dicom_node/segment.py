@@ -127,7 +127,7 @@ class SegmentationStage:
         if outcome.reason is not None:
             self.state.mark_failed(job.series_id, job.generation, outcome.reason)
         elif outcome.seg_uids is None:
-            self.state.mark_no_findings(job, summary)
+            self.state.mark_no_findings(job, summary, outcome.summary["no_findings"])
         else:
             calling_ae, calling_host = self.state.calling_peer(job.series_id)
             targets = resolve_targets(self.config, calling_ae, calling_host)

@@ -519,13 +519,13 @@ class NodeState:
         """A worker crash or hang interrupted `job`: queue it again (the caller checks retries)."""
         return self._move_if_current(job.series_id, job.generation, SeriesState.QUEUED, reason)
 
-    def mark_no_findings(self, job: Job, result: str) -> bool:
+    def mark_no_findings(self, job: Job, result: str, reason: str) -> bool:
         with self._session() as session:
             series = self._current(session, job.series_id, job.generation)
             if series is None:
                 return False
             series.result = result
-            _transition(session, series, SeriesState.NO_FINDINGS, "none of the six bones found")
+            _transition(session, series, SeriesState.NO_FINDINGS, reason)
             return True
 
     def mark_segmented(

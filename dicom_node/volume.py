@@ -150,6 +150,15 @@ class AssemblyPolicy:
     spacing_tolerance: float = 0.05
     max_gap_factor: float = 3.0
     resample_spacing_mm: float = 0.0  # 0: the stack's own spacing
+    # Body Part Examined values (PS3.16 Annex L, compared ignoring case and spacing) of series
+    # that hold none of the six bones: skipped before any inference. A series without the
+    # attribute, or with another value (PELVIS, LEG, WHOLEBODY, PARTIALBODY, ...), goes on; what
+    # the model then finds is checked for anatomical sense (model/anatomy.py).
+    skip_body_parts: tuple[str, ...] = (
+        "HEAD", "BRAIN", "SKULL", "FACE", "ORBIT", "SINUS", "IAC", "EAR", "JAW", "TMJ", "NECK",
+        "CSPINE", "TSPINE", "CHEST", "THORAX", "LUNG", "HEART", "BREAST", "CLAVICLE", "SHOULDER",
+        "SCAPULA", "ARM", "UPRARM", "HUMERUS", "ELBOW", "FOREARM", "WRIST", "HAND", "FINGER",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         rules = (
@@ -509,6 +518,14 @@ def _sop_class(ds: Dataset) -> str:
 
 def _sop_instance(ds: Dataset) -> str:
     return str(ds.get("SOPInstanceUID") or _file_meta(ds).get("MediaStorageSOPInstanceUID") or "")
+
+
+def _check_body_part(headers: Sequence[tuple[Path, Dataset]], policy: AssemblyPolicy) -> None:
+    skipped = {part.replace(" ", "").upper() for part in policy.skip_body_parts}
+    for _, ds in headers:
+        part = str(ds.get("BodyPartExamined") or "")
+        if part.replace(" ", "").upper() in skipped:
+            raise AssemblyError(f"body part examined {part} (series.skip_body_parts)")
 
 
 def _is_ct_image(ds: Dataset) -> bool:
@@ -899,6 +916,7 @@ def _plan(headers: Sequence[tuple[Path, Dataset]], policy: AssemblyPolicy) -> _P
     images = [f for f in frames if not f.localizer]
     if not images:
         raise AssemblyError("localizer")
+    _check_body_part(ct, policy)
     if len(images) < len(frames):
         notes.append(f"left out {_count(len(frames) - len(images), 'localizer frame')}")
     _check_consistent(images)

@@ -32,6 +32,8 @@ from dicom_node.config import Config, InferenceConfig
 from dicom_node.seg import AlgorithmInfo, SegWriter
 from dicom_node.spool import write_durably
 from dicom_node.volume import AssemblyError, AssemblyPolicy, assemble_volume
+from model.anatomy import check_anatomy, without_bones
+from model.labels import BONE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ class SeriesResult:
     dataset: Dataset | None
     reason: str | None  # why it failed; None for a SEG or no findings
     summary: dict[str, Any] = field(default_factory=dict)  # segments, timings, notes
+
+    @property
+    def no_findings(self) -> str | None:
+        """Why there is no SEG of a series that did not fail."""
+        return self.summary.get("no_findings")
 
     @property
     def failed(self) -> bool:
@@ -73,6 +80,9 @@ def build_writer(config: Config, segmenter: Any) -> SegWriter:
     )
 
 
+NO_BONE = "none of the six bones found"
+
+
 def segment_series(
     paths: list[Path],
     policy: AssemblyPolicy,
@@ -83,7 +93,9 @@ def segment_series(
     """Assemble the series, segment it, write its SEG dataset (not yet to disk).
 
     A series that cannot be assembled fails with the assembler's reason; a volume without any
-    of the six bones is "no findings" (no SEG).
+    of the six bones, or with bones where no lower extremity has them (`model.anatomy`), is
+    "no findings" (no SEG), with the reason in the summary; a few misplaced bones are left out
+    of the SEG.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -95,20 +107,29 @@ def segment_series(
     t = time.perf_counter()
     segmentation = segmenter.segment(assembled.volume)
     timings["segment_s"] = time.perf_counter() - t
+    anatomy = check_anatomy(segmentation.sided)
+    sided = without_bones(segmentation.sided, anatomy.dropped)
     t = time.perf_counter()
-    dataset = writer.write(assembled, segmentation.sided, generation)
+    dataset = None if anatomy.reason else writer.write(assembled, sided, generation)
     timings["seg_encode_s"] = time.perf_counter() - t
+    dropped = [BONE_NAMES[bone] for bone in anatomy.dropped]
     summary = {
         "series_instance_uid": assembled.series_instance_uid,
         "frames": len(assembled.frames),
         "notes": assembled.notes,
-        "segments": segmentation.summary["segments"],
+        "segments": [s for s in segmentation.summary["segments"] if s["bone"] not in dropped],
+        # Found where no lower extremity has them (model/anatomy.py): not in the SEG.
+        "dropped_as_misplaced": [
+            s for s in segmentation.summary["segments"] if s["bone"] in dropped
+        ],
         "inference": {k: v for k, v in segmentation.summary.items() if k != "segments"},
         "timings_s": {
             **{k: round(v, 3) for k, v in timings.items()},
             "inference_detail": segmentation.timings,
         },
     }
+    if dataset is None:
+        summary["no_findings"] = anatomy.reason or NO_BONE
     return SeriesResult(dataset, None, summary)
 
 

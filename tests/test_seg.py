@@ -42,6 +42,9 @@ from model.weights import DEFAULT_WEIGHTS
 
 SHA = "85ab5176e0dca350f83dacf8d9769291e9dbba57c1e1e58bd21d004c0b67cce5"
 ALGORITHM = AlgorithmInfo("cascaded-vnet-lower-extremity", "1.0", SHA)
+# The real series at hand are heads: these tests are about their geometry, not selection.
+HEADS = AssemblyPolicy(skip_body_parts=())
+HEADS_7MM = AssemblyPolicy(skip_body_parts=(), max_slice_thickness_mm=7.0)
 RIGHT_FEMUR, LEFT_FEMUR = sided_label(Bone.FEMUR, Side.RIGHT), sided_label(Bone.FEMUR, Side.LEFT)
 
 
@@ -393,8 +396,8 @@ def test_legacy_converted_enhanced_ct(phantom: Case, writer: SegWriter, tmp_path
 @pytest.mark.parametrize(
     ("folder", "policy"),
     [
-        ("dcm_qa_ct/GE", AssemblyPolicy(max_slice_thickness_mm=7.0)),  # tilt 18.5, irregular
-        ("dcm_qa_ct/Philips/S21610/S3010", AssemblyPolicy()),  # tilt +16.5
+        ("dcm_qa_ct/GE", HEADS_7MM),  # tilt 18.5, irregular
+        ("dcm_qa_ct/Philips/S21610/S3010", HEADS),  # tilt +16.5
     ],
 )
 def test_tilted_and_irregular_series_seg_lies_on_the_source_frames(
@@ -435,8 +438,8 @@ def test_fast_resampling_equals_simpleitk_on_tilted_series() -> None:
     """Random labels (every pixel counts) on the volume grid and on a shifted coarser grid."""
     rng = np.random.default_rng(7)
     for folder, policy in (
-        ("dcm_qa_ct/GE", AssemblyPolicy(max_slice_thickness_mm=7.0)),
-        ("dcm_qa_ct/Philips/S21610/S2010", AssemblyPolicy()),  # tilt -18.5
+        ("dcm_qa_ct/GE", HEADS_7MM),
+        ("dcm_qa_ct/Philips/S21610/S2010", HEADS),  # tilt -18.5
     ):
         assembled = assemble_volume([require_data() / folder], policy)
         volume = assembled.volume

@@ -217,7 +217,7 @@ def test_work_on_a_superseded_generation_is_discarded(state: NodeState) -> None:
     assert job is not None
     _receive(state, "1.2", series="1")  # a late instance reopens the series
     assert not state.mark_segmented(job, "1.dcm", ("9.1", "9.2"), "{}", [PACS])
-    assert not state.mark_no_findings(job, "{}")
+    assert not state.mark_no_findings(job, "{}", "none of the six bones found")
     (series,) = state.recent_series()
     assert series.state == SeriesState.RECEIVING and series.seg_file is None
 

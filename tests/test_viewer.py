@@ -171,7 +171,9 @@ def test_dcmjs_decodes_a_seg_of_a_tilted_irregular_real_series(tmp_path: Path) -
     """
     node = require_dcmjs()
     ct_dir = require_data() / "dcm_qa_ct" / "GE"
-    assembled = assemble_volume([ct_dir], AssemblyPolicy(max_slice_thickness_mm=7.0))
+    assembled = assemble_volume(
+        [ct_dir], AssemblyPolicy(max_slice_thickness_mm=7.0, skip_body_parts=())
+    )
     assert assembled.resampled  # the frames are not the volume's slices
     hu = assembled.volume.array
     sided = np.zeros(hu.shape, dtype=np.uint8)

@@ -52,6 +52,8 @@ needs_data = pytest.mark.skipif(
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 PIXEL_SPACING = (1.0, 1.2)  # DICOM order: between rows (y), between columns (x)
 FEW = AssemblyPolicy(min_slices=2)
+# The real series at hand are heads: these tests are about their geometry, not selection.
+HEADS = AssemblyPolicy(skip_body_parts=())
 Field = Callable[[np.ndarray], np.ndarray]  # HU at (..., 3) patient positions
 
 
@@ -239,9 +241,13 @@ def assemble_field(
 
 
 def test_policy_defaults_have_simple_types() -> None:
-    """config.py's loader takes a key's type from the default: int, float or str only."""
+    """config.py's loader checks TOML values against these: int, float, str, or a tuple of str
+    (a TOML array)."""
     for field in dataclasses.fields(AssemblyPolicy):
-        assert type(field.default) in (int, float, str), field.name
+        default = field.default
+        assert type(default) in (int, float, str) or (
+            type(default) is tuple and all(type(v) is str for v in default)
+        ), field.name
 
 
 def test_policy_from_a_config_section_with_other_keys() -> None:
@@ -728,8 +734,9 @@ def assert_round_trip(assembled: AssembledVolume, frames: Sequence[int]) -> None
 def test_ge_tilt_and_irregular_spacing() -> None:
     paths = [QA / "GE"]
     headers = read_headers(paths)
-    assert select_series(headers) == "slice thickness 7 mm > 5 mm (14 of 28 slices)"
-    thick = AssemblyPolicy(max_slice_thickness_mm=7.0)
+    assert select_series(headers) == "body part examined HEAD (series.skip_body_parts)"
+    assert select_series(headers, HEADS) == "slice thickness 7 mm > 5 mm (14 of 28 slices)"
+    thick = dataclasses.replace(HEADS, max_slice_thickness_mm=7.0)
     reasons = {
         "irregular slice spacing 1.08-7.00 mm (policy: reject)": {"irregular_spacing": "reject"},
         "gantry tilt 18.5 deg (policy: reject)": {"gantry_tilt": "reject"},
@@ -753,9 +760,9 @@ def test_ge_tilt_and_irregular_spacing() -> None:
 @needs_data
 def test_philips_tilted_series() -> None:
     paths = [QA / "Philips" / "S21610" / "S2010"]
-    reason = select_series(read_headers(paths), AssemblyPolicy(gantry_tilt="reject"))
+    reason = select_series(read_headers(paths), dataclasses.replace(HEADS, gantry_tilt="reject"))
     assert reason == "gantry tilt 18.5 deg (policy: reject)"
-    assembled = assemble_volume(paths)
+    assembled = assemble_volume(paths, HEADS)
     assert assembled.notes[0] == "ignored 1 non-DICOM file"  # DIRFILE
     assert assembled.notes[1].startswith("gantry tilt 18.5 deg corrected")
     assert len(assembled.frames) == 54 and assembled.volume.array.shape[0] == 54
@@ -769,7 +776,9 @@ def test_philips_regular_series_scouts_and_secondary_captures() -> None:
     assert (len(headers), headers.skipped) == (28, 1)  # DIRFILE is not an instance
     assert select_series(read_headers([study / "S1000"])) == "localizer"
     assert select_series(read_headers([study / "S4010"])) == "secondary capture"
-    assembled = assemble_volume([study / "S2010"])
+    reason = select_series(read_headers([study / "S2010"]))
+    assert reason == "body part examined BRAIN (series.skip_body_parts)"
+    assembled = assemble_volume([study / "S2010"], HEADS)
     assert not assembled.resampled and assembled.volume.array.dtype == np.int16
     np.testing.assert_array_equal(assembled.volume.array[5], _source_hu(assembled.frames[5].path))
 

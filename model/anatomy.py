@@ -1,0 +1,141 @@
+"""Is a segmentation anatomically possible? Where the six bones lie along the body's axis.
+
+A model trained on phantoms, shown a head or a slab of abdomen, finds "bones" anyway: on the
+real head and body CTs at hand it labelled all six, a few ml each, within a few centimetres.
+Whatever the model, some pairs of these bones cannot lie close together along the body in any
+adult on a CT table: the femoral shaft separates the hip bone from the leg, the tibia separates
+the femur from the foot. A segmentation that puts such a pair closer is not of a lower
+extremity, and the node reports no findings instead of a SEG nobody should trust.
+
+The gaps are deliberately loose (about half of the smallest adult's): the rule must never turn
+away a real scan, only segmentations that are nonsense. A model also errs on real legs: a few
+voxels of "talus" at a hip. So the bone in most conflicts (ties: the smaller) is dropped, again
+until none is left; only when that drops more than `MAX_DROPPED_FRACTION` of the bone found is
+the whole segmentation implausible. On the head and body CTs at hand it dropped 17 % and 58 %.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.labels import BONE_NAMES, Bone
+from model.volume_io import Volume
+
+# (upper bone, lower bone): the least distance (mm) along the body's long axis between the
+# lowest part of the upper bone and the highest part of the lower one. Ischial tuberosity to
+# tibial plateau is the femur's length less ~8 cm (>= 28 cm in small adults); femoral condyles
+# to talus, the tibia's length (>= 30 cm); hip bone to talus, both.
+MIN_GAP_MM: dict[tuple[Bone, Bone], float] = {
+    (Bone.HIP_BONE, Bone.TIBIA): 150.0,
+    (Bone.HIP_BONE, Bone.FIBULA): 150.0,
+    (Bone.HIP_BONE, Bone.TALUS): 400.0,
+    (Bone.HIP_BONE, Bone.CALCANEUS): 400.0,
+    (Bone.FEMUR, Bone.TALUS): 200.0,
+    (Bone.FEMUR, Bone.CALCANEUS): 200.0,
+}
+# A bone's extent along the axis: between these quantiles of its voxels, so that a stray
+# fragment (the kind post-processing leaves when it touches the field's edge) does not
+# stretch it.
+EXTENT_QUANTILES = (0.02, 0.98)
+# Dropping misplaced bones may remove at most this share of all bone voxels; more, and the
+# segmentation as a whole is not of a lower extremity.
+MAX_DROPPED_FRACTION = 0.10
+
+
+def slice_heights_mm(volume: Volume) -> np.ndarray:
+    """Patient z (LPS: towards the head) of each slice's centre, in array order."""
+    direction = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
+    depth, height, width = volume.array.shape
+    centre = np.array([(width - 1) / 2, (height - 1) / 2, 0.0]) * np.asarray(volume.spacing)
+    first = volume.origin[2] + direction[2] @ centre
+    return first + direction[2, 2] * volume.spacing[2] * np.arange(depth)
+
+
+@dataclass(frozen=True)
+class BoneExtent:
+    voxels: int
+    low_mm: float  # patient z, EXTENT_QUANTILES[0] of its voxels
+    high_mm: float
+
+
+@dataclass(frozen=True)
+class AnatomyCheck:
+    """`dropped`: bones to remove as misplaced; `reason`: set when the whole segmentation is
+    implausible (then nothing of it should be reported)."""
+
+    dropped: tuple[Bone, ...] = ()
+    reason: str | None = None
+
+
+def bone_extents(labels: Volume) -> dict[Bone, BoneExtent]:
+    """Voxels and patient-z extent of each bone present; sided labels (7..12) count as their
+    bone."""
+    array = labels.array
+    bones = len(BONE_NAMES)
+    per_slice = np.stack(
+        [np.bincount(s.ravel(), minlength=2 * bones + 1)[1 : 2 * bones + 1] for s in array],
+        axis=1,
+    )
+    per_slice = per_slice[:bones] + per_slice[bones:]  # right + left
+    heights = slice_heights_mm(labels)
+    extents = {}
+    for bone in Bone:
+        counts = per_slice[bone - 1]
+        total = int(counts.sum())
+        if not total:
+            continue
+        cumulative = np.cumsum(counts) / total
+        ends = [heights[np.searchsorted(cumulative, q)] for q in EXTENT_QUANTILES]
+        extents[bone] = BoneExtent(total, float(min(ends)), float(max(ends)))
+    return extents
+
+
+def _conflicts(extents: dict[Bone, BoneExtent]) -> list[str]:
+    found = []
+    for (upper, lower), least in MIN_GAP_MM.items():
+        if upper in extents and lower in extents:
+            gap = extents[upper].low_mm - extents[lower].high_mm
+            if gap < least:
+                found.append(
+                    f"{BONE_NAMES[upper]} and {BONE_NAMES[lower]} found {gap:.0f} mm apart "
+                    f"along the body (at least {least:.0f} mm in any adult)"
+                )
+    return found
+
+
+def check_anatomy(labels: Volume) -> AnatomyCheck:
+    """Which bones of `labels` (bones 1..6, or sided 1..12) lie where no lower extremity has
+    them, and whether the rest can stand (see the module doc)."""
+    extents = bone_extents(labels)
+    first = _conflicts(extents)
+    if not first:
+        return AnatomyCheck()
+    total = sum(e.voxels for e in extents.values())
+    remaining = dict(extents)
+    dropped: list[Bone] = []
+    while pairs := [
+        pair
+        for pair in MIN_GAP_MM
+        if set(pair) <= remaining.keys() and _conflicts({b: remaining[b] for b in pair})
+    ]:
+        counts = Counter(bone for pair in pairs for bone in pair)
+        worst = max(counts, key=lambda bone: (counts[bone], -remaining[bone].voxels))
+        dropped.append(worst)
+        del remaining[worst]
+    share = sum(extents[b].voxels for b in dropped) / total
+    if share > MAX_DROPPED_FRACTION:
+        return AnatomyCheck(tuple(dropped), f"anatomically implausible: {first[0]}")
+    return AnatomyCheck(tuple(dropped))
+
+
+def without_bones(labels: Volume, bones: tuple[Bone, ...]) -> Volume:
+    """`labels` with `bones` (both sides) set to background."""
+    if not bones:
+        return labels
+    array = labels.array.copy()
+    for bone in bones:
+        array[(array == bone) | (array == bone + len(BONE_NAMES))] = 0
+    return labels.with_array(array)

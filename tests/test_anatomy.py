@@ -1,0 +1,105 @@
+"""Anatomical plausibility (model/anatomy.py) on label maps with known geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.anatomy import AnatomyCheck, bone_extents, check_anatomy, slice_heights_mm, without_bones
+from model.labels import Bone, Side, sided_label
+from model.phantom import generate_phantom
+from model.volume_io import Volume
+
+SPACING = (2.0, 2.0, 5.0)  # x, y, z mm
+
+
+def _leg(bands: dict[Bone, tuple[int, int]], flip: bool = False) -> Volume:
+    """Bones in slices [start, stop) counted from the feet, 5 mm apart, each in its own column
+    (neighbours overlap along z as in a body, not in space), right side. `flip`: the same
+    body stored head first (z falls with the array index)."""
+    labels = np.zeros((240, 8, 8), np.uint8)
+    for bone, (start, stop) in bands.items():
+        labels[start:stop, 2:6, bone] = bone
+    if flip:  # the same body, stored head first
+        labels = labels[::-1].copy()
+    direction = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0 if flip else 1.0)
+    origin = (0.0, 0.0, 1195.0 if flip else 0.0)
+    return Volume(labels, SPACING, origin, direction)
+
+
+# A whole leg from the foot up, in slices of 5 mm: calcaneus, talus, tibia and fibula, femur,
+# hip bone, each touching the next as in an adult.
+WHOLE_LEG = {
+    Bone.CALCANEUS: (0, 12),
+    Bone.TALUS: (8, 16),
+    Bone.FIBULA: (14, 90),
+    Bone.TIBIA: (15, 95),
+    Bone.FEMUR: (94, 186),
+    Bone.HIP_BONE: (170, 210),
+}
+
+
+def test_slice_heights_follow_the_direction() -> None:
+    heights = slice_heights_mm(_leg({}))
+    assert heights[0] == 0.0 and heights[1] == 5.0
+    flipped = slice_heights_mm(_leg({}, flip=True))
+    assert flipped[0] == 1195.0 and flipped[1] == 1190.0
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_whole_leg_is_plausible(flip: bool) -> None:
+    leg = _leg(WHOLE_LEG, flip)
+    femur = bone_extents(leg)[Bone.FEMUR]
+    assert femur.voxels == 92 * 4
+    # 92 slices; the 2 % and 98 % quantiles of its voxels fall in its 2nd and 91st slices.
+    assert femur.high_mm - femur.low_mm == 89 * 5.0
+    assert check_anatomy(leg) == AnatomyCheck()
+
+
+def test_bones_crowded_into_a_slab_are_implausible() -> None:
+    """What a phantom-trained model found in a 4 cm slab of a real body: every bone at once."""
+    slab = _leg({bone: (100, 108) for bone in Bone})
+    check = check_anatomy(slab)
+    assert check.reason == (
+        "anatomically implausible: hip bone and tibia found -35 mm apart along the body "
+        "(at least 150 mm in any adult)"
+    )
+    # The hip bone is in four conflicts, then the femur in two; a third of the bone is dropped.
+    assert check.dropped == (Bone.HIP_BONE, Bone.FEMUR)
+
+
+def test_a_few_misplaced_voxels_are_dropped_not_the_scan() -> None:
+    """A hip with a speck of "talus" and of "calcaneus" in it, on both sides: the specks go,
+    the hip stays."""
+    hip = {Bone.FEMUR: (100, 190), Bone.HIP_BONE: (170, 230)}
+    leg = _leg(hip)
+    array = leg.array.copy()
+    array[150, 0, 0] = Bone.TALUS
+    array[151, 0, 1] = sided_label(Bone.TALUS, Side.LEFT)
+    array[160, 7, 7] = Bone.CALCANEUS
+    check = check_anatomy(leg.with_array(array))
+    assert check.reason is None and set(check.dropped) == {Bone.TALUS, Bone.CALCANEUS}
+    cleaned = without_bones(leg.with_array(array), check.dropped)
+    np.testing.assert_array_equal(cleaned.array, leg.array)
+
+
+def test_a_foot_above_the_knee_is_implausible_and_sides_count_alike() -> None:
+    bands = {Bone.FEMUR: (40, 90), Bone.CALCANEUS: (100, 150)}  # a heel above the femur
+    leg = _leg(bands)
+    left = leg.with_array(np.where(leg.array > 0, leg.array + len(Bone), 0).astype(np.uint8))
+    assert sided_label(Bone.FEMUR, Side.LEFT) in left.array
+    for labels in (leg, left):
+        reason = check_anatomy(labels).reason
+        assert reason is not None and "femur and calcaneus found -540 mm apart" in reason
+
+
+def test_one_bone_or_neighbours_only_is_never_judged() -> None:
+    for bands in ({Bone.HIP_BONE: (0, 10)}, {Bone.TIBIA: (0, 50), Bone.TALUS: (0, 50)}, {}):
+        assert check_anatomy(_leg(bands)) == AnatomyCheck()
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_phantom_truths_are_plausible(seed: int) -> None:
+    """The generator's own ground truth, whatever region and build it draws."""
+    phantom = generate_phantom(seed, "small")
+    assert check_anatomy(phantom.labels) == AnatomyCheck()
