@@ -39,7 +39,7 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the real daemon and Orthanc, as the tests run them
 
-from node_process import NodeProcess, start_storescu, storescu  # noqa: E402
+from node_process import NodeProcess, destination_toml, start_storescu, storescu  # noqa: E402
 from peers import OrthancProcess  # noqa: E402
 
 from bench.inference import machine  # noqa: E402
@@ -51,7 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "crash.json"
 # phantoms are not yet segmented plausibly, and end `no_findings`).
 PHANTOM_SEEDS = (1003, 1004)
 FINAL = {"done", "no_findings", "failed", "skipped"}
-DELIVERY = "[delivery]\nbackoff_initial_s = 0.5\nbackoff_max_s = 2\nmax_attempts = 1000\n"
+DELIVERY = {"backoff_initial_s": 0.5, "backoff_max_s": 2, "max_attempts": 1000}
 ROUND_TIMEOUT_S = 900
 
 
@@ -127,13 +127,7 @@ def run(workdir: Path, rounds: int, series_per_round: int, seed: int) -> dict:
     ]
     pacs = OrthancProcess(workdir / "orthanc").start()
     destination = pacs.destination()
-    node = NodeProcess(
-        workdir / "node",
-        extra_config=(
-            f'[[destinations]]\nname = "pacs"\nae_title = "{destination.ae_title}"\n'
-            f'host = "127.0.0.1"\nport = {destination.port}\n{DELIVERY}'
-        ),
-    )
+    node = NodeProcess(workdir / "node", extra_config=destination_toml(destination, **DELIVERY))
     violations: list[str] = []
     phases: Counter[str] = Counter()
     sent: dict[str, int] = {}  # series UID -> instances

@@ -20,6 +20,7 @@ import psutil
 import pytest
 from pydicom import dcmread
 
+from dicom_node.config import Destination
 from dicom_node.demo import PEER_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +185,22 @@ class NodeProcess:
 
     def spool_files(self) -> set[str]:
         return {p.name for p in (self.data_dir / "spool").iterdir()}
+
+
+def destination_toml(destination: Destination, **delivery: Any) -> str:
+    """A `[[destinations]]` table for `destination` (and a `[delivery]` one of `delivery`),
+    for NodeProcess(extra_config=...)."""
+    lines = [
+        "[[destinations]]",
+        f'name = "{destination.name}"',
+        f'ae_title = "{destination.ae_title}"',
+        'host = "127.0.0.1"',
+        f"port = {destination.port}",
+    ]
+    if delivery:
+        lines.append("[delivery]")
+        lines += [f"{key} = {value}" for key, value in delivery.items()]
+    return "\n".join(lines) + "\n"
 
 
 def storescu_command(

@@ -11,26 +11,20 @@ import random
 import time
 from pathlib import Path
 
-from node_process import NodeProcess, start_storescu, storescu
+from node_process import NodeProcess, destination_toml, start_storescu, storescu
 from peers import OrthancProcess
 from pydicom import dcmread
 
 from dicom_node.phantom_series import write_phantom
 
-DELIVERY = "[delivery]\nbackoff_initial_s = 0.5\nbackoff_max_s = 1\nmax_attempts = 1000\n"
+DELIVERY = {"backoff_initial_s": 0.5, "backoff_max_s": 1, "max_attempts": 1000}
 
 
 def test_sigkill_at_any_stage_loses_nothing_and_delivers_each_seg_once(tmp_path: Path) -> None:
     rng = random.Random(20261124)
     pacs = OrthancProcess(tmp_path / "orthanc").start()
     destination = pacs.destination()
-    node = NodeProcess(
-        tmp_path / "node",
-        extra_config=(
-            f'[[destinations]]\nname = "pacs"\nae_title = "{destination.ae_title}"\n'
-            f'host = "127.0.0.1"\nport = {destination.port}\n{DELIVERY}'
-        ),
-    )
+    node = NodeProcess(tmp_path / "node", extra_config=destination_toml(destination, **DELIVERY))
     series_uids: dict[str, int] = {}  # -> instances sent
     try:
         for seed, phase in ((1003, "transfer"), (1001, "inference"), (1002, "delivery")):

@@ -19,7 +19,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pytest
-from node_process import ROOT, NodeProcess, require, storescu
+from node_process import ROOT, NodeProcess, destination_toml, require, storescu
 from peers import OrthancProcess
 from pydicom import dcmread
 
@@ -48,20 +48,6 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess
 def hip_phantom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small hip CT series (femur and hip bone of one side) and its truth."""
     return write_phantom(tmp_path_factory.mktemp("phantom"), seed=1003, size="small")
-
-
-def _destination_toml(destination: Destination, **delivery: Any) -> str:
-    lines = [
-        "[[destinations]]",
-        f'name = "{destination.name}"',
-        f'ae_title = "{destination.ae_title}"',
-        'host = "127.0.0.1"',
-        f"port = {destination.port}",
-    ]
-    if delivery:
-        lines.append("[delivery]")
-        lines += [f"{key} = {value}" for key, value in delivery.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _no_bone_series(directory: Path) -> Path:
@@ -109,7 +95,7 @@ def _job(node: NodeProcess, job_id: int) -> dict[str, Any]:
 def test_ct_series_comes_back_as_seg_in_the_same_study(
     tmp_path: Path, orthanc: OrthancProcess, hip_phantom: dict[str, Path]
 ) -> None:
-    node = NodeProcess(tmp_path, extra_config=_destination_toml(orthanc.destination())).start()
+    node = NodeProcess(tmp_path, extra_config=destination_toml(orthanc.destination())).start()
     try:
         no_bone = _no_bone_series(tmp_path / "no_bone")
         for folder in (hip_phantom["ct"], no_bone):
@@ -158,7 +144,7 @@ def test_delivery_retries_gives_up_and_dicom_node_retry_delivers(
     pacs = OrthancProcess(tmp_path / "orthanc")  # its ports are chosen; it is not up yet
     delivery = {"max_attempts": 3, "backoff_initial_s": 0.2, "backoff_max_s": 0.4, "timeout_s": 5}
     node = NodeProcess(
-        tmp_path / "node", extra_config=_destination_toml(pacs.destination(), **delivery)
+        tmp_path / "node", extra_config=destination_toml(pacs.destination(), **delivery)
     ).start()
     try:
         uid = node.send_series(hip_phantom["ct"])
