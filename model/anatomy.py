@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.labels import BONE_NAMES, Bone
+from model.postprocess import slice_label_counts
 from model.volume_io import Volume
 
 # (upper bone, lower bone): the least distance (mm) along the body's long axis between the
@@ -76,10 +77,7 @@ def bone_extents(labels: Volume) -> dict[Bone, BoneExtent]:
     bone."""
     array = labels.array
     bones = len(BONE_NAMES)
-    per_slice = np.stack(
-        [np.bincount(s.ravel(), minlength=2 * bones + 1)[1 : 2 * bones + 1] for s in array],
-        axis=1,
-    )
+    per_slice = slice_label_counts(array, 2 * bones + 1)[:, 1:].T
     per_slice = per_slice[:bones] + per_slice[bones:]  # right + left
     heights = slice_heights_mm(labels)
     extents = {}
