@@ -132,7 +132,17 @@ def _add_train(sub: SubParsers) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=int, help="torch threads for the network")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes generating phantoms and drawing batches (a GPU wants ~15)",
+    )
+    parser.add_argument(
+        "--init", type=Path, metavar="WEIGHTS", help="start a new run from these weights"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_train)
 
@@ -144,13 +154,18 @@ def _train(args: argparse.Namespace) -> int:
     if not args.data and not args.phantom_seeds:
         raise ValueError("give DATA folders or --phantom-seeds")
     config = CascadeConfig(patch_sizes=tuple(args.patch_sizes))
-    cases, metadata = load_cases(args.data, args.phantom_seeds, args.phantom_size, config)
+    cases, metadata = load_cases(
+        args.data, args.phantom_seeds, args.phantom_size, config, workers=args.workers
+    )
     settings = TrainingSettings(
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
         threads=args.threads,
+        device=args.device,
+        workers=args.workers,
+        init_weights=args.init,
     )
     weights = train(cases, args.out, config, settings, metadata, progress=not args.no_progress)
     print(weights)

@@ -32,7 +32,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from model.labels import BONE_NAMES, N_CLASSES, Side, sided_label
-from model.network import CascadedVNet, upsample_context
+from model.network import CascadedVNet, pick_device, upsample_context
 from model.postprocess import remove_islands, split_sides
 from model.resample import AIR_HU, image_to_model_grid, labels_to_grid
 from model.sampling import normalise_hu
@@ -79,15 +79,6 @@ def label_counts(labels: np.ndarray, n: int, slab: int = 32) -> np.ndarray:
         ),
         np.zeros(n, dtype=np.int64),
     )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:

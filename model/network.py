@@ -24,6 +24,16 @@ from model.labels import N_CLASSES
 LEVELS = 4
 
 
+def pick_device(name: str) -> torch.device:
+    """The torch device for `name`: cpu, cuda, cuda:N, or auto (CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     """3x3x3 convolution, batch normalisation, ReLU: the network's only building block."""
     return nn.Sequential(

@@ -14,8 +14,8 @@ from model.labels import Bone, Side, sided_label
 from model.network import CascadeConfig, CascadedVNet
 from model.postprocess import remove_islands, split_sides
 from model.sampling import TrainingCase
-from model.training import TrainingSettings, train
-from model.weights import load_checkpoint, load_weights, save_weights
+from model.training import BatchStream, TrainingSettings, batches_from, train
+from model.weights import file_sha256, load_checkpoint, load_weights, save_weights
 
 
 def test_weights_round_trip_and_tamper_check(tmp_path: Path) -> None:
@@ -72,6 +72,34 @@ def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
         tmp_path / "b" / "checkpoint.safetensors", model, torch.optim.Adam(model.parameters())
     )
     assert state["step"] == 4 and len(state["history"]) == 2
+
+
+def test_batches_do_not_depend_on_the_worker_count() -> None:
+    """Batch n is seeded by (seed, n): drawn inline or by forked workers, it is the same."""
+    config = CascadeConfig(patch_sizes=(64, 32))
+    settings = TrainingSettings(steps=5, batch_size=2, seed=7, workers=2)
+    stream = BatchStream([tiny_case()], config, settings)
+    drawn = list(batches_from(2, [tiny_case()], config, settings))
+    assert len(drawn) == 3
+    for step, batch in zip(range(2, 5), drawn, strict=True):
+        for a, b in zip(batch, stream[step], strict=True):
+            assert torch.equal(a, b)
+    assert not torch.equal(stream[2][0], stream[3][0])
+
+
+def test_a_new_run_can_start_from_weights(tmp_path: Path) -> None:
+    config = CascadeConfig(patch_sizes=(64, 32))
+    start = tmp_path / "start.safetensors"
+    save_weights(CascadedVNet(config), start, {})
+    run = TrainingSettings(steps=0, init_weights=start, seed=1)
+    weights = train([tiny_case()], tmp_path / "run", config, run, progress=False)
+    a, _ = load_weights(start)
+    b, meta = load_weights(weights)
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    assert meta["training"]["init_weights"]["sha256"] == file_sha256(start)
+    with pytest.raises(ValueError, match="differs from the run's"):
+        train([tiny_case()], tmp_path / "other", CascadeConfig(patch_sizes=(32,)), run)
 
 
 def test_islands_are_removed_or_relabelled() -> None:
