@@ -32,7 +32,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from model.labels import BONE_NAMES, N_CLASSES, Side, sided_label
-from model.network import CascadedVNet, pick_device, upsample_context
+from model.network import CascadeConfig, CascadedVNet, pick_device, upsample_context
 from model.postprocess import remove_islands, split_sides
 from model.resample import AIR_HU, image_to_model_grid, labels_to_grid
 from model.sampling import normalise_hu
@@ -113,6 +113,37 @@ def ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+class ScaledInputs:
+    """The network's input for every stage: normalised HU averaged over the stage's voxel size,
+    made box by box from the int16 grid when asked for.
+
+    Whole float32 grids would cost 4 bytes a voxel (1.5 GB for a whole-leg scan, twice that
+    while normalising) where the fine stages read a few boxes of it.
+    """
+
+    def __init__(self, hu: np.ndarray, config: CascadeConfig, padded: tuple[int, ...]):
+        if any(p % f for p in padded for f in config.factors):
+            raise ValueError(f"padded shape {padded} is not a multiple of {config.factors}")
+        self.hu, self.config, self.padded = hu, config, padded
+
+    def shape(self, stage: int) -> tuple[int, ...]:
+        return tuple(n // self.config.factors[stage] for n in self.padded)
+
+    def region(self, stage: int, box: Box) -> Tensor:
+        """The stage's input over `box` (its own grid); air beyond the scan."""
+        f = self.config.factors[stage]
+        starts = [b.start * f for b in box]
+        sizes = [(b.stop - b.start) * f for b in box]
+        hu = np.full(sizes, AIR_HU, dtype=self.hu.dtype)
+        inside = [
+            slice(min(a, n), min(a + m, n))
+            for a, m, n in zip(starts, sizes, self.hu.shape, strict=True)
+        ]
+        hu[tuple(slice(0, i.stop - i.start) for i in inside)] = self.hu[tuple(inside)]
+        x = torch.from_numpy(normalise_hu(hu, self.config.hu_window))
+        return x if f == 1 else F.avg_pool3d(x[None, None], f)[0, 0]
+
+
 class Segmenter:
     """Loads the cascade once and segments volumes with it (the worker keeps one warm)."""
 
@@ -140,7 +171,6 @@ class Segmenter:
         """Bone labels for a HU volume, on the volume's own grid."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        source = volume.to_sitk()
         grid = image_to_model_grid(volume, self.config.spacing_mm)
         hu = sitk.GetArrayViewFromImage(grid)
         timings["resample_in_s"] = time.perf_counter() - t0
@@ -158,7 +188,7 @@ class Segmenter:
         t = time.perf_counter()
         sided_image = sitk.GetImageFromArray(sided)
         sided_image.CopyInformation(grid)
-        sided_image = labels_to_grid(sided_image, source)
+        sided_image = labels_to_grid(sided_image, volume)
         sided_array = sitk.GetArrayFromImage(sided_image)
         bone_array = np.where(
             sided_array > len(BONE_NAMES), sided_array - len(BONE_NAMES), sided_array
@@ -201,17 +231,14 @@ class Segmenter:
     # -- cascade on the model grid -------------------------------------------------------
     def predict_labels(self, hu: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """Labels (uint8) for HU on the model grid, plus per-stage refined fractions."""
-        factors = self.config.factors
         shape = hu.shape
-        block = self.config.patch_sizes[0] if self.settings.strategy == "paper" else factors[0] * 8
-        padded = [ceil_to(n, block) for n in shape]
-        x = torch.full(padded, normalise_hu(np.array([AIR_HU]), self.config.hu_window)[0])
-        x[: shape[0], : shape[1], : shape[2]] = torch.from_numpy(
-            normalise_hu(np.asarray(hu), self.config.hu_window)
+        block = (
+            self.config.patch_sizes[0]
+            if self.settings.strategy == "paper"
+            else self.config.factors[0] * 8
         )
+        inputs = ScaledInputs(np.asarray(hu), self.config, tuple(ceil_to(n, block) for n in shape))
         with torch.inference_mode():
-            inputs = [x if f == 1 else F.avg_pool3d(x[None, None], f)[0, 0] for f in factors]
-            del x
             if self.settings.strategy == "paper":
                 labels, stats = self._paper(inputs), {}
             else:
@@ -229,10 +256,10 @@ class Segmenter:
         return torch.softmax(out.float(), dim=1).cpu()
 
     # -- paper ------------------------------------------------------------------------------
-    def _paper(self, inputs: list[Tensor]) -> Tensor:
+    def _paper(self, inputs: ScaledInputs) -> Tensor:
         sizes, factors, s = self.config.patch_sizes, self.config.factors, self.config.input_size
-        labels = torch.zeros(inputs[-1].shape, dtype=torch.uint8)
-        for start in itertools.product(*(range(0, n, sizes[0]) for n in inputs[-1].shape)):
+        labels = torch.zeros(inputs.shape(-1), dtype=torch.uint8)
+        for start in itertools.product(*(range(0, n, sizes[0]) for n in inputs.shape(-1))):
             # Patches of the current stage: (start in 0.8 mm voxels, parent probs, parent start).
             patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]] = [
                 (start, None, start)
@@ -242,7 +269,7 @@ class Segmenter:
                 batch = []
                 for p_start, parent, parent_start in patches:
                     lo = [a // f for a in p_start]
-                    img = inputs[i][lo[0] : lo[0] + s, lo[1] : lo[1] + s, lo[2] : lo[2] + s]
+                    img = inputs.region(i, tuple(slice(a, a + s) for a in lo))
                     channels = [img[None]]
                     if parent is not None:
                         pf = factors[i - 1]
@@ -264,16 +291,16 @@ class Segmenter:
         return labels
 
     # -- fast -------------------------------------------------------------------------------
-    def _fast(self, inputs: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
-        n = len(inputs)
-        probs = self._dense(0, inputs[0])
+    def _fast(self, inputs: ScaledInputs) -> tuple[Tensor, dict[str, float]]:
+        n = len(self.config.factors)
+        probs = self._dense(inputs)
         stats = {}
         for i in range(1, n):
             ratio = self.config.factors[i - 1] // self.config.factors[i]
             coarse_labels = probs.argmax(0).to(torch.uint8)
-            refine = self._refine_mask(coarse_labels, probs)
+            refine = refine_mask(coarse_labels, probs, self.settings.band, self.settings.certainty)
             stats[f"stage{i + 1}"] = round(float(refine.float().mean()), 4)
-            fine_shape = inputs[i].shape
+            fine_shape = inputs.shape(i)
             last = i == n - 1
             if last:
                 result = upsample_nearest(coarse_labels, ratio)
@@ -282,7 +309,7 @@ class Segmenter:
             for core, region in self._boxes(refine, ratio, fine_shape):
                 x = torch.cat(
                     [
-                        inputs[i][region][None],
+                        inputs.region(i, region)[None],
                         crop_upsampled(probs, region, ratio),
                     ]
                 )[None]
@@ -297,18 +324,17 @@ class Segmenter:
             probs = result
         return probs.argmax(0).to(torch.uint8), stats
 
-    def _dense(self, stage: int, x: Tensor) -> Tensor:
-        """A stage over a whole grid, box by box with a halo (bounded memory)."""
-        out = torch.empty((N_CLASSES, *x.shape), dtype=torch.float16)
-        whole = tuple(slice(0, n) for n in x.shape)
-        for core, region in self._with_halo(
-            split_box(whole, self.settings.max_box_voxels), x.shape
-        ):
-            p = self._run(stage, x[region][None, None])[0]
+    def _dense(self, inputs: ScaledInputs) -> Tensor:
+        """The first stage over its whole grid, box by box with a halo (bounded memory)."""
+        shape = inputs.shape(0)
+        out = torch.empty((N_CLASSES, *shape), dtype=torch.float16)
+        whole = tuple(slice(0, n) for n in shape)
+        for core, region in self._with_halo(split_box(whole, self.settings.max_box_voxels), shape):
+            p = self._run(0, inputs.region(0, region)[None, None])[0]
             out[(slice(None), *core)] = p[(slice(None), *inner(core, region))].to(out.dtype)
         return out
 
-    def _with_halo(self, cores: list[Box], shape: torch.Size) -> Iterator[tuple[Box, Box]]:
+    def _with_halo(self, cores: list[Box], shape: tuple[int, ...]) -> Iterator[tuple[Box, Box]]:
         """(core, input region): the core grown by the halo, to a multiple of 8, inside `shape`."""
         halo = self.settings.halo
         for core in cores:
@@ -318,18 +344,8 @@ class Segmenter:
             )
             yield core, region  # type: ignore[misc]
 
-    def _refine_mask(self, labels: Tensor, probs: Tensor) -> Tensor:
-        """Where the next stage must look: near a label change, or unsure (previous grid)."""
-        lab = labels[None, None].float()
-        k = 2 * self.settings.band + 1
-        changes = F.max_pool3d(lab, k, 1, self.settings.band) != -F.max_pool3d(
-            -lab, k, 1, self.settings.band
-        )
-        unsure = probs.max(0).values < self.settings.certainty
-        return changes[0, 0] | unsure
-
     def _boxes(
-        self, refine: Tensor, ratio: int, fine_shape: torch.Size
+        self, refine: Tensor, ratio: int, fine_shape: tuple[int, ...]
     ) -> Iterator[tuple[Box, Box]]:
         """(core, input region) boxes on the finer grid covering `refine` (coarser grid)."""
         slab = self.settings.slab
@@ -351,6 +367,21 @@ class Segmenter:
                 yield from self._with_halo(
                     split_box(core, self.settings.max_box_voxels), fine_shape
                 )
+
+
+def refine_mask(labels: Tensor, probs: Tensor, band: int, certainty: float) -> Tensor:
+    """Where the next stage must look: within `band` voxels (a cube) of a label change, or where
+    no class reaches `certainty`. `labels` (D, H, W) uint8 and `probs` (C, D, H, W) on one grid.
+    """
+    # Max and min filters on uint8 are separable in scipy: 5x faster than max-pooling a
+    # float copy of the grid (17 s on a whole-leg scan's stage-2 grid, 2 cores).
+    k = 2 * band + 1
+    grid = labels.numpy()
+    changes = ndimage.maximum_filter(grid, k, mode="nearest") != ndimage.minimum_filter(
+        grid, k, mode="nearest"
+    )
+    sure = (probs >= certainty).any(0)
+    return torch.from_numpy(changes) | ~sure
 
 
 def inner(core: Box, region: Box) -> Box:

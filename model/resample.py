@@ -57,14 +57,28 @@ def labels_to_model_grid(volume: Volume, spacing_mm: float) -> sitk.Image:
     return to_model_grid(volume.to_sitk(), spacing_mm, sitk.sitkNearestNeighbor, 0)
 
 
-def labels_to_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Nearest-neighbour resampling of a label map onto the reference image's grid (none when
-    the grids already agree: an input at 0.8 mm LPS costs no resampling on the way out)."""
+def labels_to_grid(labels: sitk.Image, reference: Volume) -> sitk.Image:
+    """Nearest-neighbour resampling of a label map onto the reference volume's grid (none when
+    the grids already agree: an input at 0.8 mm LPS costs no resampling on the way out).
+
+    The grid is given by the volume's geometry: no SimpleITK copy of its voxels is needed.
+    """
+    size = reference.array.shape[::-1]
     if (
-        labels.GetSize() == reference.GetSize()
-        and np.allclose(labels.GetSpacing(), reference.GetSpacing())
-        and np.allclose(labels.GetOrigin(), reference.GetOrigin())
-        and np.allclose(labels.GetDirection(), reference.GetDirection())
+        labels.GetSize() == size
+        and np.allclose(labels.GetSpacing(), reference.spacing)
+        and np.allclose(labels.GetOrigin(), reference.origin)
+        and np.allclose(labels.GetDirection(), reference.direction)
     ):
         return labels
-    return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.Resample(
+        labels,
+        [int(n) for n in size],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        [float(o) for o in reference.origin],
+        [float(s) for s in reference.spacing],
+        [float(d) for d in reference.direction],
+        0,
+        labels.GetPixelID(),
+    )

@@ -15,14 +15,19 @@ import torch.nn.functional as F
 
 from model.inference import (
     InferenceSettings,
+    ScaledInputs,
     Segmenter,
     crop_upsampled,
     fit_multiple,
+    refine_mask,
     split_box,
 )
 from model.labels import BONE_NAMES
 from model.metrics import dice
+from model.network import CascadeConfig
 from model.phantom import generate_phantom
+from model.resample import AIR_HU
+from model.sampling import normalise_hu
 from model.volume_io import Volume, read_volume, write_volume
 
 # Small phantoms (one joint region each) from seeds never used in training (1-10).
@@ -191,3 +196,42 @@ def test_crop_upsampled_equals_upsampling_the_whole_grid(region: tuple[slice, ..
     assert torch.allclose(
         crop_upsampled(probs, region, 2), whole[(slice(None), *region)], atol=1e-6
     )
+
+
+def test_refine_mask_marks_label_changes_within_the_band_and_unsure_voxels() -> None:
+    rng = np.random.default_rng(3)
+    labels = np.zeros((12, 14, 10), dtype=np.uint8)
+    labels[3:8, 4:9, 2:6] = 2
+    labels[8:11, 4:9, 2:6] = 5
+    probs = rng.dirichlet(np.full(7, 0.2), size=labels.shape).transpose(3, 0, 1, 2)
+    band, certainty = 2, 0.9
+    expected = ~(probs >= certainty).any(0)
+    for z, y, x in np.ndindex(labels.shape):
+        cube = labels[
+            max(0, z - band) : z + band + 1,
+            max(0, y - band) : y + band + 1,
+            max(0, x - band) : x + band + 1,
+        ]
+        expected[z, y, x] |= cube.min() != cube.max()
+    got = refine_mask(torch.from_numpy(labels), torch.from_numpy(probs), band, certainty)
+    assert 0 < expected.sum() < expected.size
+    assert np.array_equal(got.numpy(), expected)
+
+
+def test_scaled_inputs_equal_the_whole_padded_grid_pooled_then_cropped() -> None:
+    """A stage's input over a box equals normalising the air-padded grid, pooling, cropping."""
+    config = CascadeConfig()
+    rng = np.random.default_rng(5)
+    hu = rng.integers(-1100, 2000, size=(21, 30, 17)).astype(np.int16)
+    padded = (32, 32, 32)
+    grid = np.full(padded, AIR_HU, dtype=np.int16)
+    grid[:21, :30, :17] = hu
+    whole = torch.from_numpy(normalise_hu(grid, config.hu_window))
+    inputs = ScaledInputs(hu, config, padded)
+    for stage, factor in enumerate(config.factors):
+        pooled = F.avg_pool3d(whole[None, None], factor)[0, 0] if factor > 1 else whole
+        assert inputs.shape(stage) == pooled.shape
+        box = (slice(1, 4), slice(0, 8 // factor + 2), slice(2, 32 // factor))
+        assert torch.allclose(inputs.region(stage, box), pooled[box], atol=1e-6)
+    with pytest.raises(ValueError, match="multiple"):
+        ScaledInputs(hu, config, (30, 32, 32))
