@@ -43,6 +43,7 @@ from pydicom.valuerep import DA, TM
 from dicom_node import __version__
 from dicom_node.codes import SEGMENTS, SegmentDefinition
 from dicom_node.volume import AssembledVolume, SourceGeometry
+from model.postprocess import label_counts
 from model.volume_io import Volume
 
 log = logging.getLogger(__name__)
@@ -245,19 +246,6 @@ def _run(indices: np.ndarray) -> slice:
     return slice(int(indices[0]), int(indices[-1]) + 1)
 
 
-def _label_counts(frames: np.ndarray, slab: int = 16) -> np.ndarray:
-    """Pixels per value 1..255 of a uint8 stack (index 0 is not counted).
-
-    Slab by slab, and only the non-zero pixels: bincount widens to int64, and bone is a few
-    per cent of a CT, so this is ~10x faster than counting every pixel (0.1 s for 1400 frames).
-    """
-    counts = np.zeros(256, dtype=np.int64)
-    for start in range(0, len(frames), slab):
-        block = frames[start : start + slab]
-        counts += np.bincount(block[block != 0], minlength=256)
-    return counts
-
-
 def _renumbered(frames: np.ndarray, present: list[int], slab: int = 16) -> np.ndarray:
     """Sided labels -> segment numbers 1..n (the rank of each label among `present`).
 
@@ -386,7 +374,7 @@ class SegWriter:
         frames = labels_on_frames(sided_labels, assembled.source_geometry)
         resampled = time.perf_counter()
 
-        counts = _label_counts(frames)
+        counts = label_counts(frames)
         unknown = [int(v) for v in np.flatnonzero(counts) if int(v) not in SEGMENTS]
         if unknown:
             raise ValueError(f"sided_labels: values {unknown} are not sided labels (1..12)")

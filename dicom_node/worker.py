@@ -25,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
@@ -32,8 +33,8 @@ from dicom_node.config import Config, InferenceConfig
 from dicom_node.seg import AlgorithmInfo, SegWriter
 from dicom_node.spool import write_durably
 from dicom_node.volume import AssemblyError, AssemblyPolicy, assemble_volume
-from model.anatomy import check_anatomy, without_bones
-from model.labels import BONE_NAMES
+from model.anatomy import check_anatomy, without_misplaced
+from model.postprocess import segment_summary
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +108,20 @@ def segment_series(
     t = time.perf_counter()
     segmentation = segmenter.segment(assembled.volume)
     anatomy = check_anatomy(segmentation.sided)  # post-processing: timed with the inference
-    sided = without_bones(segmentation.sided, anatomy.dropped)
+    sided = without_misplaced(segmentation.sided, anatomy)
     timings["segment_s"] = time.perf_counter() - t
     t = time.perf_counter()
     dataset = None if anatomy.reason else writer.write(assembled, sided, generation)
     timings["seg_encode_s"] = time.perf_counter() - t
-    dropped = [BONE_NAMES[bone] for bone in anatomy.dropped]
+    found = segmentation.sided.array
+    removed = segmentation.sided.with_array(np.where(sided.array != found, found, 0))
     summary = {
         "series_instance_uid": assembled.series_instance_uid,
         "frames": len(assembled.frames),
         "notes": assembled.notes,
-        "segments": [s for s in segmentation.summary["segments"] if s["bone"] not in dropped],
-        # Found where no lower extremity has them (model/anatomy.py): not in the SEG.
-        "dropped_as_misplaced": [
-            s for s in segmentation.summary["segments"] if s["bone"] in dropped
-        ],
+        "segments": segment_summary(sided),
+        # Pieces found where no lower extremity has them (model/anatomy.py): not in the SEG.
+        "dropped_as_misplaced": segment_summary(removed),
         "inference": {k: v for k, v in segmentation.summary.items() if k != "segments"},
         "timings_s": {
             **{k: round(v, 3) for k, v in timings.items()},

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
-from model.labels import BONE_NAMES, N_CLASSES, Side, sided_label
+from model.labels import BONE_NAMES, N_CLASSES
 from model.network import CascadeConfig, CascadedVNet, pick_device, upsample_context
-from model.postprocess import remove_islands, split_sides
+from model.postprocess import remove_islands, segment_summary, split_sides
 from model.resample import AIR_HU, image_to_model_grid, labels_to_grid
 from model.sampling import normalise_hu
 from model.volume_io import Volume
@@ -68,17 +68,6 @@ class Segmentation:
     sided: Volume  # uint8, 0 background, 1..6 right, 7..12 left (model.labels.sided_label)
     summary: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def label_counts(labels: np.ndarray, n: int, slab: int = 32) -> np.ndarray:
-    """Voxels per label value, slab by slab: bincount casts to int64, 8x a uint8 volume."""
-    return sum(
-        (
-            np.bincount(labels[z : z + slab].ravel(), minlength=n)
-            for z in range(0, len(labels), slab)
-        ),
-        np.zeros(n, dtype=np.int64),
-    )
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -196,34 +185,18 @@ class Segmenter:
         timings["resample_out_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
 
-        source_voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-        counts = label_counts(sided_array, 2 * len(BONE_NAMES) + 1)
-        segments = []
-        for bone, name in BONE_NAMES.items():
-            for side in Side:
-                value = sided_label(bone, side)
-                if counts[value]:
-                    segments.append(
-                        {
-                            "label": int(bone),
-                            "sided_label": value,
-                            "bone": name,
-                            "side": side.name.lower(),
-                            "voxels": int(counts[value]),
-                            "volume_ml": round(float(counts[value]) * source_voxel_ml, 2),
-                        }
-                    )
+        sided_volume = volume.with_array(sided_array.astype(np.uint8))
         summary = {
             "strategy": self.settings.strategy,
             "device": str(self.device),
             "model": self.metadata.get("name"),
             "weights_sha256": self.metadata.get("weights_sha256"),
-            "segments": segments,
+            "segments": segment_summary(sided_volume),
             "refined_fraction": stats,
         }
         return Segmentation(
             volume.with_array(bone_array.astype(np.uint8)),
-            volume.with_array(sided_array.astype(np.uint8)),
+            sided_volume,
             summary,
             {k: round(v, 3) for k, v in timings.items()},
         )

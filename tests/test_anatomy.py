@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.anatomy import AnatomyCheck, bone_extents, check_anatomy, slice_heights_mm, without_bones
+from model.anatomy import (
+    AnatomyCheck,
+    bone_extents,
+    check_anatomy,
+    slice_heights_mm,
+    without_misplaced,
+)
 from model.labels import Bone, Side, sided_label
 from model.phantom import generate_phantom
 from model.volume_io import Volume
@@ -64,8 +70,10 @@ def test_bones_crowded_into_a_slab_are_implausible() -> None:
         "anatomically implausible: hip bone and tibia found -35 mm apart along the body "
         "(at least 150 mm in any adult)"
     )
-    # The hip bone is in four conflicts, then the femur in two; a third of the bone is dropped.
-    assert check.dropped == (Bone.HIP_BONE, Bone.FEMUR)
+    # The hip bone is in four conflicts, then the femur in two; no piece of either can stay
+    # beside the foot and leg bones kept, and a third of the bone is dropped.
+    assert check.dropped_bones == (Bone.FEMUR, Bone.HIP_BONE)
+    assert check.dropped_voxels == 2 * 8 * 4
 
 
 def test_a_few_misplaced_voxels_are_dropped_not_the_scan() -> None:
@@ -78,8 +86,27 @@ def test_a_few_misplaced_voxels_are_dropped_not_the_scan() -> None:
     array[151, 0, 1] = sided_label(Bone.TALUS, Side.LEFT)
     array[160, 7, 7] = Bone.CALCANEUS
     check = check_anatomy(leg.with_array(array))
-    assert check.reason is None and set(check.dropped) == {Bone.TALUS, Bone.CALCANEUS}
-    cleaned = without_bones(leg.with_array(array), check.dropped)
+    assert check.reason is None and set(check.dropped_bones) == {Bone.TALUS, Bone.CALCANEUS}
+    assert check.dropped_voxels == 3
+    cleaned = without_misplaced(leg.with_array(array), check)
+    np.testing.assert_array_equal(cleaned.array, leg.array)
+
+
+def test_only_the_misplaced_pieces_of_a_bone_are_dropped() -> None:
+    """A whole leg whose talus also shows up as a blob in the pelvis: the blob goes, the talus
+    at the ankle stays (a per-bone check would have dropped both)."""
+    leg = _leg(WHOLE_LEG)
+    array = leg.array.copy()
+    array[180:200, 0:2, 0:2] = Bone.TALUS  # 20 slices x 4 voxels, beside the hip bone
+    check = check_anatomy(leg.with_array(array))
+    ((bone, low, high),) = check.dropped
+    # A talus must lie 200 mm below the femur's 10 % quantile (and 400 mm below the hip
+    # bone's, which is higher).
+    extents = bone_extents(leg)
+    assert bone == Bone.TALUS and low == -np.inf
+    assert high == extents[Bone.FEMUR].low_mm - 200.0 < extents[Bone.HIP_BONE].low_mm - 400.0
+    assert check.reason is None and check.dropped_voxels == 80
+    cleaned = without_misplaced(leg.with_array(array), check)
     np.testing.assert_array_equal(cleaned.array, leg.array)
 
 

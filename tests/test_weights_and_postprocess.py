@@ -12,9 +12,10 @@ import torch
 
 from model.labels import Bone, Side, sided_label
 from model.network import CascadeConfig, CascadedVNet
-from model.postprocess import remove_islands, split_sides
+from model.postprocess import remove_islands, segment_summary, split_sides
 from model.sampling import TrainingCase
 from model.training import BatchStream, TrainingSettings, batches_from, train
+from model.volume_io import Volume
 from model.weights import file_sha256, load_checkpoint, load_weights, save_weights
 
 
@@ -171,3 +172,28 @@ def test_one_leg_in_view_is_sided_by_the_isocentre_not_by_its_own_centre() -> No
     assert (left_leg[labels > 0] == sided_label(Bone.FEMUR, Side.LEFT)).all()
     right_leg = split_sides(labels, hu, _grid(hu, 3.0, -147.0))
     assert (right_leg[labels > 0] == sided_label(Bone.FEMUR, Side.RIGHT)).all()
+
+
+def test_segment_summary_counts_each_sided_bone_on_its_grid() -> None:
+    sided = np.zeros((4, 10, 10), dtype=np.uint8)
+    sided[0, :5, :4] = sided_label(Bone.FEMUR, Side.LEFT)  # 20 voxels
+    sided[2:4, 0, 0] = sided_label(Bone.TALUS, Side.RIGHT)  # 2 voxels
+    summary = segment_summary(Volume(sided, (0.5, 0.5, 2.0)))  # 0.5 ul a voxel
+    assert summary == [
+        {
+            "label": int(Bone.FEMUR),
+            "sided_label": sided_label(Bone.FEMUR, Side.LEFT),
+            "bone": "femur",
+            "side": "left",
+            "voxels": 20,
+            "volume_ml": 0.01,
+        },
+        {
+            "label": int(Bone.TALUS),
+            "sided_label": sided_label(Bone.TALUS, Side.RIGHT),
+            "bone": "talus",
+            "side": "right",
+            "voxels": 2,
+            "volume_ml": 0.0,
+        },
+    ]
