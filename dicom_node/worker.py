@@ -113,15 +113,18 @@ def segment_series(
     t = time.perf_counter()
     dataset = None if anatomy.reason else writer.write(assembled, sided, generation)
     timings["seg_encode_s"] = time.perf_counter() - t
-    found = segmentation.sided.array
-    removed = segmentation.sided.with_array(np.where(sided.array != found, found, 0))
+    segments, dropped = segmentation.summary["segments"], []
+    if anatomy.dropped:
+        found = segmentation.sided.array
+        segments = segment_summary(sided)
+        dropped = segment_summary(sided.with_array(np.where(sided.array != found, found, 0)))
     summary = {
         "series_instance_uid": assembled.series_instance_uid,
         "frames": len(assembled.frames),
         "notes": assembled.notes,
-        "segments": segment_summary(sided),
+        "segments": segments,
         # Pieces found where no lower extremity has them (model/anatomy.py): not in the SEG.
-        "dropped_as_misplaced": segment_summary(removed),
+        "dropped_as_misplaced": dropped,
         "inference": {k: v for k, v in segmentation.summary.items() if k != "segments"},
         "timings_s": {
             **{k: round(v, 3) for k, v in timings.items()},
