@@ -17,6 +17,7 @@ from model.inference import (
     InferenceSettings,
     ScaledInputs,
     Segmenter,
+    argmax_classes,
     crop_upsampled,
     fit_multiple,
     refine_mask,
@@ -235,3 +236,14 @@ def test_scaled_inputs_equal_the_whole_padded_grid_pooled_then_cropped() -> None
         assert torch.allclose(inputs.region(stage, box), pooled[box], atol=1e-6)
     with pytest.raises(ValueError, match="multiple"):
         ScaledInputs(hu, config, (30, 32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_argmax_classes_equals_torch_argmax_ties_included(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    probs = torch.softmax(torch.randn(7, 9, 10, 11), 0).to(dtype)
+    probs[:, 0, 0, :3] = torch.tensor([0.0, 0.5, 0.5, 0, 0, 0, 0], dtype=dtype)[:, None]  # a tie
+    expected = probs.argmax(0).to(torch.uint8)
+    assert expected[0, 0, 0] == 1
+    assert torch.equal(argmax_classes(probs), expected)
+    assert len(expected.unique()) == 7
