@@ -176,7 +176,7 @@ class Segmenter:
 
         t = time.perf_counter()
         voxel_ml = self.config.spacing_mm**3 / 1000.0
-        labels = remove_islands(labels, int(self.settings.min_island_ml / voxel_ml))
+        labels = remove_islands(labels, int(self.settings.min_island_ml / voxel_ml), hu)
         sided = split_sides(labels, hu, grid)
         timings["postprocess_s"] = time.perf_counter() - t
 

@@ -101,13 +101,20 @@ def bone_masks(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, ...], np.
         yield int(bone), (z, y, x), mask[:, y, x]
 
 
-def remove_islands(labels: np.ndarray, min_voxels: int) -> np.ndarray:
-    """Drop connected components of a bone smaller than `min_voxels` (the paper's Figure 9).
+# A piece of bone holds bone: cortex (700+ HU) or at least cancellous bone (100-400 HU). A piece
+# whose 90th HU percentile is below this is soft tissue the model called bone (the step-8000
+# weights labelled a 40 HU cylinder of soft tissue in air).
+MIN_BONE_HU = 150.0
 
-    A dropped island that touches another bone takes that bone's label (a fragment of the
+
+def remove_islands(labels: np.ndarray, min_voxels: int, hu: np.ndarray | None = None) -> np.ndarray:
+    """Drop connected components of a bone smaller than `min_voxels` (the paper's Figure 9),
+    and, given the `hu` on the same grid, components with no bone density (`MIN_BONE_HU`).
+
+    A small island that touches another bone takes that bone's label (a fragment of the
     tibia called femur is tibia); one surrounded by soft tissue becomes background. Components
     touching the edge of the field of view are kept whatever their size: a bone cut by the scan
-    is not spurious.
+    is not spurious. A component without bone density becomes background wherever it is.
     """
     out = labels.copy()
     for _, box, mask in bone_masks(labels):
@@ -115,9 +122,12 @@ def remove_islands(labels: np.ndarray, min_voxels: int) -> np.ndarray:
         sizes = np.bincount(components.ravel(), minlength=n + 1)
         for index, sl in enumerate(ndimage.find_objects(components), start=1):
             region = _shift(sl, box)
+            island = components[sl] == index
+            if hu is not None and np.percentile(hu[region][island], 90) < MIN_BONE_HU:
+                out[region][island] = 0
+                continue
             if sizes[index] >= min_voxels or _touches_edge(region, labels.shape):
                 continue
-            island = components[sl] == index
             out[region][island] = _neighbour_label(out, region, island)
     return out
 

@@ -197,3 +197,17 @@ def test_segment_summary_counts_each_sided_bone_on_its_grid() -> None:
             "volume_ml": 0.0,
         },
     ]
+
+
+def test_pieces_without_bone_density_are_not_bone() -> None:
+    """Soft tissue the model called bone goes, cut by the scan's edge or not; bone stays."""
+    hu = np.full((30, 30, 30), 40, dtype=np.int16)
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[0:10, 5:15, 5:15] = Bone.FEMUR  # soft tissue at the edge, large
+    labels[15:25, 5:15, 5:15] = Bone.TIBIA  # real bone: cancellous inside a cortex
+    hu[15:25, 5:15, 5:15] = 250
+    hu[15:25, 5, 5:15] = 1200
+    out = remove_islands(labels, min_voxels=50, hu=hu)
+    assert not (out == Bone.FEMUR).any()
+    assert np.array_equal(out == Bone.TIBIA, labels == Bone.TIBIA)
+    assert np.array_equal(remove_islands(labels, min_voxels=50), labels)
