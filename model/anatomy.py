@@ -84,13 +84,20 @@ class AnatomyCheck:
         return tuple(bone for bone, _, _ in self.dropped)
 
 
-def bone_extents(labels: Volume) -> dict[Bone, BoneExtent]:
-    """Voxels and patient-z extent of each bone present; sided labels (7..12) count as their
-    bone."""
-    array = labels.array
+def bone_slice_counts(labels: Volume) -> np.ndarray:
+    """(slices, 7): voxels of each bone 1..6 in each slice, left and right together."""
     bones = len(BONE_NAMES)
-    per_slice = slice_label_counts(array, 2 * bones + 1)[:, 1:].T
-    per_slice = per_slice[:bones] + per_slice[bones:]  # right + left
+    counts = slice_label_counts(labels.array, 2 * bones + 1)
+    counts[:, 1 : bones + 1] += counts[:, bones + 1 :]
+    return counts[:, : bones + 1]
+
+
+def bone_extents(labels: Volume, per_slice: np.ndarray | None = None) -> dict[Bone, BoneExtent]:
+    """Voxels and patient-z extent of each bone present; sided labels (7..12) count as their
+    bone. `per_slice`: `bone_slice_counts(labels)`, if the caller has it."""
+    if per_slice is None:
+        per_slice = bone_slice_counts(labels)
+    per_slice = per_slice[:, 1:].T
     heights = slice_heights_mm(labels)
     extents = {}
     for bone in Bone:
@@ -129,14 +136,13 @@ def allowed_band(bone: Bone, kept: dict[Bone, BoneExtent]) -> tuple[float, float
 
 
 def misplaced(
-    labels: Volume, bone: Bone, band: tuple[float, float]
+    labels: Volume, bone: Bone, band: tuple[float, float], per_slice: np.ndarray
 ) -> tuple[slice, np.ndarray, BoneExtent | None]:
     """The voxels of `bone` (either side) in connected pieces reaching outside `band`: a mask
     over the slices that hold the bone, (slices, mask), and the extent of what stays (None if
-    nothing does)."""
+    nothing does). `per_slice`: `bone_slice_counts(labels)`."""
     array = labels.array
-    per_slice = slice_label_counts(array, 2 * len(BONE_NAMES) + 1)
-    present = np.nonzero(per_slice[:, bone] + per_slice[:, bone + len(BONE_NAMES)])[0]
+    present = np.nonzero(per_slice[:, bone])[0]
     if not len(present):
         return slice(0, 0), np.zeros((0, *array.shape[1:]), dtype=bool), None
     rows = slice(int(present[0]), int(present[-1]) + 1)
@@ -159,7 +165,8 @@ def misplaced(
 def check_anatomy(labels: Volume) -> AnatomyCheck:
     """Which pieces of `labels` (bones 1..6, or sided 1..12) lie where no lower extremity has
     them, and whether the rest can stand (see the module doc)."""
-    extents = bone_extents(labels)
+    per_slice = bone_slice_counts(labels)
+    extents = bone_extents(labels, per_slice)
     first = _conflicts(extents)
     if not first:
         return AnatomyCheck()
@@ -181,7 +188,7 @@ def check_anatomy(labels: Volume) -> AnatomyCheck:
     voxels = 0
     for bone in reversed(set_aside):
         band = allowed_band(bone, kept)
-        _, mask, stays = misplaced(labels, bone, band)
+        _, mask, stays = misplaced(labels, bone, band, per_slice)
         if stays is not None:
             kept[bone] = stays
         if mask.any():
@@ -198,7 +205,8 @@ def without_misplaced(labels: Volume, check: AnatomyCheck) -> Volume:
     if not check.dropped:
         return labels
     array = labels.array.copy()
+    per_slice = bone_slice_counts(labels)
     for bone, low, high in check.dropped:
-        rows, mask, _ = misplaced(labels, bone, (low, high))
+        rows, mask, _ = misplaced(labels, bone, (low, high), per_slice)
         array[rows][mask] = 0
     return labels.with_array(array)

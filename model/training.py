@@ -137,15 +137,17 @@ def load_cases(
         for folder in folders
         for image, labels in find_training_pairs(folder)
     ]
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
-        generated = pool.map(
-            phantom_case, phantom_seeds, itertools.repeat(phantom_size), itertools.repeat(spacing)
-        )
-        quiet = not phantom_seeds
-        cases += tqdm(generated, desc="phantoms", total=len(phantom_seeds), disable=quiet)
     metadata: dict[str, object] = {"data": [str(f) for f in folders]}
     if phantom_seeds:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
+            generated = pool.map(
+                phantom_case,
+                phantom_seeds,
+                itertools.repeat(phantom_size),
+                itertools.repeat(spacing),
+            )
+            cases += tqdm(generated, desc="phantoms", total=len(phantom_seeds))
         metadata["phantom"] = {
             "version": PHANTOM_VERSION,
             "seeds": list(phantom_seeds),
