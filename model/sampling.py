@@ -5,7 +5,8 @@ oversampled, each bone equally often, so the small talus counts as much as the f
 random voxel; every coarser patch contains the finer one at a random offset aligned to its own
 voxel grid. Offsets are random rather than centred because inference also places fine patches
 anywhere inside the coarse ones (the paper's "all smaller patches" inference, and the fast
-fully-convolutional strategy). Each patch is downsampled to the smallest patch size by block
+fully-convolutional strategy). Some samples see a truncated field of view (`field_of_view`).
+Each patch is downsampled to the smallest patch size by block
 averaging; its target is the block-averaged one-hot labels (soft targets at coarse stages).
 """
 
@@ -68,10 +69,43 @@ def normalise_hu(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return out
 
 
-def extract(array: np.ndarray, start: np.ndarray, size: int, fill: int) -> np.ndarray:
-    """array[start : start + size] in 3-D, padded with `fill` where it leaves the volume."""
-    lo = np.maximum(start, 0)
-    hi = np.minimum(start + size, array.shape)
+# Truncated fields of view: a side of the box is cut at this many 0.8 mm voxels from the
+# sample's centre (10-130 mm). The minimum exceeds the centre's jitter (8), so the bone voxel a
+# sample is centred on stays in view.
+FOV_CUT_VOXELS = (12, 160)
+
+
+def field_of_view(
+    shape: tuple[int, ...], centre: np.ndarray, rng: np.random.Generator, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds (lo, hi) of the part of the volume a sample may see.
+
+    The whole volume, or with probability `fraction` a box whose sides are each cut, with
+    probability 1/2, somewhere around the centre. Scans end anywhere: a scan of the hips cuts
+    the sacrum and the iliac wings. Trained only on whole phantoms, the model had always seen
+    each bone with all of its neighbours, and on a hip crop it called half a sacrum "femur".
+    """
+    lo, hi = np.zeros(3, dtype=np.int64), np.array(shape, dtype=np.int64)
+    if rng.random() < fraction:
+        cut = rng.random((2, 3)) < 0.5
+        near = rng.integers(*FOV_CUT_VOXELS, size=(2, 3))
+        lo = np.where(cut[0], np.maximum(lo, centre - near[0]), lo)
+        hi = np.where(cut[1], np.minimum(hi, centre + near[1]), hi)
+    return lo, hi
+
+
+def extract(
+    array: np.ndarray,
+    start: np.ndarray,
+    size: int,
+    fill: int,
+    bounds: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """array[start : start + size] in 3-D, padded with `fill` outside the volume, or outside
+    `bounds` (lo, hi) within it."""
+    lo_bound, hi_bound = bounds if bounds is not None else (0, array.shape)
+    lo = np.maximum(start, np.maximum(lo_bound, 0))
+    hi = np.minimum(start + size, np.minimum(hi_bound, array.shape))
     out = np.full((size, size, size), fill, dtype=array.dtype)
     if np.all(hi > lo):
         dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
@@ -120,6 +154,7 @@ def draw_sample(
     config: CascadeConfig,
     rng: np.random.Generator,
     bone_fraction: float = 0.67,
+    truncated_fraction: float = 0.0,
 ) -> Sample:
     """One multi-scale training sample from `case` (see the module docstring)."""
     if case.bone_voxels and rng.random() < bone_fraction:
@@ -130,10 +165,12 @@ def draw_sample(
         centre = np.array([rng.integers(0, n) for n in case.hu.shape], dtype=np.int64)
     centre = centre + rng.integers(-8, 9, size=3)
     starts = sample_patch_starts(config, centre, rng)
+    bounds = field_of_view(case.hu.shape, centre, rng, truncated_fraction)
     images, targets = [], []
     for start, size, factor in zip(starts, config.patch_sizes, config.factors, strict=True):
-        hu = extract(case.hu, start, size, AIR_HU)
-        labels = extract(case.labels, start, size, 0)
+        # Outside the field of view is what inference pads a scan with: air, background.
+        hu = extract(case.hu, start, size, AIR_HU, bounds)
+        labels = extract(case.labels, start, size, 0, bounds)
         images.append(block_mean(normalise_hu(hu, config.hu_window), factor))
         targets.append(soft_targets(labels, config.n_classes, factor))
     offsets = np.array([b - a for a, b in itertools.pairwise(starts)], dtype=np.int64)

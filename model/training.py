@@ -40,6 +40,8 @@ class TrainingSettings:
     seed: int = 0
     checkpoint_every: int = 100
     bone_fraction: float = 0.67
+    # Samples that see a field of view cut around them (`model.sampling.field_of_view`).
+    truncated_fraction: float = 0.3
     threads: int | None = None
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"; CUDA trains in bfloat16 autocast
     # Processes drawing batches while the network trains: sampling (about 45 ms a sample on one
@@ -200,7 +202,13 @@ def make_batch(
 ) -> tuple[Tensor, Tensor, Tensor]:
     samples = [
         augment(
-            draw_sample(cases[rng.integers(len(cases))], config, rng, settings.bone_fraction),
+            draw_sample(
+                cases[rng.integers(len(cases))],
+                config,
+                rng,
+                settings.bone_fraction,
+                settings.truncated_fraction,
+            ),
             config,
             rng,
         )

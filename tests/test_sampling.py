@@ -12,6 +12,7 @@ from model.sampling import (
     block_mean,
     draw_sample,
     extract,
+    field_of_view,
     sample_patch_starts,
     soft_targets,
 )
@@ -42,6 +43,45 @@ def test_extract_pads_outside_the_volume() -> None:
     out = extract(a, np.array([-1, 0, 2]), 3, fill=-7)
     assert out[0].min() == -7 and out[1, 0, 0] == a[0, 0, 2]
     assert (out[:, :, 1:] == -7).all()
+
+
+def test_extract_pads_outside_the_bounds_within_the_volume() -> None:
+    a = np.arange(1, 1001, dtype=np.int16).reshape(10, 10, 10)
+    bounds = (np.array([2, 0, 0]), np.array([10, 10, 6]))
+    out = extract(a, np.array([0, 0, 0]), 8, fill=-7, bounds=bounds)
+    assert (out[:2] == -7).all() and (out[:, :, 6:] == -7).all()
+    np.testing.assert_array_equal(out[2:, :, :6], a[2:8, :8, :6])
+
+
+def test_field_of_view_cuts_around_the_centre_only_as_often_as_asked() -> None:
+    rng = np.random.default_rng(1)
+    shape, centre = (300, 300, 300), np.array([150, 140, 160])
+    whole = [field_of_view(shape, centre, rng, 0.0) for _ in range(50)]
+    assert all((lo == 0).all() and (hi == shape).all() for lo, hi in whole)
+    cut = [field_of_view(shape, centre, rng, 1.0) for _ in range(200)]
+    for lo, hi in cut:
+        # The centre, and the bone voxel within the jitter of 8 it came from, stay in view.
+        assert (lo <= centre - 9).all() and (hi >= centre + 9).all()
+    n_cut = sum(((lo > 0).any() or (hi < shape).any()) for lo, hi in cut)
+    assert 180 <= n_cut < 200  # all six sides are kept in 1/64 of the boxes
+
+
+def test_truncated_samples_see_air_and_background_beyond_the_cut() -> None:
+    config = CascadeConfig()
+    labels = np.full((200, 200, 200), 3, dtype=np.uint8)  # bone everywhere
+    case = TrainingCase.from_arrays(
+        "bone", np.full(labels.shape, 700, np.int16), labels, np.random.default_rng(0)
+    )
+    rng = np.random.default_rng(2)
+    coarse_bone = []
+    for _ in range(10):
+        sample = draw_sample(case, config, rng, bone_fraction=1.0, truncated_fraction=1.0)
+        assert_stages_consistent(sample, config)
+        coarse_bone.append(sample.targets[0][3].mean())
+        # Where the coarse target is background, the image is air.
+        air = sample.targets[0][0] == 1.0
+        assert np.allclose(sample.images[0][air], -1.0, atol=0.02)
+    assert min(coarse_bone) < 0.9  # the cut shows in the coarse patch
 
 
 @pytest.mark.parametrize("sizes", [(128, 64, 32), (256, 128, 64, 32), (128, 32)])
