@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import cc3d
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -13,10 +14,6 @@ from model.volume_io import Volume
 
 BODY_HU = -400  # above: body or table, below: air
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
-
-
-def _shift(sl: tuple[slice, ...], by: tuple[slice, ...]) -> tuple[slice, ...]:
-    return tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(sl, by, strict=True))
 
 
 def _touches_edge(region: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
@@ -81,24 +78,24 @@ def segment_summary(sided: Volume) -> list[dict[str, object]]:
     ]
 
 
-def bone_masks(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray]]:
-    """(bone, its bounding box, its mask in that box) for every bone label present.
+def bone_pieces(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray]]:
+    """(bone, bounding box, mask in that box) of every 26-connected piece of every bone, bone
+    by bone and each bone's pieces in scan order.
 
-    The slices holding each label come from one count per slice; the rows and columns from
-    the mask within those slices. On a whole scan (512 x 512 x 1442) this takes a second where
-    a mask and `ndimage.find_objects` per bone took seconds each."""
-    present = slice_label_counts(labels, len(BONE_NAMES) + 1) > 0
-    for bone in BONE_NAMES:
-        slices = np.flatnonzero(present[:, bone])
-        if not slices.size:
-            continue
-        z = slice(int(slices[0]), int(slices[-1]) + 1)
-        mask = labels[z] == bone
-        rows = np.flatnonzero(mask.any(axis=(0, 2)))
-        columns = np.flatnonzero(mask.any(axis=(0, 1)))
-        y = slice(int(rows[0]), int(rows[-1]) + 1)
-        x = slice(int(columns[0]), int(columns[-1]) + 1)
-        yield int(bone), (z, y, x), mask[:, y, x]
+    One multi-label connected-components pass over the whole volume (cc3d) finds the pieces
+    of all bones at once. Labelling each bone within its bounding box instead cost seconds a
+    bone on a whole-leg scan, because scattered specks make every box the whole volume.
+    (scipy's `find_objects` takes a third of the time of `cc3d.statistics` for the boxes.)
+    """
+    components = cc3d.connected_components(labels, connectivity=26)
+    boxes = ndimage.find_objects(components)
+    pieces = []
+    for index, box in enumerate(boxes, start=1):
+        first = int(np.argmax(components[box] == index))
+        pieces.append((int(labels[box].flat[first]), index))
+    for bone, index in sorted(pieces):
+        box = boxes[index - 1]
+        yield bone, box, components[box] == index
 
 
 # A piece of bone holds bone: cortex (700+ HU) or at least cancellous bone (100-400 HU). A piece
@@ -117,18 +114,13 @@ def remove_islands(labels: np.ndarray, min_voxels: int, hu: np.ndarray | None = 
     is not spurious. A component without bone density becomes background wherever it is.
     """
     out = labels.copy()
-    for _, box, mask in bone_masks(labels):
-        components, n = ndimage.label(mask, structure=FULL_CONNECTIVITY)
-        sizes = np.bincount(components.ravel(), minlength=n + 1)
-        for index, sl in enumerate(ndimage.find_objects(components), start=1):
-            region = _shift(sl, box)
-            island = components[sl] == index
-            if hu is not None and np.percentile(hu[region][island], 90) < MIN_BONE_HU:
-                out[region][island] = 0
-                continue
-            if sizes[index] >= min_voxels or _touches_edge(region, labels.shape):
-                continue
-            out[region][island] = _neighbour_label(out, region, island)
+    for _, region, island in bone_pieces(labels):
+        if hu is not None and np.percentile(hu[region][island], 90) < MIN_BONE_HU:
+            out[region][island] = 0
+            continue
+        if _touches_edge(region, labels.shape) or int(island.sum()) >= min_voxels:
+            continue
+        out[region][island] = _neighbour_label(out, region, island)
     return out
 
 
@@ -196,18 +188,12 @@ def split_sides(labels: np.ndarray, hu: np.ndarray, grid: sitk.Image) -> np.ndar
     """
     midline = sides_midline_x(labels, hu, grid)
     sided = labels.copy()
-    for bone, box, mask in bone_masks(labels):
-        components, _ = ndimage.label(mask, structure=FULL_CONNECTIVITY)
-        for index, sl in enumerate(ndimage.find_objects(components), start=1):
-            region = _shift(sl, box)
-            component = components[sl] == index
-            is_left = np.broadcast_to(_patient_x(grid, region) > midline, component.shape)[
-                component
-            ]
-            fraction_left = float(is_left.mean())
-            target = sided[region]
-            if min(fraction_left, 1 - fraction_left) > STRADDLE_FRACTION:
-                target[component] = np.where(is_left, sided_label(bone, Side.LEFT), int(bone))
-            elif fraction_left > 0.5:
-                target[component] = sided_label(bone, Side.LEFT)
+    for bone, region, component in bone_pieces(labels):
+        is_left = np.broadcast_to(_patient_x(grid, region) > midline, component.shape)[component]
+        fraction_left = float(is_left.mean())
+        target = sided[region]
+        if min(fraction_left, 1 - fraction_left) > STRADDLE_FRACTION:
+            target[component] = np.where(is_left, sided_label(bone, Side.LEFT), bone)
+        elif fraction_left > 0.5:
+            target[component] = sided_label(bone, Side.LEFT)
     return sided

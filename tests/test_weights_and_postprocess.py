@@ -12,7 +12,7 @@ import torch
 
 from model.labels import Bone, Side, sided_label
 from model.network import CascadeConfig, CascadedVNet
-from model.postprocess import remove_islands, segment_summary, split_sides
+from model.postprocess import bone_pieces, remove_islands, segment_summary, split_sides
 from model.sampling import TrainingCase
 from model.training import BatchStream, TrainingSettings, batches_from, train
 from model.volume_io import Volume
@@ -101,6 +101,22 @@ def test_a_new_run_can_start_from_weights(tmp_path: Path) -> None:
     assert meta["training"]["init_weights"]["sha256"] == file_sha256(start)
     with pytest.raises(ValueError, match="differs from the run's"):
         train([tiny_case()], tmp_path / "other", CascadeConfig(patch_sizes=(32,)), run)
+
+
+def test_bone_pieces_are_26_connected_per_bone_in_bone_order() -> None:
+    labels = np.zeros((10, 10, 10), dtype=np.uint8)
+    labels[1, 1, 1] = labels[2, 2, 2] = 3  # corner to corner: one piece
+    labels[5:7, 5:7, 5:7] = 1
+    labels[7, 5:7, 5:7] = 2  # touches the femur, but is another bone
+    labels[0, 9, 9] = 1  # first in scan order
+    pieces = list(bone_pieces(labels))
+    assert [(bone, int(mask.sum())) for bone, _, mask in pieces] == [(1, 1), (1, 8), (2, 4), (3, 2)]
+    for bone, box, mask in pieces:
+        assert (labels[box][mask] == bone).all()
+    rebuilt = np.zeros_like(labels)
+    for bone, box, mask in pieces:
+        rebuilt[box][mask] = bone
+    np.testing.assert_array_equal(rebuilt, labels)
 
 
 def test_islands_are_removed_or_relabelled() -> None:
