@@ -1,6 +1,7 @@
 """Inference benchmark: a full-size phantom with `fast`, and `fast` against `paper` on a slab.
 
     python -m bench.inference [--device cpu|cuda] [--out bench/results/inference.json]
+                              [--halo N]  (the full scan again with another halo)
 
 Each segmentation runs in its own process (bench/segment_worker.py) so that peak RSS is that of
 one segmentation, not of the phantom generator. Timings are wall-clock on this machine; the
@@ -31,9 +32,11 @@ FULL_SEED = 4242
 SLAB_SLICES = 200
 
 
-def run_worker(image: Path, workdir: Path, strategy: str, device: str) -> tuple[dict, np.ndarray]:
-    labels = workdir / f"{image.stem}-{strategy}-labels.mha"
-    report = workdir / f"{image.stem}-{strategy}.json"
+def run_worker(
+    image: Path, workdir: Path, strategy: str, device: str, halo: int | None = None
+) -> tuple[dict, np.ndarray]:
+    name = f"{image.stem}-{strategy}-{halo}"
+    labels, report = workdir / f"{name}-labels.mha", workdir / f"{name}.json"
     subprocess.run(
         [
             sys.executable,
@@ -46,6 +49,7 @@ def run_worker(image: Path, workdir: Path, strategy: str, device: str) -> tuple[
             strategy,
             "--device",
             device,
+            *(["--halo", str(halo)] if halo is not None else []),
         ],
         check=True,
     )
@@ -110,6 +114,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
+    parser.add_argument(
+        "--halo",
+        type=int,
+        help="also segment the full scan with this halo (fast), against the default's labels",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         workdir = Path(tmp)
@@ -125,6 +134,12 @@ def main() -> None:
 
         full_report, full_labels = run_worker(full, workdir, "fast", args.device)
         full_report["dice_vs_truth"] = per_bone_dice(full_labels, truth)
+        other_halo = None
+        if args.halo is not None:
+            other_halo, other_labels = run_worker(full, workdir, "fast", args.device, args.halo)
+            other_halo["dice_vs_truth"] = per_bone_dice(other_labels, truth)
+            other_halo["agreement_dice_per_bone"] = per_bone_dice(other_labels, full_labels)
+            del other_labels
         del full_labels
         slab_truth = truth[lo : lo + SLAB_SLICES]
         fast_report, fast_labels = run_worker(slab, workdir, "fast", args.device)
@@ -141,6 +156,7 @@ def main() -> None:
             "generate_s": round(generate_s, 1),
         },
         "full_fast": full_report,
+        **({"full_fast_other_halo": other_halo} if other_halo else {}),
         "slab": {
             "slices": SLAB_SLICES,
             "fast": fast_report,

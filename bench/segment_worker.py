@@ -24,9 +24,11 @@ def main() -> None:
     parser.add_argument("report", type=Path)
     parser.add_argument("--strategy", default="fast")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--halo", type=int, default=InferenceSettings.halo)
     args = parser.parse_args()
     started = time.perf_counter()
-    segmenter = Segmenter(settings=InferenceSettings(strategy=args.strategy, device=args.device))
+    settings = InferenceSettings(strategy=args.strategy, device=args.device, halo=args.halo)
+    segmenter = Segmenter(settings=settings)
     load_s = time.perf_counter() - started
     volume = read_volume(args.input)
     if segmenter.device.type == "cuda":
@@ -37,6 +39,7 @@ def main() -> None:
     write_volume(result.labels, args.labels)
     report = {
         "strategy": args.strategy,
+        "halo": args.halo,
         "device": str(segmenter.device),
         "shape_zyx": list(volume.array.shape),
         "spacing_xyz": list(volume.spacing),

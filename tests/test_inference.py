@@ -31,13 +31,14 @@ from model.resample import AIR_HU
 from model.sampling import normalise_hu
 from model.volume_io import Volume, read_volume, write_volume
 
-# Small phantoms (one joint region each) from seeds never used in training (1-10).
+# Small phantoms (one joint region each) from seeds never used in training (1-12).
 HELD_OUT = {"hip": 2001, "knee": 2002, "ankle": 2003}
-# What the shipped weights reach on these phantoms: bone found against background. Telling the
-# six bones apart is not yet at the model card's target (the weights are under-trained, see
-# model/MODEL_CARD.md), so these tests check the pipeline (resampling, orientation, grids,
-# strategies) through the bone mask; per-bone thresholds follow with better weights.
-BONE_MASK_DICE = 0.85  # measured: hip and knee crops 0.95, ankle crop 0.89
+# What the shipped weights (step 11000) reach on these phantoms, per bone scored: hip crop femur
+# 0.93, hip bone 0.94; knee crop femur 0.95, tibia 0.93, fibula 0.98; ankle crop tibia 0.98,
+# fibula 0.95, talus 0.92, calcaneus 0.90. The bound leaves room for other CPUs' rounding; the
+# model card's target (0.95 for every bone) is not met yet.
+BONE_DICE = 0.85
+BONE_MASK_DICE = 0.85  # bone found against background: measured 0.92-0.96
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,9 @@ def test_shipped_model_segments_held_out_phantoms(
     phantom = phantoms[region]
     result = fast.segment(phantom.image)
     assert result.labels.array.shape == phantom.labels.array.shape
-    assert bone_dice(result.labels.array, phantom.labels.array), "no scorable bone"
+    scored = bone_dice(result.labels.array, phantom.labels.array)
+    assert scored, "no scorable bone"
+    assert min(scored.values()) >= BONE_DICE, scored
     assert mask_dice(result.labels.array, phantom.labels.array) >= BONE_MASK_DICE
     # Every voxel called bone in the sided map is bone in the plain map, and vice versa.
     assert np.array_equal(result.sided.array > 0, result.labels.array > 0)
