@@ -36,6 +36,7 @@ from dicom_node.volume import (
     survey_series,
 )
 from dicom_node.worker import build_segmenter, build_writer, save_seg, segment_series
+from model.anatomy import check_anatomy, without_misplaced
 from model.inference import Segmentation
 from model.labels import Bone, Side, sided_label
 from model.volume_io import Volume
@@ -149,9 +150,14 @@ def phantom_seg(tmp_path_factory: pytest.TempPathFactory) -> NodeSeg:
     assert result.reason is None and result.dataset is not None and segmenter.result
     path = out / "seg.dcm"
     save_seg(result.dataset, path)
-    # The same assembly segment_series made (a pure function of the files), for the frames.
+    # The same assembly segment_series made (a pure function of the files), for the frames,
+    # and the labels it wrote: without pieces where no leg has them (the step-11000 weights
+    # put a speck of "tibia" in this hip crop, which the SEG rightly leaves out).
     assembled = assemble_volume(paths, config.series)
-    mask = labels_on_frames(segmenter.result.sided, assembled.source_geometry)
+    found = segmenter.result.sided
+    mask = labels_on_frames(
+        without_misplaced(found, check_anatomy(found)), assembled.source_geometry
+    )
     return NodeSeg(path, ct_dir, result.dataset, source_uids(assembled), mask)
 
 
