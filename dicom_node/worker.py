@@ -35,6 +35,7 @@ from dicom_node.spool import write_durably
 from dicom_node.volume import AssemblyError, AssemblyPolicy, assemble_volume
 from model.anatomy import check_anatomy, without_misplaced
 from model.postprocess import segment_summary
+from model.volume_io import Volume
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class SeriesResult:
     dataset: Dataset | None
     reason: str | None  # why it failed; None for a SEG or no findings
     summary: dict[str, Any] = field(default_factory=dict)  # segments, timings, notes
+    labels: Volume | None = None  # the sided labels the SEG encodes (misplaced pieces left out)
 
     @property
     def no_findings(self) -> str | None:
@@ -133,7 +135,7 @@ def segment_series(
     }
     if dataset is None:
         summary["no_findings"] = anatomy.reason or NO_BONE
-    return SeriesResult(dataset, None, summary)
+    return SeriesResult(dataset, None, summary, sided if dataset is not None else None)
 
 
 def save_seg(dataset: Dataset, path: Path) -> int:

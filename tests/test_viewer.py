@@ -36,10 +36,7 @@ from dicom_node.volume import (
     survey_series,
 )
 from dicom_node.worker import build_segmenter, build_writer, save_seg, segment_series
-from model.anatomy import check_anatomy, without_misplaced
-from model.inference import Segmentation
 from model.labels import Bone, Side, sided_label
-from model.volume_io import Volume
 
 VIEWER = ROOT / "tests" / "viewer"
 READ_SEG = VIEWER / "read_seg.js"
@@ -56,23 +53,6 @@ class NodeSeg:
     dataset: Dataset
     uids: list[str]  # SOP Instance UID of every source frame, in the mask's frame order
     mask: np.ndarray  # sided labels on the source frames: what the SEG encodes
-
-
-class RecordingSegmenter:
-    """The node's segmenter, keeping its last result.
-
-    `segment_series` encodes the sided label map into the SEG but returns only the dataset;
-    the test needs that label map, so it passes the real segmenter through this.
-    """
-
-    def __init__(self, segmenter: Any) -> None:
-        self.segmenter = segmenter
-        self.metadata = segmenter.metadata  # build_writer names the algorithm from it
-        self.result: Segmentation | None = None
-
-    def segment(self, volume: Volume) -> Segmentation:
-        self.result = self.segmenter.segment(volume)
-        return self.result
 
 
 def require_dcmjs() -> str:
@@ -145,19 +125,16 @@ def phantom_seg(tmp_path_factory: pytest.TempPathFactory) -> NodeSeg:
     ct_dir = write_phantom(out, seed=PHANTOM_SEED, size="small")["ct"]
     config = Config()
     paths = choose_series(survey_series(read_headers([ct_dir]), config.series), None).paths
-    segmenter = RecordingSegmenter(build_segmenter(config.inference))
+    segmenter = build_segmenter(config.inference)
     result = segment_series(paths, config.series, segmenter, build_writer(config, segmenter))
-    assert result.reason is None and result.dataset is not None and segmenter.result
+    assert result.reason is None and result.dataset is not None and result.labels is not None
     path = out / "seg.dcm"
     save_seg(result.dataset, path)
-    # The same assembly segment_series made (a pure function of the files), for the frames,
-    # and the labels it wrote: without pieces where no leg has them (the step-11000 weights
-    # put a speck of "tibia" in this hip crop, which the SEG rightly leaves out).
+    # The same assembly segment_series made (a pure function of the files), for the frames.
+    # The labels are those the SEG encodes: the step-11000 weights put a speck of "tibia" in
+    # this hip crop, which the anatomy check rightly leaves out.
     assembled = assemble_volume(paths, config.series)
-    found = segmenter.result.sided
-    mask = labels_on_frames(
-        without_misplaced(found, check_anatomy(found)), assembled.source_geometry
-    )
+    mask = labels_on_frames(result.labels, assembled.source_geometry)
     return NodeSeg(path, ct_dir, result.dataset, source_uids(assembled), mask)
 
 
