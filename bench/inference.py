@@ -35,7 +35,7 @@ SLAB_SLICES = 200
 def run_worker(
     image: Path, workdir: Path, strategy: str, device: str, halo: int | None = None
 ) -> tuple[dict, np.ndarray]:
-    name = f"{image.stem}-{strategy}-{halo}"
+    name = f"{image.stem}-{strategy}" + (f"-halo{halo}" if halo is not None else "")
     labels, report = workdir / f"{name}-labels.mha", workdir / f"{name}.json"
     subprocess.run(
         [

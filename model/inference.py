@@ -52,9 +52,9 @@ class InferenceSettings:
     threads: int | None = None
     slab: int = 64  # fast: z-thickness of a box core, in the stage's own voxels
     # fast: context around a box core, in the stage's own voxels. 8, not 16: on the whole-leg
-    # phantom 91 s against 144 s, labels agreeing at Dice >= 0.993 per bone, Dice against the
-    # truth within 0.006 (bench/README.md). Each stage was trained on 32-voxel patches, so a
-    # voxel at a patch's edge has seen less context than 8 in training.
+    # phantom 108.5 s against 145.3 s in one run, labels agreeing at Dice >= 0.993 per bone,
+    # Dice against the truth within 0.006 (bench/README.md). Each stage was trained on
+    # 32-voxel patches, so a voxel at a patch's edge has seen less context than 8 in training.
     halo: int = 8
     band: int = 2  # fast: voxels around a label change (previous stage's grid) refined
     certainty: float = 0.9  # fast: below this max probability a voxel is refined too
