@@ -1,13 +1,14 @@
 """Multi-scale patch sampling for training the cascade (pure numpy, no I/O).
 
 A training sample is one patch per stage: the finest patch is centred on a bone voxel (bone is
-oversampled, each bone equally often, so the small talus counts as much as the femur) or on a
-random voxel; every coarser patch contains the finer one at a random offset aligned to its own
-voxel grid. Offsets are random rather than centred because inference also places fine patches
-anywhere inside the coarse ones (the paper's "all smaller patches" inference, and the fast
-fully-convolutional strategy). Some samples see a truncated field of view (`field_of_view`).
-Each patch is downsampled to the smallest patch size by block
-averaging; its target is the block-averaged one-hot labels (soft targets at coarse stages).
+oversampled, each bone equally often, so the small talus counts as much as the femur), on a
+distractor (dense tissue that is none of the six bones: sacrum, vertebrae, patella, foot bones,
+metal) or on a random voxel; every coarser patch contains the finer one at a random offset
+aligned to its own voxel grid. Offsets are random rather than centred because inference also
+places fine patches anywhere inside the coarse ones (the paper's "all smaller patches"
+inference, and the fast fully-convolutional strategy). Some samples see a truncated field of
+view (`field_of_view`). Each patch is downsampled to the smallest patch size by block averaging;
+its target is the block-averaged one-hot labels (soft targets at coarse stages).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class TrainingCase:
     hu: np.ndarray
     labels: np.ndarray
     bone_voxels: dict[int, np.ndarray]  # label -> (N, 3) sample of its voxel indices
+    distractor_voxels: np.ndarray  # (N, 3) sample of dense voxels away from the six bones
 
     @classmethod
     def from_arrays(
@@ -50,7 +52,34 @@ class TrainingCase:
             if len(idx) > max_per_label:
                 idx = idx[rng.choice(len(idx), max_per_label, replace=False)]
             bone_voxels[int(label)] = idx.astype(np.int32)
-        return cls(name, hu.astype(np.int16, copy=False), labels.astype(np.uint8), bone_voxels)
+        distractors = np.argwhere(dense_background(hu, labels))
+        if len(distractors) > max_per_label:
+            distractors = distractors[rng.choice(len(distractors), max_per_label, replace=False)]
+        return cls(
+            name,
+            hu.astype(np.int16, copy=False),
+            labels.astype(np.uint8),
+            bone_voxels,
+            distractors.astype(np.int32).reshape(-1, 3),
+        )
+
+
+# Distractors: unlabelled voxels at least this dense, and at least DISTRACTOR_GAP voxels from
+# any labelled bone. Cancellous bone is 150-380 HU; a blurred bone surface spills dense voxels
+# into the background next to it, which bone-centred samples already show.
+DISTRACTOR_HU = 200
+DISTRACTOR_GAP = 3
+
+
+def dense_background(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Voxels that look like bone but are none of the labelled ones (bool, like `hu`).
+
+    The whole-leg model called the sacrum and the lowest lumbar vertebra "hip bone" (0.45 M
+    voxels) when training centred samples only on the six bones or anywhere: the sacrum filled
+    too few samples for the model to learn it is background.
+    """
+    near_bone = ndimage.maximum_filter(labels > 0, size=2 * DISTRACTOR_GAP + 1)
+    return (hu >= DISTRACTOR_HU) & ~near_bone
 
 
 @dataclass
@@ -155,12 +184,16 @@ def draw_sample(
     rng: np.random.Generator,
     bone_fraction: float = 0.67,
     truncated_fraction: float = 0.0,
+    distractor_fraction: float = 0.0,
 ) -> Sample:
     """One multi-scale training sample from `case` (see the module docstring)."""
-    if case.bone_voxels and rng.random() < bone_fraction:
+    draw = rng.random()
+    if case.bone_voxels and draw < bone_fraction:
         label = rng.choice(sorted(case.bone_voxels))
         voxels = case.bone_voxels[int(label)]
         centre = voxels[rng.integers(len(voxels))].astype(np.int64)
+    elif len(case.distractor_voxels) and draw < bone_fraction + distractor_fraction:
+        centre = case.distractor_voxels[rng.integers(len(case.distractor_voxels))].astype(np.int64)
     else:
         centre = np.array([rng.integers(0, n) for n in case.hu.shape], dtype=np.int64)
     centre = centre + rng.integers(-8, 9, size=3)

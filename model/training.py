@@ -42,6 +42,8 @@ class TrainingSettings:
     bone_fraction: float = 0.67
     # Samples that see a field of view cut around them (`model.sampling.field_of_view`).
     truncated_fraction: float = 0.3
+    # Samples centred on dense tissue that is none of the six bones (`model.sampling`).
+    distractor_fraction: float = 0.15
     threads: int | None = None
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"; CUDA trains in bfloat16 autocast
     # Processes drawing batches while the network trains: sampling (about 45 ms a sample on one
@@ -208,6 +210,7 @@ def make_batch(
                 rng,
                 settings.bone_fraction,
                 settings.truncated_fraction,
+                settings.distractor_fraction,
             ),
             config,
             rng,

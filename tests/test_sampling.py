@@ -121,6 +121,26 @@ def test_draw_sample_oversamples_bone_and_keeps_stages_aligned() -> None:
         assert sample.targets[-1][1:].sum() > 0
 
 
+def test_distractor_samples_centre_on_dense_tissue_away_from_the_bones() -> None:
+    config = CascadeConfig()
+    labels = np.zeros((120, 120, 120), dtype=np.uint8)
+    labels[10:40, 20:50, 30:60] = 1
+    hu = np.where(labels > 0, 1000, 40).astype(np.int16)
+    hu[80:100, 80:100, 70:100] = 600  # unlabelled dense tissue: a sacrum
+    hu[10:40, 20:50, 60:62] = 900  # a blurred bone surface spilling into the background
+    case = TrainingCase.from_arrays("sacrum", hu, labels, np.random.default_rng(0))
+    found = {tuple(v) for v in case.distractor_voxels}
+    sacrum = {tuple(v) for v in np.argwhere(hu == 600)}
+    assert found == sacrum  # the spill next to the bone is not a distractor
+    rng = np.random.default_rng(4)
+    dense = (600 - np.mean(config.hu_window)) / (np.diff(config.hu_window)[0] / 2)
+    for _ in range(10):
+        sample = draw_sample(case, config, rng, bone_fraction=0.0, distractor_fraction=1.0)
+        assert_stages_consistent(sample, config)
+        assert np.isclose(sample.images[-1], dense).any()
+        assert sample.targets[-1][1:].sum() == 0  # no bone in the finest patch
+
+
 def test_augment_flip_keeps_stages_aligned() -> None:
     config = CascadeConfig()
     case = make_case()
