@@ -204,10 +204,15 @@ def render_job(job: dict[str, Any]) -> Group:
     result = job["result"] or {}
     if result.get("segments"):
         segments = Table(title="segments", title_justify="left")
-        for column in ("segment", "volume (ml)"):
+        for column in ("segment", "volume (ml)", "unsure (%)"):
             segments.add_column(column)
         for s in result["segments"]:
-            segments.add_row(f"{s['side']} {s['bone']}", f"{s['volume_ml']:.1f}")
+            unsure = s.get("unsure_percent")  # jobs from before it was recorded have none
+            segments.add_row(
+                f"{s['side']} {s['bone']}",
+                f"{s['volume_ml']:.1f}",
+                "" if unsure is None else f"{unsure:.1f}",
+            )
         lines.append(segments)
     timeline = Table(title="timeline", title_justify="left")
     for column in ("at (UTC)", "gen", "state", "reason"):

@@ -118,7 +118,7 @@ def segment_series(
     segments, dropped = segmentation.summary["segments"], []
     if anatomy.dropped:
         found = segmentation.sided.array
-        segments = segment_summary(sided)
+        segments = segment_summary(sided, segmentation.unsure())
         dropped = segment_summary(sided.with_array(np.where(sided.array != found, found, 0)))
     summary = {
         "series_instance_uid": assembled.series_instance_uid,

@@ -56,7 +56,9 @@ class InferenceSettings:
     # 32-voxel patches, so a voxel at a patch's edge has seen less context than 8 in training.
     halo: int = 8
     band: int = 2  # fast: voxels around a label change (previous stage's grid) refined
-    certainty: float = 0.9  # fast: below this max probability a voxel is refined too
+    # Below this probability of its class a voxel is unsure: fast refines it, and the summary
+    # gives each bone's share of unsure voxels.
+    certainty: float = 0.9
     min_island_ml: float = 0.5
     max_box_voxels: int = 96 * 192 * 192  # fast: bounds one network call's memory (~1.5 GB)
 
@@ -69,8 +71,15 @@ class InferenceSettings:
 class Segmentation:
     labels: Volume  # uint8, 0 background, 1..6 model.labels.Bone, on the input grid
     sided: Volume  # uint8, 0 background, 1..6 right, 7..12 left (model.labels.sided_label)
+    # uint8 percent: the probability the cascade gave the class it chose for each voxel (before
+    # post-processing), from the last stage that looked at the voxel; on the input grid.
+    confidence: Volume
+    sure_percent: int  # below this confidence a voxel counts as unsure
     summary: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def unsure(self) -> np.ndarray:
+        return self.confidence.array < self.sure_percent
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -175,7 +184,7 @@ class Segmenter:
         timings["resample_in_s"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        labels, stats = self.predict_labels(hu)
+        labels, confidence, stats = self.predict_labels(hu)
         timings["inference_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -185,10 +194,10 @@ class Segmenter:
         timings["postprocess_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        sided_image = sitk.GetImageFromArray(sided)
-        sided_image.CopyInformation(grid)
-        sided_image = labels_to_grid(sided_image, volume)
-        sided_array = sitk.GetArrayFromImage(sided_image)
+        sided_array, confidence = (
+            sitk.GetArrayFromImage(labels_to_grid(on_grid(array, grid), volume))
+            for array in (sided, confidence)
+        )
         bone_array = np.where(
             sided_array > len(BONE_NAMES), sided_array - len(BONE_NAMES), sided_array
         )
@@ -196,24 +205,28 @@ class Segmenter:
         timings["total_s"] = time.perf_counter() - t0
 
         sided_volume = volume.with_array(sided_array.astype(np.uint8))
+        sure_percent = round(100 * self.settings.certainty)
         summary = {
             "strategy": self.settings.strategy,
             "device": str(self.device),
             "model": self.metadata.get("name"),
             "weights_sha256": self.metadata.get("weights_sha256"),
-            "segments": segment_summary(sided_volume),
+            "segments": segment_summary(sided_volume, confidence < sure_percent),
             "refined_fraction": stats,
         }
         return Segmentation(
             volume.with_array(bone_array.astype(np.uint8)),
             sided_volume,
+            volume.with_array(confidence),
+            sure_percent,
             summary,
             {k: round(v, 3) for k, v in timings.items()},
         )
 
     # -- cascade on the model grid -------------------------------------------------------
-    def predict_labels(self, hu: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-        """Labels (uint8) for HU on the model grid, plus per-stage refined fractions."""
+    def predict_labels(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Labels and their confidence (uint8, percent) for HU on the model grid, and the
+        fraction of each stage's grid the fast strategy refined."""
         shape = hu.shape
         block = (
             self.config.patch_sizes[0]
@@ -223,10 +236,11 @@ class Segmenter:
         inputs = ScaledInputs(np.asarray(hu), self.config, tuple(ceil_to(n, block) for n in shape))
         with torch.inference_mode():
             if self.settings.strategy == "paper":
-                labels, stats = self._paper(inputs), {}
+                labels, confidence, stats = *self._paper(inputs), {}
             else:
-                labels, stats = self._fast(inputs)
-        return labels[: shape[0], : shape[1], : shape[2]].numpy(), stats
+                labels, confidence, stats = self._fast(inputs)
+        inside = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        return labels[inside].numpy(), confidence[inside].numpy(), stats
 
     def _run(self, stage: int, x: Tensor) -> Tensor:
         """Softmax of one stage on a (B, C, D, H, W) CPU tensor, computed on the device."""
@@ -239,9 +253,10 @@ class Segmenter:
         return torch.softmax(out.float(), dim=1).cpu()
 
     # -- paper ------------------------------------------------------------------------------
-    def _paper(self, inputs: ScaledInputs) -> Tensor:
+    def _paper(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor]:
         sizes, factors, s = self.config.patch_sizes, self.config.factors, self.config.input_size
         labels = torch.zeros(inputs.shape(-1), dtype=torch.uint8)
+        confidence = torch.zeros_like(labels)
         for start in itertools.product(*(range(0, n, sizes[0]) for n in inputs.shape(-1))):
             # Patches of the current stage: (start in 0.8 mm voxels, parent probs, parent start).
             patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]] = [
@@ -262,8 +277,8 @@ class Segmenter:
                 probs = self._run(i, torch.stack(batch))
                 if i == len(sizes) - 1:
                     for (p_start, _, _), p in zip(patches, probs, strict=True):
-                        z, y, x = p_start
-                        labels[z : z + s, y : y + s, x : x + s] = argmax_classes(p)
+                        patch = tuple(slice(a, a + s) for a in p_start)
+                        labels[patch], confidence[patch] = most_probable(p)
                     break
                 child = sizes[i + 1]
                 patches = [
@@ -271,22 +286,23 @@ class Segmenter:
                     for (p_start, _, _), p in zip(patches, probs, strict=True)
                     for off in itertools.product(range(0, sizes[i], child), repeat=3)
                 ]
-        return labels
+        return labels, confidence
 
     # -- fast -------------------------------------------------------------------------------
-    def _fast(self, inputs: ScaledInputs) -> tuple[Tensor, dict[str, float]]:
+    def _fast(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor, dict[str, float]]:
         n = len(self.config.factors)
         probs = self._dense(inputs)
         stats = {}
         for i in range(1, n):
             ratio = self.config.factors[i - 1] // self.config.factors[i]
-            coarse_labels = argmax_classes(probs)
+            coarse_labels, coarse_confidence = most_probable(probs)
             refine = refine_mask(coarse_labels, probs, self.settings.band, self.settings.certainty)
             stats[f"stage{i + 1}"] = round(float(refine.float().mean()), 4)
             fine_shape = inputs.shape(i)
             last = i == n - 1
             if last:
                 result = upsample_nearest(coarse_labels, ratio)
+                confidence = upsample_nearest(coarse_confidence, ratio)
             else:
                 result = upsample_probs(probs, ratio)
             for core, region in self._boxes(refine, ratio, fine_shape):
@@ -299,13 +315,13 @@ class Segmenter:
                 p = self._run(i, x)[0]
                 kept = (slice(None), *inner(core, region))
                 if last:
-                    result[core] = argmax_classes(p[kept])
+                    result[core], confidence[core] = most_probable(p[kept])
                 else:
                     result[(slice(None), *core)] = p[kept].to(result.dtype)
             if last:
-                return result, stats
+                return result, confidence, stats
             probs = result
-        return argmax_classes(probs), stats
+        return *most_probable(probs), stats
 
     def _dense(self, inputs: ScaledInputs) -> Tensor:
         """The first stage over its whole grid, box by box with a halo (bounded memory)."""
@@ -341,9 +357,9 @@ class Segmenter:
             yield from self._with_halo(split_box(core, self.settings.max_box_voxels), fine_shape)
 
 
-def argmax_classes(probs: Tensor) -> Tensor:
-    """The most probable class of each voxel of (C, D, H, W) probabilities, as uint8; the
-    first on ties, as `torch.argmax`.
+def most_probable(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """The most probable class of each voxel of (C, D, H, W) probabilities and its probability,
+    both as uint8 (the probability in percent); the first class on ties, as `torch.argmax`.
 
     One comparison per class: 4x faster than `argmax` over the class axis on CPU, which walks
     the seven values of each voxel one voxel at a time.
@@ -354,7 +370,7 @@ def argmax_classes(probs: Tensor) -> Tensor:
         better = probs[c] > best
         labels.masked_fill_(better, c)
         torch.where(better, probs[c], best, out=best)
-    return labels
+    return labels, best.mul_(100).round_().to(torch.uint8)
 
 
 def refine_mask(labels: Tensor, probs: Tensor, band: int, certainty: float) -> Tensor:
@@ -418,6 +434,12 @@ def _cover(mask: np.ndarray, box: Box, cost: Callable[[Box], int]) -> list[Box]:
     assert best is not None
     boxes = [b for part in best[1] for b in _cover(mask, part, cost)]
     return boxes if sum(cost(b) for b in boxes) < cost(box) else [box]
+
+
+def on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(grid)
+    return image
 
 
 def inner(core: Box, region: Box) -> Box:

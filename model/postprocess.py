@@ -58,24 +58,31 @@ def label_counts(labels: np.ndarray, slab: int = 16) -> np.ndarray:
     return counts
 
 
-def segment_summary(sided: Volume) -> list[dict[str, object]]:
+def segment_summary(sided: Volume, unsure: np.ndarray | None = None) -> list[dict[str, object]]:
     """Each sided bone present in a sided label volume (model.labels.sided_label): its bone,
-    side, voxels and millilitres on the volume's grid."""
+    side, voxels and millilitres on the volume's grid; with `unsure` (a mask on that grid:
+    voxels the model was unsure of), the percentage of its voxels in it."""
     voxel_ml = float(np.prod(sided.spacing)) / 1000.0
     counts = label_counts(sided.array)
-    return [
-        {
-            "label": int(bone),
-            "sided_label": sided_label(bone, side),
-            "bone": name,
-            "side": side.name.lower(),
-            "voxels": int(counts[sided_label(bone, side)]),
-            "volume_ml": round(float(counts[sided_label(bone, side)]) * voxel_ml, 2),
-        }
-        for bone, name in BONE_NAMES.items()
-        for side in Side
-        if counts[sided_label(bone, side)]
-    ]
+    unsure_counts = None if unsure is None else np.bincount(sided.array[unsure], minlength=256)
+    summary: list[dict[str, object]] = []
+    for bone, name in BONE_NAMES.items():
+        for side in Side:
+            label = sided_label(bone, side)
+            if not counts[label]:
+                continue
+            entry: dict[str, object] = {
+                "label": int(bone),
+                "sided_label": label,
+                "bone": name,
+                "side": side.name.lower(),
+                "voxels": int(counts[label]),
+                "volume_ml": round(float(counts[label]) * voxel_ml, 2),
+            }
+            if unsure_counts is not None:
+                entry["unsure_percent"] = round(100.0 * unsure_counts[label] / counts[label], 1)
+            summary.append(entry)
+    return summary
 
 
 def bone_pieces(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray]]:

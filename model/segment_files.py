@@ -11,7 +11,8 @@ from model.volume_io import VOLUME_SUFFIXES, read_volume, write_volume
 
 
 def output_paths(output: Path) -> dict[str, Path]:
-    """`seg.nii.gz` -> itself, `seg_sided.nii.gz` and `seg.json` beside it."""
+    """`seg.nii.gz` -> itself, `seg_sided.nii.gz`, `seg_confidence.nii.gz` and `seg.json`
+    beside it."""
     name = output.name
     suffix = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), None)
     if suffix is None:
@@ -20,6 +21,7 @@ def output_paths(output: Path) -> dict[str, Path]:
     return {
         "labels": output,
         "sided": output.with_name(f"{stem}_sided{suffix}"),
+        "confidence": output.with_name(f"{stem}_confidence{suffix}"),
         "sidecar": output.with_name(f"{stem}.json"),
     }
 
@@ -30,6 +32,7 @@ def save_segmentation(
     paths = output_paths(output)
     write_volume(segmentation.labels, paths["labels"])
     write_volume(segmentation.sided, paths["sided"])
+    write_volume(segmentation.confidence, paths["confidence"])
     sidecar = {
         "source": str(source) if source else None,
         "labels": {str(k): v for k, v in BONE_NAMES.items()},
@@ -38,6 +41,10 @@ def save_segmentation(
         "sided_labels": {str(k): v for k, v in sided_label_names().items()},
         "side_rule": "each bone voxel by its side of the body's midline in patient coordinates "
         "(LPS: +x is the patient's left); right keeps 1..6, left is 7..12",
+        "confidence_file": paths["confidence"].name,
+        "confidence": "percent: the probability the model gave the class it chose for each "
+        "voxel, before post-processing; a segment's unsure_percent counts its voxels under "
+        f"{segmentation.sure_percent}",
         **segmentation.summary,
         "timings_s": segmentation.timings,
     }

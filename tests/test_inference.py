@@ -17,10 +17,10 @@ from model.inference import (
     InferenceSettings,
     ScaledInputs,
     Segmenter,
-    argmax_classes,
     cover_boxes,
     crop_upsampled,
     fit_multiple,
+    most_probable,
     refine_mask,
     split_box,
 )
@@ -145,8 +145,15 @@ def test_segment_command_writes_labels_sided_map_and_sidecar(
     assert sidecar["labels"]["5"] == "talus" and sidecar["sided_labels"]["11"] == "left talus"
     assert set(np.unique(labels.array)) <= set(range(7))
     assert set(np.unique(sided.array)) <= set(range(13))
+    confidence = read_volume(tmp_path / "out" / sidecar["confidence_file"])
+    assert confidence.array.shape == labels.array.shape and confidence.array.max() <= 100
     for segment in sidecar["segments"]:
-        assert (sided.array == segment["sided_label"]).sum() == segment["voxels"]
+        voxels = sided.array == segment["sided_label"]
+        assert voxels.sum() == segment["voxels"]
+        unsure = (confidence.array[voxels] < 90).mean()
+        assert segment["unsure_percent"] == pytest.approx(100 * unsure, abs=0.05)
+    # The model is sure of most bone it finds, and unsure of some: its surfaces.
+    assert 0 < (confidence.array[labels.array > 0] < 90).mean() < 0.5
 
 
 def test_segment_command_rejects_a_missing_file(tmp_path: Path) -> None:
@@ -288,11 +295,15 @@ def test_scaled_inputs_equal_the_whole_padded_grid_pooled_then_cropped() -> None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_argmax_classes_equals_torch_argmax_ties_included(dtype: torch.dtype) -> None:
+def test_most_probable_equals_torch_max_ties_included(dtype: torch.dtype) -> None:
     torch.manual_seed(2)
     probs = torch.softmax(torch.randn(7, 9, 10, 11), 0).to(dtype)
     probs[:, 0, 0, :3] = torch.tensor([0.0, 0.5, 0.5, 0, 0, 0, 0], dtype=dtype)[:, None]  # a tie
     expected = probs.argmax(0).to(torch.uint8)
     assert expected[0, 0, 0] == 1
-    assert torch.equal(argmax_classes(probs), expected)
+    labels, percent = most_probable(probs)
+    assert torch.equal(labels, expected)
     assert len(expected.unique()) == 7
+    assert percent[0, 0, 0] == 50
+    expected_percent = (probs.float().max(0).values * 100).round()
+    assert (percent.float() - expected_percent).abs().max() <= 1  # float16 rounding

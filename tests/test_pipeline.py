@@ -130,6 +130,9 @@ def test_ct_series_comes_back_as_seg_in_the_same_study(
     reported = {f"{s['side']} {s['bone']}" for s in job["result"]["segments"]}
     labels = {seg.get_segment_description(n).segment_label.lower() for n in seg.segment_numbers}
     assert labels == reported and labels
+    assert all(0 <= s["unsure_percent"] < 50 for s in job["result"]["segments"])
+    shown = node.cli("job", str(status["id"]))
+    assert shown.returncode == 0 and "unsure (%)" in shown.stdout, shown.stderr
     bones = _seg_bones(seg, _ct_uids_in_z_order(hip_phantom["ct"]))
     truth = read_volume(hip_phantom["labels"]).array
     dice = 2 * np.sum((bones > 0) & (truth > 0)) / (np.sum(bones > 0) + np.sum(truth > 0))

@@ -213,6 +213,11 @@ def test_segment_summary_counts_each_sided_bone_on_its_grid() -> None:
             "volume_ml": 0.0,
         },
     ]
+    unsure = np.zeros(sided.shape, dtype=bool)
+    unsure[0, :5, 0] = True  # 5 of the femur's 20 voxels
+    unsure[3] = True  # 1 of the talus's 2, and background
+    with_unsure = segment_summary(Volume(sided, (0.5, 0.5, 2.0)), unsure)
+    assert [s["unsure_percent"] for s in with_unsure] == [25.0, 50.0]
 
 
 def test_pieces_without_bone_density_are_not_bone() -> None:
