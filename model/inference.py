@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("fast", "paper")
 Box = tuple[slice, slice, slice]
+Stats = dict[str, dict[str, float]]
 
 
 @dataclass
@@ -212,7 +213,7 @@ class Segmenter:
             "model": self.metadata.get("name"),
             "weights_sha256": self.metadata.get("weights_sha256"),
             "segments": segment_summary(sided_volume, confidence < sure_percent),
-            "refined_fraction": stats,
+            **stats,
         }
         return Segmentation(
             volume.with_array(bone_array.astype(np.uint8)),
@@ -224,9 +225,10 @@ class Segmenter:
         )
 
     # -- cascade on the model grid -------------------------------------------------------
-    def predict_labels(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """Labels and their confidence (uint8, percent) for HU on the model grid, and the
-        fraction of each stage's grid the fast strategy refined."""
+    def predict_labels(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, Stats]:
+        """Labels and their confidence (uint8, percent) for HU on the model grid; for the fast
+        strategy, the fraction of each stage's grid that needed refining and the fraction it
+        computed (the boxes around it, with their halos)."""
         shape = hu.shape
         block = (
             self.config.patch_sizes[0]
@@ -289,16 +291,17 @@ class Segmenter:
         return labels, confidence
 
     # -- fast -------------------------------------------------------------------------------
-    def _fast(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor, dict[str, float]]:
+    def _fast(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor, Stats]:
         n = len(self.config.factors)
         probs = self._dense(inputs)
-        stats = {}
+        stats: Stats = {"refined_fraction": {}, "computed_fraction": {}}
         for i in range(1, n):
             ratio = self.config.factors[i - 1] // self.config.factors[i]
             coarse_labels, coarse_confidence = most_probable(probs)
             refine = refine_mask(coarse_labels, probs, self.settings.band, self.settings.certainty)
-            stats[f"stage{i + 1}"] = round(float(refine.float().mean()), 4)
+            stats["refined_fraction"][f"stage{i + 1}"] = round(float(refine.float().mean()), 4)
             fine_shape = inputs.shape(i)
+            computed = 0
             last = i == n - 1
             if last:
                 result = upsample_nearest(coarse_labels, ratio)
@@ -313,11 +316,13 @@ class Segmenter:
                     ]
                 )[None]
                 p = self._run(i, x)[0]
+                computed += x[0, 0].numel()
                 kept = (slice(None), *inner(core, region))
                 if last:
                     result[core], confidence[core] = most_probable(p[kept])
                 else:
                     result[(slice(None), *core)] = p[kept].to(result.dtype)
+            stats["computed_fraction"][f"stage{i + 1}"] = round(computed / np.prod(fine_shape), 4)
             if last:
                 return result, confidence, stats
             probs = result
