@@ -132,6 +132,12 @@ def _add_train(sub: SubParsers) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--distractor-fraction",
+        type=float,
+        default=0.0,
+        help="share of samples centred on dense tissue that is none of the six bones",
+    )
     parser.add_argument("--threads", type=int, help="torch threads for the network")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
@@ -162,6 +168,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
+        distractor_fraction=args.distractor_fraction,
         threads=args.threads,
         device=args.device,
         workers=args.workers,

@@ -42,8 +42,10 @@ class TrainingSettings:
     bone_fraction: float = 0.67
     # Samples that see a field of view cut around them (`model.sampling.field_of_view`).
     truncated_fraction: float = 0.3
-    # Samples centred on dense tissue that is none of the six bones (`model.sampling`).
-    distractor_fraction: float = 0.15
+    # Samples centred on dense tissue that is none of the six bones (`model.sampling`). Off by
+    # default: a run with 0.15 (session 6, model card) mended the foot and knee but lost the
+    # femoral head on hip crops, and the shipped weights were trained without.
+    distractor_fraction: float = 0.0
     threads: int | None = None
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"; CUDA trains in bfloat16 autocast
     # Processes drawing batches while the network trains: sampling (about 45 ms a sample on one
