@@ -138,6 +138,12 @@ def _add_train(sub: SubParsers) -> None:
         default=0.0,
         help="share of samples centred on dense tissue that is none of the six bones",
     )
+    parser.add_argument(
+        "--joint-fraction",
+        type=float,
+        default=0.0,
+        help="share of samples centred where two bones nearly touch (hip, knee, ankle joints)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads for the network")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
@@ -169,6 +175,7 @@ def _train(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         seed=args.seed,
         distractor_fraction=args.distractor_fraction,
+        joint_fraction=args.joint_fraction,
         threads=args.threads,
         device=args.device,
         workers=args.workers,

@@ -1,10 +1,11 @@
 """Multi-scale patch sampling for training the cascade (pure numpy, no I/O).
 
-A training sample is one patch per stage: the finest patch is centred on a bone voxel (bone is
-oversampled, each bone equally often, so the small talus counts as much as the femur), on a
-distractor (dense tissue that is none of the six bones: sacrum, vertebrae, patella, foot bones,
-metal) or on a random voxel; every coarser patch contains the finer one at a random offset
-aligned to its own voxel grid. Offsets are random rather than centred because inference also
+A training sample is one patch per stage: the finest patch is centred on a joint (a bone voxel
+next to another bone: femoral head in the acetabulum, knee, ankle, subtalar joint), on a bone
+voxel (bone is oversampled, each bone equally often, so the small talus counts as much as the
+femur), on a distractor (dense tissue that is none of the six bones: sacrum, vertebrae, patella,
+foot bones, metal) or on a random voxel; every coarser patch contains the finer one at a random
+offset aligned to its own voxel grid. Offsets are random rather than centred because inference also
 places fine patches anywhere inside the coarse ones (the paper's "all smaller patches"
 inference, and the fast fully-convolutional strategy). Some samples see a truncated field of
 view (`field_of_view`). Each patch is downsampled to the smallest patch size by block averaging;
@@ -32,6 +33,7 @@ class TrainingCase:
     labels: np.ndarray
     bone_voxels: dict[int, np.ndarray]  # label -> (N, 3) sample of its voxel indices
     distractor_voxels: np.ndarray  # (N, 3) sample of dense voxels away from the six bones
+    joint_voxels: np.ndarray  # (N, 3) sample of bone voxels next to another bone
 
     @classmethod
     def from_arrays(
@@ -52,15 +54,20 @@ class TrainingCase:
             if len(idx) > max_per_label:
                 idx = idx[rng.choice(len(idx), max_per_label, replace=False)]
             bone_voxels[int(label)] = idx.astype(np.int32)
-        distractors = np.argwhere(dense_background(hu, labels))
-        if len(distractors) > max_per_label:
-            distractors = distractors[rng.choice(len(distractors), max_per_label, replace=False)]
+
+        def voxel_sample(mask: np.ndarray) -> np.ndarray:
+            idx = np.argwhere(mask)
+            if len(idx) > max_per_label:
+                idx = idx[rng.choice(len(idx), max_per_label, replace=False)]
+            return idx.astype(np.int32).reshape(-1, 3)
+
         return cls(
             name,
             hu.astype(np.int16, copy=False),
             labels.astype(np.uint8),
             bone_voxels,
-            distractors.astype(np.int32).reshape(-1, 3),
+            voxel_sample(dense_background(hu, labels)),
+            voxel_sample(joint_surfaces(labels)),
         )
 
 
@@ -80,6 +87,25 @@ def dense_background(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """
     near_bone = ndimage.maximum_filter(labels > 0, size=2 * DISTRACTOR_GAP + 1)
     return (hu >= DISTRACTOR_HU) & ~near_bone
+
+
+# Joints: bone voxels with another bone within this many voxels (4 mm at 0.8 mm), which takes
+# in the phantoms' hip, knee, ankle and subtalar joint spaces.
+JOINT_GAP = 5
+
+
+def joint_surfaces(labels: np.ndarray) -> np.ndarray:
+    """Bone voxels with a voxel of another bone within JOINT_GAP voxels (a cube; bool).
+
+    Where two bones nearly touch is where the labels are hardest to get right, and a bone's
+    joint surface is a small share of its voxels: the session-6 run with distractor samples lost
+    the femoral head's inside on hip crops (model card), the acetabulum's neighbour.
+    """
+    size = 2 * JOINT_GAP + 1
+    nearby_max = ndimage.maximum_filter(labels, size=size)
+    # Background counts as the largest label for the minimum, so it never marks a neighbour.
+    nearby_min = ndimage.minimum_filter(np.where(labels > 0, labels, 255).astype(np.uint8), size)
+    return (labels > 0) & ((nearby_max > labels) | (nearby_min < labels))
 
 
 @dataclass
@@ -185,14 +211,18 @@ def draw_sample(
     bone_fraction: float = 0.67,
     truncated_fraction: float = 0.0,
     distractor_fraction: float = 0.0,
+    joint_fraction: float = 0.0,
 ) -> Sample:
     """One multi-scale training sample from `case` (see the module docstring)."""
     draw = rng.random()
-    if case.bone_voxels and draw < bone_fraction:
+    to_distractor = joint_fraction + bone_fraction + distractor_fraction
+    if len(case.joint_voxels) and draw < joint_fraction:
+        centre = case.joint_voxels[rng.integers(len(case.joint_voxels))].astype(np.int64)
+    elif case.bone_voxels and draw < joint_fraction + bone_fraction:
         label = rng.choice(sorted(case.bone_voxels))
         voxels = case.bone_voxels[int(label)]
         centre = voxels[rng.integers(len(voxels))].astype(np.int64)
-    elif len(case.distractor_voxels) and draw < bone_fraction + distractor_fraction:
+    elif len(case.distractor_voxels) and draw < to_distractor:
         centre = case.distractor_voxels[rng.integers(len(case.distractor_voxels))].astype(np.int64)
     else:
         centre = np.array([rng.integers(0, n) for n in case.hu.shape], dtype=np.int64)

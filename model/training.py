@@ -46,6 +46,10 @@ class TrainingSettings:
     # default: a run with 0.15 (session 6, model card) mended the foot and knee but lost the
     # femoral head on hip crops, and the shipped weights were trained without.
     distractor_fraction: float = 0.0
+    # Samples centred where two bones nearly touch (`model.sampling.joint_surfaces`): session 7
+    # trained with 0.1 beside distractors (0.05), to keep the femoral head the distractor run
+    # of session 6 lost. Taken before `bone_fraction`: joint + bone + distractor <= 1.
+    joint_fraction: float = 0.0
     threads: int | None = None
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"; CUDA trains in bfloat16 autocast
     # Processes drawing batches while the network trains: sampling (about 45 ms a sample on one
@@ -213,6 +217,7 @@ def make_batch(
                 settings.bone_fraction,
                 settings.truncated_fraction,
                 settings.distractor_fraction,
+                settings.joint_fraction,
             ),
             config,
             rng,

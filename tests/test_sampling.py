@@ -13,6 +13,7 @@ from model.sampling import (
     draw_sample,
     extract,
     field_of_view,
+    joint_surfaces,
     sample_patch_starts,
     soft_targets,
 )
@@ -139,6 +140,35 @@ def test_distractor_samples_centre_on_dense_tissue_away_from_the_bones() -> None
         assert_stages_consistent(sample, config)
         assert np.isclose(sample.images[-1], dense).any()
         assert sample.targets[-1][1:].sum() == 0  # no bone in the finest patch
+
+
+def test_joint_surfaces_are_bone_next_to_another_bone() -> None:
+    labels = np.zeros((40, 40, 60), dtype=np.uint8)
+    labels[10:30, 10:30, 5:25] = 1  # a femoral head ...
+    labels[10:30, 10:30, 28:50] = 2  # ... 3 voxels from an acetabulum
+    labels[10:30, 10:30, 52:58] = 2  # the same bone's other piece: not a joint
+    joint = joint_surfaces(labels)
+    x = np.argwhere(joint)[:, 2]
+    # Within JOINT_GAP (5) voxels of the other bone (x 24 and 28 are 4 apart), on both sides of
+    # the joint space.
+    assert set(x) == {23, 24, 28, 29}
+    assert joint[10:30, 10:30, 23:25].all() and not joint[labels == 0].any()
+
+
+def test_joint_samples_centre_where_two_bones_meet() -> None:
+    config = CascadeConfig()
+    labels = np.zeros((120, 120, 120), dtype=np.uint8)
+    labels[10:40, 20:50, 30:60] = 1
+    labels[10:40, 20:50, 62:70] = 2
+    labels[80:110, 80:110, 80:110] = 3  # far from any other bone
+    hu = np.where(labels > 0, 1000, 40).astype(np.int16)
+    case = TrainingCase.from_arrays("joint", hu, labels, np.random.default_rng(0))
+    rng = np.random.default_rng(6)
+    for _ in range(10):
+        sample = draw_sample(case, config, rng, bone_fraction=0.0, joint_fraction=1.0)
+        assert_stages_consistent(sample, config)
+        fine = sample.targets[-1]
+        assert fine[1].sum() > 0 and fine[2].sum() > 0 and fine[3].sum() == 0
 
 
 def test_augment_flip_keeps_stages_aligned() -> None:
