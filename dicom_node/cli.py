@@ -209,8 +209,15 @@ def _segment(args: argparse.Namespace) -> int:
         return _segment_dicom(args)
     from model.segment_files import segment_file
 
-    paths = segment_file(args.input, args.output, _segmenter(args))
+    segmentation, paths = segment_file(args.input, args.output, _segmenter(args))
     print(*paths.values(), sep="\n")
+    if segmentation.anatomy.reason:
+        # Written so it can be looked at; the node would send no SEG for it.
+        print(
+            f"warning: {segmentation.anatomy.reason}: not a lower extremity as segmented "
+            "(the sidecar's 'implausible'); the node reports no findings for such a scan",
+            file=sys.stderr,
+        )
     return 0
 
 

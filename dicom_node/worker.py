@@ -25,7 +25,6 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
@@ -33,8 +32,6 @@ from dicom_node.config import Config, InferenceConfig
 from dicom_node.seg import AlgorithmInfo, SegWriter
 from dicom_node.spool import write_durably
 from dicom_node.volume import AssemblyError, AssemblyPolicy, assemble_volume
-from model.anatomy import check_anatomy, without_misplaced
-from model.postprocess import segment_summary
 from model.volume_io import Volume
 
 log = logging.getLogger(__name__)
@@ -108,26 +105,23 @@ def segment_series(
         return SeriesResult(None, f"cannot assemble: {error}")
     timings["assemble_s"] = time.perf_counter() - t
     t = time.perf_counter()
+    # The segmentation comes checked for anatomical sense (`model.anatomy`): misplaced pieces
+    # are already left out of it, and an implausible one gets no SEG.
     segmentation = segmenter.segment(assembled.volume)
-    anatomy = check_anatomy(segmentation.sided)  # post-processing: timed with the inference
-    sided = without_misplaced(segmentation.sided, anatomy)
     timings["segment_s"] = time.perf_counter() - t
     t = time.perf_counter()
+    anatomy, sided = segmentation.anatomy, segmentation.sided
     dataset = None if anatomy.reason else writer.write(assembled, sided, generation)
     timings["seg_encode_s"] = time.perf_counter() - t
-    segments, dropped = segmentation.summary["segments"], []
-    if anatomy.dropped:
-        found = segmentation.sided.array
-        segments = segment_summary(sided, segmentation.unsure())
-        dropped = segment_summary(sided.with_array(np.where(sided.array != found, found, 0)))
+    reported = ("segments", "dropped_as_misplaced", "implausible")
     summary = {
         "series_instance_uid": assembled.series_instance_uid,
         "frames": len(assembled.frames),
         "notes": assembled.notes,
-        "segments": segments,
+        "segments": segmentation.summary["segments"],
         # Pieces found where no lower extremity has them (model/anatomy.py): not in the SEG.
-        "dropped_as_misplaced": dropped,
-        "inference": {k: v for k, v in segmentation.summary.items() if k != "segments"},
+        "dropped_as_misplaced": segmentation.summary["dropped_as_misplaced"],
+        "inference": {k: v for k, v in segmentation.summary.items() if k not in reported},
         "timings_s": {
             **{k: round(v, 3) for k, v in timings.items()},
             "inference_detail": segmentation.timings,

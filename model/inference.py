@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
+from model.anatomy import AnatomyCheck, check_anatomy, without_misplaced
 from model.labels import BONE_NAMES, N_CLASSES
 from model.network import CascadeConfig, CascadedVNet, pick_device, upsample_context
 from model.postprocess import remove_islands, segment_summary, split_sides
@@ -61,6 +62,9 @@ class InferenceSettings:
     # gives each bone's share of unsure voxels.
     certainty: float = 0.9
     min_island_ml: float = 0.5
+    # Leave out the pieces of bone lying where no lower extremity has them (`model.anatomy`),
+    # and say when the whole segmentation is implausible. Off only to score the raw output.
+    anatomy_check: bool = True
     max_box_voxels: int = 96 * 192 * 192  # fast: bounds one network call's memory (~1.5 GB)
 
     def __post_init__(self) -> None:
@@ -70,12 +74,20 @@ class InferenceSettings:
 
 @dataclass
 class Segmentation:
+    """The labels, after post-processing and the anatomy check, on the input grid.
+
+    `anatomy.reason` set: the segmentation as a whole is not of a lower extremity (nothing of it
+    should be reported); its misplaced pieces are left out of `labels` and `sided` either way,
+    and `summary["dropped_as_misplaced"]` lists them.
+    """
+
     labels: Volume  # uint8, 0 background, 1..6 model.labels.Bone, on the input grid
     sided: Volume  # uint8, 0 background, 1..6 right, 7..12 left (model.labels.sided_label)
     # uint8 percent: the probability the cascade gave the class it chose for each voxel (before
     # post-processing), from the last stage that looked at the voxel; on the input grid.
     confidence: Volume
     sure_percent: int  # below this confidence a voxel counts as unsure
+    anatomy: AnatomyCheck = field(default_factory=AnatomyCheck)
     summary: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -199,13 +211,25 @@ class Segmenter:
             sitk.GetArrayFromImage(labels_to_grid(on_grid(array, grid), volume))
             for array in (sided, confidence)
         )
-        bone_array = np.where(
-            sided_array > len(BONE_NAMES), sided_array - len(BONE_NAMES), sided_array
-        )
         timings["resample_out_s"] = time.perf_counter() - t
+
+        # On the input grid, so that what is dropped is counted in the voxels reported.
+        t = time.perf_counter()
+        found = volume.with_array(sided_array.astype(np.uint8))
+        anatomy = check_anatomy(found) if self.settings.anatomy_check else AnatomyCheck()
+        sided_volume = without_misplaced(found, anatomy)
+        dropped = []
+        if anatomy.dropped:
+            left_out = np.where(sided_volume.array != found.array, found.array, 0)
+            dropped = segment_summary(found.with_array(left_out))
+        bone_array = np.where(
+            sided_volume.array > len(BONE_NAMES),
+            sided_volume.array - len(BONE_NAMES),
+            sided_volume.array,
+        )
+        timings["anatomy_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
 
-        sided_volume = volume.with_array(sided_array.astype(np.uint8))
         sure_percent = round(100 * self.settings.certainty)
         summary = {
             "strategy": self.settings.strategy,
@@ -213,6 +237,9 @@ class Segmenter:
             "model": self.metadata.get("name"),
             "weights_sha256": self.metadata.get("weights_sha256"),
             "segments": segment_summary(sided_volume, confidence < sure_percent),
+            # Pieces found where no lower extremity has them (model/anatomy.py): left out.
+            "dropped_as_misplaced": dropped,
+            "implausible": anatomy.reason,
             **stats,
         }
         return Segmentation(
@@ -220,6 +247,7 @@ class Segmenter:
             sided_volume,
             volume.with_array(confidence),
             sure_percent,
+            anatomy,
             summary,
             {k: round(v, 3) for k, v in timings.items()},
         )

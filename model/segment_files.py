@@ -52,7 +52,9 @@ def save_segmentation(
     return paths
 
 
-def segment_file(input_path: Path, output: Path, segmenter: Segmenter) -> dict[str, Path]:
+def segment_file(
+    input_path: Path, output: Path, segmenter: Segmenter
+) -> tuple[Segmentation, dict[str, Path]]:
     """Segment one NIfTI/NRRD/MHA volume of HU values; write labels, sided labels, sidecar."""
     segmentation = segmenter.segment(read_volume(input_path))
-    return save_segmentation(segmentation, output, source=input_path)
+    return segmentation, save_segmentation(segmentation, output, source=input_path)

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from model.anatomy import AnatomyCheck, check_anatomy
 from model.inference import (
     InferenceSettings,
     ScaledInputs,
@@ -154,6 +155,35 @@ def test_segment_command_writes_labels_sided_map_and_sidecar(
         assert segment["unsure_percent"] == pytest.approx(100 * unsure, abs=0.05)
     # The model is sure of most bone it finds, and unsure of some: its surfaces.
     assert 0 < (confidence.array[labels.array > 0] < 90).mean() < 0.5
+
+
+def test_segment_command_flags_bones_no_leg_can_have(tmp_path: Path, phantoms: dict) -> None:
+    """A hip set straight on top of an ankle: a hip bone 15 cm above a calcaneus is no lower
+    extremity. The file output leaves the misplaced bones out, as the node's SEG would, and
+    says so (sidecar and stderr) instead of handing back a label map nobody should trust."""
+    ankle, hip = phantoms["ankle"].image, phantoms["hip"].image
+    n = min(ankle.array.shape[1], hip.array.shape[1])
+    stacked = np.concatenate([ankle.array[:, :n, :n], hip.array[:, :n, :n]])  # hip on top
+    write_volume(Volume(stacked, ankle.spacing, ankle.origin), tmp_path / "ct.nii.gz")
+    ct, out = tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz"
+    run = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "segment", str(ct), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    assert sidecar["implausible"].startswith("anatomically implausible: hip bone and")
+    assert "warning: anatomically implausible" in run.stderr
+    dropped = {segment["bone"] for segment in sidecar["dropped_as_misplaced"]}
+    assert "hip bone" in dropped
+    labels, sided = read_volume(out), read_volume(tmp_path / "seg_sided.nii.gz")
+    kept = {BONE_NAMES[v] for v in np.unique(labels.array) if v}
+    assert kept and "hip bone" not in kept  # no piece of it lies where a hip bone could
+    # What stays is plausible, and the summary counts the labels written.
+    assert check_anatomy(sided) == AnatomyCheck()
+    for segment in sidecar["segments"]:
+        assert (sided.array == segment["sided_label"]).sum() == segment["voxels"]
 
 
 def test_segment_command_rejects_a_missing_file(tmp_path: Path) -> None:
