@@ -58,6 +58,12 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto; overrides the config")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--weights", type=Path, help="safetensors weights (default: shipped)")
+    parser.add_argument(
+        "--no-anatomy-check",
+        action="store_true",
+        help="keep bone pieces where no lower extremity has them (model/anatomy.py), e.g. to "
+        "score the model's raw output",
+    )
 
 
 def _segmenter(args: argparse.Namespace) -> Segmenter:
@@ -71,6 +77,7 @@ def _segmenter(args: argparse.Namespace) -> Segmenter:
         strategy=args.strategy or config.strategy,
         device=args.device or config.device,
         threads=args.threads or config.threads or None,
+        anatomy_check=not args.no_anatomy_check,
     )
     return Segmenter(args.weights or Path(config.weights or DEFAULT_WEIGHTS), settings)
 
@@ -267,6 +274,11 @@ def _segment_phantom(args: argparse.Namespace) -> int:
     console.print(format_table(result))
     for case in result["cases"]:
         console.print(f"{case['case']}: {case['shape']} voxels, {case['timings_s']}")
+    console.print(
+        "Scored "
+        + ("without" if args.no_anatomy_check else "after")
+        + " the anatomy check (misplaced pieces left out, as in the node's SEG)."
+    )
     console.print("Phantom data: these figures show the engine works, not clinical accuracy.")
     if args.json is not None:
         write_json(result, args.json)

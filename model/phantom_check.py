@@ -34,8 +34,14 @@ def segment_phantoms(
                 "shape": list(phantom.image.array.shape),
                 "spacing": list(phantom.image.spacing),
                 "segments": segmentation.summary["segments"],
+                "dropped_as_misplaced": segmentation.summary["dropped_as_misplaced"],
+                "implausible": segmentation.summary["implausible"],
                 "timings_s": segmentation.timings,
                 **metrics,
             }
         )
-    return {"cases": cases, "aggregate": aggregate_cases(cases)}
+    return {
+        "anatomy_check": segmenter.settings.anatomy_check,
+        "cases": cases,
+        "aggregate": aggregate_cases(cases),
+    }

@@ -186,6 +186,30 @@ def test_segment_command_flags_bones_no_leg_can_have(tmp_path: Path, phantoms: d
         assert (sided.array == segment["sided_label"]).sum() == segment["voxels"]
 
 
+def test_segment_phantom_scores_what_the_node_would_send(tmp_path: Path) -> None:
+    """`segment-phantom` scores the labels after the anatomy check; `--no-anatomy-check` the
+    raw output. The two differ by exactly the pieces listed as dropped."""
+    from dicom_node.cli import main
+
+    runs = {}
+    for flag in ([], ["--no-anatomy-check"]):
+        out = tmp_path / f"scores{len(flag)}.json"
+        args = ["segment-phantom", "--seeds", "1002", "--size", "small", "--json", str(out)]
+        assert main(args + flag) == 0
+        runs[bool(flag)] = json.loads(out.read_text())
+    checked, raw = runs[False], runs[True]
+    assert checked["anatomy_check"] is True and raw["anatomy_check"] is False
+    assert raw["cases"][0]["dropped_as_misplaced"] == []
+    case = checked["cases"][0]
+    assert set(case["bones"]) and set(case["bones"]) <= set(BONE_NAMES.values())
+
+    def voxels(segments: list[dict]) -> int:
+        return sum(segment["voxels"] for segment in segments)
+
+    dropped = voxels(case["dropped_as_misplaced"])
+    assert voxels(case["segments"]) + dropped == voxels(raw["cases"][0]["segments"])
+
+
 def test_segment_command_rejects_a_missing_file(tmp_path: Path) -> None:
     run = subprocess.run(
         [
