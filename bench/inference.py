@@ -1,7 +1,8 @@
 """Inference benchmark: a full-size phantom with `fast`, and `fast` against `paper` on a slab.
 
     python -m bench.inference [--device cpu|cuda] [--out bench/results/inference.json]
-                              [--halo N]  (the full scan again with another halo)
+                              [--halo N] [--weights W]  (the full scan again, with another halo
+                                                         or other weights, in the same run)
 
 Each segmentation runs in its own process (bench/segment_worker.py) so that peak RSS is that of
 one segmentation, not of the phantom generator. Timings are wall-clock on this machine; the
@@ -33,9 +34,15 @@ SLAB_SLICES = 200
 
 
 def run_worker(
-    image: Path, workdir: Path, strategy: str, device: str, halo: int | None = None
+    image: Path,
+    workdir: Path,
+    strategy: str,
+    device: str,
+    halo: int | None = None,
+    weights: Path | None = None,
 ) -> tuple[dict, np.ndarray]:
-    name = f"{image.stem}-{strategy}" + (f"-halo{halo}" if halo is not None else "")
+    other = halo is not None or weights is not None
+    name = f"{image.stem}-{strategy}" + ("-other" if other else "")
     labels, report = workdir / f"{name}-labels.mha", workdir / f"{name}.json"
     subprocess.run(
         [
@@ -50,6 +57,7 @@ def run_worker(
             "--device",
             device,
             *(["--halo", str(halo)] if halo is not None else []),
+            *(["--weights", str(weights)] if weights is not None else []),
         ],
         check=True,
     )
@@ -119,6 +127,11 @@ def main() -> None:
         type=int,
         help="also segment the full scan with this halo (fast), against the default's labels",
     )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="also segment the full scan with these weights (fast), against the default's",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         workdir = Path(tmp)
@@ -134,11 +147,13 @@ def main() -> None:
 
         full_report, full_labels = run_worker(full, workdir, "fast", args.device)
         full_report["dice_vs_truth"] = per_bone_dice(full_labels, truth)
-        other_halo = None
-        if args.halo is not None:
-            other_halo, other_labels = run_worker(full, workdir, "fast", args.device, args.halo)
-            other_halo["dice_vs_truth"] = per_bone_dice(other_labels, truth)
-            other_halo["agreement_dice_per_bone"] = per_bone_dice(other_labels, full_labels)
+        other = None
+        if args.halo is not None or args.weights is not None:
+            other, other_labels = run_worker(
+                full, workdir, "fast", args.device, args.halo, args.weights
+            )
+            other["dice_vs_truth"] = per_bone_dice(other_labels, truth)
+            other["agreement_dice_per_bone"] = per_bone_dice(other_labels, full_labels)
             del other_labels
         del full_labels
         slab_truth = truth[lo : lo + SLAB_SLICES]
@@ -156,7 +171,7 @@ def main() -> None:
             "generate_s": round(generate_s, 1),
         },
         "full_fast": full_report,
-        **({"full_fast_other_halo": other_halo} if other_halo else {}),
+        **({"full_fast_other": other} if other else {}),
         "slab": {
             "slices": SLAB_SLICES,
             "fast": fast_report,

@@ -15,6 +15,7 @@ import torch
 
 from model.inference import InferenceSettings, Segmenter
 from model.volume_io import read_volume, write_volume
+from model.weights import DEFAULT_WEIGHTS
 
 
 def main() -> None:
@@ -25,10 +26,11 @@ def main() -> None:
     parser.add_argument("--strategy", default="fast")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--halo", type=int, default=InferenceSettings.halo)
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     args = parser.parse_args()
     started = time.perf_counter()
     settings = InferenceSettings(strategy=args.strategy, device=args.device, halo=args.halo)
-    segmenter = Segmenter(settings=settings)
+    segmenter = Segmenter(args.weights, settings)
     load_s = time.perf_counter() - started
     volume = read_volume(args.input)
     if segmenter.device.type == "cuda":
@@ -40,6 +42,7 @@ def main() -> None:
     report = {
         "strategy": args.strategy,
         "halo": args.halo,
+        "weights_sha256": segmenter.metadata["weights_sha256"],
         "device": str(segmenter.device),
         "shape_zyx": list(volume.array.shape),
         "spacing_xyz": list(volume.spacing),
@@ -48,6 +51,10 @@ def main() -> None:
         "timings_s": result.timings,
         # fast only: the share of each stage's grid that needed refining, and that it computed
         **{k: v for k, v in result.summary.items() if k.endswith("_fraction")},
+        # Left out by the anatomy check, as in the node's SEG (not scored against the truth).
+        "dropped_as_misplaced_voxels": sum(
+            segment["voxels"] for segment in result.summary["dropped_as_misplaced"]
+        ),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
         "torch_threads": torch.get_num_threads(),
     }
