@@ -131,8 +131,8 @@ def phantom_seg(tmp_path_factory: pytest.TempPathFactory) -> NodeSeg:
     path = out / "seg.dcm"
     save_seg(result.dataset, path)
     # The same assembly segment_series made (a pure function of the files), for the frames.
-    # The labels are those the SEG encodes: the step-11000 weights put a speck of "tibia" in
-    # this hip crop, which the anatomy check rightly leaves out.
+    # The labels are those the SEG encodes, after the anatomy check (the step-11000 weights put
+    # a speck of "tibia" in this hip crop, which the check rightly left out).
     assembled = assemble_volume(paths, config.series)
     mask = labels_on_frames(result.labels, assembled.source_geometry)
     return NodeSeg(path, ct_dir, result.dataset, source_uids(assembled), mask)
