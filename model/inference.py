@@ -34,7 +34,13 @@ from torch import Tensor, nn
 from model.anatomy import AnatomyCheck, check_anatomy, without_misplaced
 from model.labels import BONE_NAMES, N_CLASSES
 from model.network import CascadeConfig, CascadedVNet, pick_device, upsample_context
-from model.postprocess import remove_islands, segment_summary, split_sides
+from model.postprocess import (
+    counts_summary,
+    label_counts,
+    remove_islands,
+    segment_summary,
+    split_sides,
+)
 from model.resample import AIR_HU, image_to_model_grid, labels_to_grid
 from model.sampling import normalise_hu
 from model.volume_io import Volume
@@ -215,13 +221,14 @@ class Segmenter:
 
         # On the input grid, so that what is dropped is counted in the voxels reported.
         t = time.perf_counter()
-        found = volume.with_array(sided_array.astype(np.uint8))
+        found = volume.with_array(sided_array.astype(np.uint8, copy=False))
         anatomy = check_anatomy(found) if self.settings.anatomy_check else AnatomyCheck()
         sided_volume = without_misplaced(found, anatomy)
         dropped = []
         if anatomy.dropped:
-            left_out = np.where(sided_volume.array != found.array, found.array, 0)
-            dropped = segment_summary(found.with_array(left_out))
+            # From counts: a volume of what was left out would cost two more of the scan's size.
+            lost = label_counts(found.array) - label_counts(sided_volume.array)
+            dropped = counts_summary(lost, volume.spacing)
         bone_array = np.where(
             sided_volume.array > len(BONE_NAMES),
             sided_volume.array - len(BONE_NAMES),

@@ -62,9 +62,20 @@ def segment_summary(sided: Volume, unsure: np.ndarray | None = None) -> list[dic
     """Each sided bone present in a sided label volume (model.labels.sided_label): its bone,
     side, voxels and millilitres on the volume's grid; with `unsure` (a mask on that grid:
     voxels the model was unsure of), the percentage of its voxels in it."""
-    voxel_ml = float(np.prod(sided.spacing)) / 1000.0
     counts = label_counts(sided.array)
     unsure_counts = None if unsure is None else np.bincount(sided.array[unsure], minlength=256)
+    return counts_summary(counts, sided.spacing, unsure_counts)
+
+
+def counts_summary(
+    counts: np.ndarray,
+    spacing: tuple[float, float, float],
+    unsure_counts: np.ndarray | None = None,
+) -> list[dict[str, object]]:
+    """`segment_summary` from voxel counts per sided label (`label_counts`) on a grid of
+    `spacing`: the difference of two volumes' counts summarises what one lost, with no copy of
+    either."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     summary: list[dict[str, object]] = []
     for bone, name in BONE_NAMES.items():
         for side in Side:
