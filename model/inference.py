@@ -97,9 +97,6 @@ class Segmentation:
     summary: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def unsure(self) -> np.ndarray:
-        return self.confidence.array < self.sure_percent
-
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """Fold every BatchNorm3d into the convolution before it (inference only)."""

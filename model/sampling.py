@@ -46,29 +46,27 @@ class TrainingCase:
     ) -> TrainingCase:
         if hu.shape != labels.shape:
             raise ValueError(f"{name}: image shape {hu.shape} differs from labels {labels.shape}")
-        bone_voxels = {}
-        for label in np.unique(labels):
-            if label == 0:
-                continue
-            idx = np.argwhere(labels == label)
-            if len(idx) > max_per_label:
-                idx = idx[rng.choice(len(idx), max_per_label, replace=False)]
-            bone_voxels[int(label)] = idx.astype(np.int32)
-
-        def voxel_sample(mask: np.ndarray) -> np.ndarray:
-            idx = np.argwhere(mask)
-            if len(idx) > max_per_label:
-                idx = idx[rng.choice(len(idx), max_per_label, replace=False)]
-            return idx.astype(np.int32).reshape(-1, 3)
-
+        bone_voxels = {
+            int(label): sample_voxels(labels == label, rng, max_per_label)
+            for label in np.unique(labels)
+            if label != 0
+        }
         return cls(
             name,
             hu.astype(np.int16, copy=False),
             labels.astype(np.uint8),
             bone_voxels,
-            voxel_sample(dense_background(hu, labels)),
-            voxel_sample(joint_surfaces(labels)),
+            sample_voxels(dense_background(hu, labels), rng, max_per_label),
+            sample_voxels(joint_surfaces(labels), rng, max_per_label),
         )
+
+
+def sample_voxels(mask: np.ndarray, rng: np.random.Generator, most: int) -> np.ndarray:
+    """(N, 3) int32 indices of the True voxels of `mask`, at most `most` of them drawn at random."""
+    idx = np.argwhere(mask)
+    if len(idx) > most:
+        idx = idx[rng.choice(len(idx), most, replace=False)]
+    return idx.astype(np.int32).reshape(-1, 3)
 
 
 # Distractors: unlabelled voxels at least this dense, and at least DISTRACTOR_GAP voxels from

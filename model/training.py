@@ -43,12 +43,12 @@ class TrainingSettings:
     # Samples that see a field of view cut around them (`model.sampling.field_of_view`).
     truncated_fraction: float = 0.3
     # Samples centred on dense tissue that is none of the six bones (`model.sampling`). Off by
-    # default: a run with 0.15 (session 6, model card) mended the foot and knee but lost the
-    # femoral head on hip crops, and the shipped weights were trained without.
+    # default: alone (0.15, session 6, model card) it mended the foot and knee but lost the
+    # femoral head on hip crops; the shipped weights' last run had 0.1 beside joint samples.
     distractor_fraction: float = 0.0
-    # Samples centred where two bones nearly touch (`model.sampling.joint_surfaces`): session 7
-    # trained with 0.1 beside distractors (0.05), to keep the femoral head the distractor run
-    # of session 6 lost. Taken before `bone_fraction`: joint + bone + distractor <= 1.
+    # Samples centred where two bones nearly touch (`model.sampling.joint_surfaces`), to keep
+    # the femoral head the distractor run of session 6 lost; the shipped weights' last run had
+    # 0.15. Taken before `bone_fraction`: joint + bone + distractor <= 1.
     joint_fraction: float = 0.0
     threads: int | None = None
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"; CUDA trains in bfloat16 autocast
