@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -271,15 +272,43 @@ def _associate(
     except OSError as error:  # the host name does not resolve (socket.gaierror)
         return None, watch, f"cannot resolve host {destination.host!r}: {error}"
     if assoc.is_established:
-        # Without TCP_NODELAY every C-STORE request waits for the peer's delayed ACK (~40 ms
-        # per instance); pynetdicom does not set it, so set it on its socket once connected.
-        connection = assoc.dul.socket.socket if assoc.dul.socket else None
-        if connection is not None:
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        prepare_requestor(assoc)
         return assoc, watch, ""
     waited = time.monotonic() - start
     why = _why_no_association(assoc, watch, destination, waited, timeout_s, tls)
     return None, watch, why
+
+
+def prepare_requestor(assoc: Association) -> None:
+    """Fit an established association for one request after another: TCP_NODELAY on its
+    socket, and the peer's answers kept for the request that waits for them.
+
+    Without TCP_NODELAY every C-STORE request waits for the peer's delayed ACK (~40 ms per
+    instance); pynetdicom does not set it.
+
+    pynetdicom (3.0) pauses the association's reactor thread before each request by clearing a
+    checkpoint and waiting for a flag that the reactor sets just *before* it waits on that
+    checkpoint. A reactor already past the checkpoint (descheduled there, on a busy machine)
+    takes the peer's answer off the queue itself, logs "Received unexpected C-STORE service
+    message" and drops it; the request then waits out the DIMSE time-out and aborts the
+    association, though the peer answered in milliseconds (pydicom/pynetdicom#875). Here an
+    answer the reactor takes while a request waits (the checkpoint is clear only then) goes
+    back on the queue, to the request.
+    """
+    connection = assoc.dul.socket.socket if assoc.dul.socket else None
+    if connection is not None:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    serve_request = assoc._serve_request
+    checkpoint = assoc._reactor_checkpoint
+    queue = assoc.dimse.msg_queue
+
+    def serve_or_return(message: Any, context_id: int) -> None:
+        if not message.is_valid_request and not checkpoint.is_set():
+            queue.put((context_id, message))
+            return
+        serve_request(message, context_id)
+
+    assoc._serve_request = serve_or_return  # type: ignore[method-assign]
 
 
 def _why_no_association(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-import socket
 import sqlite3
 import struct
 import tempfile
@@ -61,6 +60,7 @@ from pynetdicom.association import Association
 
 from dicom_node.ct_series import PatientInfo, write_ct_series
 from dicom_node.receive import CANNOT_UNDERSTAND, SUCCESS, UID_PATTERN
+from dicom_node.send import prepare_requestor
 from model.volume_io import Volume
 
 CANARY = "fuzzcanary"
@@ -597,7 +597,7 @@ class HostileSender:
             if not self._assoc.is_established:
                 self._assoc = None
                 raise ConnectionError("the node did not accept an association")
-            no_delay(self._assoc)
+            prepare_requestor(self._assoc)  # as the node's own deliveries
         return self._assoc
 
     def send(self, instance: Encoded) -> int:
@@ -645,14 +645,6 @@ class HostileSender:
             if self._assoc.is_established:
                 self._assoc.release()
             self._assoc = None
-
-
-def no_delay(assoc: Association) -> None:
-    """TCP_NODELAY on an association's socket. pynetdicom leaves Nagle on, so each C-STORE
-    (a command PDU, then data PDUs) waits ~40 ms for the peer's delayed ACK."""
-    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @contextlib.contextmanager
