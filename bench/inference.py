@@ -1,4 +1,5 @@
-"""Inference benchmark: a full-size phantom with `fast`, and `fast` against `paper` on a slab.
+"""Inference benchmark: a full-size phantom with `fast`, and `fast` against `paper` on a slab
+(and `paper` with its first stage over the whole slab, to show where the two part).
 
     python -m bench.inference [--device cpu|cuda] [--out bench/results/inference.json]
                               [--halo N] [--weights W]  (the full scan again, with another halo
@@ -40,9 +41,14 @@ def run_worker(
     device: str,
     halo: int | None = None,
     weights: Path | None = None,
+    paper_coarse: str | None = None,
 ) -> tuple[dict, np.ndarray]:
     other = halo is not None or weights is not None
-    name = f"{image.stem}-{strategy}" + ("-other" if other else "")
+    name = (
+        f"{image.stem}-{strategy}"
+        + ("-other" if other else "")
+        + (f"-{paper_coarse}" if paper_coarse else "")
+    )
     labels, report = workdir / f"{name}-labels.mha", workdir / f"{name}.json"
     subprocess.run(
         [
@@ -58,6 +64,7 @@ def run_worker(
             device,
             *(["--halo", str(halo)] if halo is not None else []),
             *(["--weights", str(weights)] if weights is not None else []),
+            *(["--paper-coarse", paper_coarse] if paper_coarse is not None else []),
         ],
         check=True,
     )
@@ -159,8 +166,15 @@ def main() -> None:
         slab_truth = truth[lo : lo + SLAB_SLICES]
         fast_report, fast_labels = run_worker(slab, workdir, "fast", args.device)
         paper_report, paper_labels = run_worker(slab, workdir, "paper", args.device)
+        # Where the strategies part: paper with its first stage over the whole slab, as fast.
+        scan_report, scan_labels = run_worker(
+            slab, workdir, "paper", args.device, paper_coarse="scan"
+        )
     fast_report["dice_vs_truth"] = per_bone_dice(fast_labels, slab_truth)
     paper_report["dice_vs_truth"] = per_bone_dice(paper_labels, slab_truth)
+    scan_report["dice_vs_truth"] = per_bone_dice(scan_labels, slab_truth)
+    scan_report["agreement_with_fast"] = per_bone_dice(fast_labels, scan_labels)
+    scan_report["agreement_with_paper"] = per_bone_dice(paper_labels, scan_labels)
     result = {
         "machine": machine(),
         "device": args.device,
@@ -178,6 +192,7 @@ def main() -> None:
             "paper": paper_report,
             "paper_over_fast_time": round(paper_report["segment_s"] / fast_report["segment_s"], 1),
             "agreement_dice_per_bone": per_bone_dice(fast_labels, paper_labels),
+            "paper_first_stage_over_the_slab": scan_report,
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,13 @@ def main() -> None:
     parser.add_argument("--strategy", default="fast")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--halo", type=int, default=InferenceSettings.halo)
+    parser.add_argument("--paper-coarse", default=InferenceSettings.paper_coarse)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     args = parser.parse_args()
     started = time.perf_counter()
-    settings = InferenceSettings(strategy=args.strategy, device=args.device, halo=args.halo)
+    settings = InferenceSettings(
+        strategy=args.strategy, device=args.device, halo=args.halo, paper_coarse=args.paper_coarse
+    )
     segmenter = Segmenter(args.weights, settings)
     load_s = time.perf_counter() - started
     volume = read_volume(args.input)
@@ -42,6 +45,7 @@ def main() -> None:
     report = {
         "strategy": args.strategy,
         "halo": args.halo,
+        **({"paper_coarse": args.paper_coarse} if args.strategy == "paper" else {}),
         "weights_sha256": segmenter.metadata["weights_sha256"],
         "device": str(segmenter.device),
         "shape_zyx": list(volume.array.shape),

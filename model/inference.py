@@ -49,6 +49,7 @@ from model.weights import DEFAULT_WEIGHTS, load_weights
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("fast", "paper")
+PAPER_COARSE = ("blocks", "scan")
 Box = tuple[slice, slice, slice]
 Stats = dict[str, dict[str, float]]
 
@@ -72,10 +73,19 @@ class InferenceSettings:
     # and say when the whole segmentation is implausible. Off only to score the raw output.
     anatomy_check: bool = True
     max_box_voxels: int = 96 * 192 * 192  # fast: bounds one network call's memory (~1.5 GB)
+    # paper: the first stage on each block of the largest patch size, as the paper ("blocks"),
+    # or over the whole scan as fast runs it ("scan"), every later stage still patch by patch.
+    # "scan" shows how much of the gap between the strategies the blocks' edges make
+    # (bench/README.md).
+    paper_coarse: str = "blocks"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        if self.paper_coarse not in PAPER_COARSE:
+            raise ValueError(
+                f"paper_coarse: expected one of {PAPER_COARSE}, got {self.paper_coarse!r}"
+            )
 
 
 @dataclass
@@ -291,24 +301,18 @@ class Segmenter:
         sizes, factors, s = self.config.patch_sizes, self.config.factors, self.config.input_size
         labels = torch.zeros(inputs.shape(-1), dtype=torch.uint8)
         confidence = torch.zeros_like(labels)
+        scan = self._dense(inputs) if self.settings.paper_coarse == "scan" else None
         for start in itertools.product(*(range(0, n, sizes[0]) for n in inputs.shape(-1))):
             # Patches of the current stage: (start in 0.8 mm voxels, parent probs, parent start).
             patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]] = [
                 (start, None, start)
             ]
             for i in range(len(sizes)):
-                f = factors[i]
-                batch = []
-                for p_start, parent, parent_start in patches:
-                    lo = [a // f for a in p_start]
-                    img = inputs.region(i, tuple(slice(a, a + s) for a in lo))
-                    channels = [img[None]]
-                    if parent is not None:
-                        pf = factors[i - 1]
-                        offset = [(a - b) // pf for a, b in zip(p_start, parent_start, strict=True)]
-                        channels.append(upsample_context(parent[None], offset, s, pf // f)[0])
-                    batch.append(torch.cat(channels))
-                probs = self._run(i, torch.stack(batch))
+                if i == 0 and scan is not None:
+                    block = tuple(slice(a // factors[0], a // factors[0] + s) for a in start)
+                    probs = scan[(slice(None), *block)].float()[None]
+                else:
+                    probs = self._run(i, self._patch_batch(inputs, i, patches))
                 if i == len(sizes) - 1:
                     for (p_start, _, _), p in zip(patches, probs, strict=True):
                         patch = tuple(slice(a, a + s) for a in p_start)
@@ -321,6 +325,25 @@ class Segmenter:
                     for off in itertools.product(range(0, sizes[i], child), repeat=3)
                 ]
         return labels, confidence
+
+    def _patch_batch(
+        self,
+        inputs: ScaledInputs,
+        stage: int,
+        patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]],
+    ) -> Tensor:
+        """The stage's input for each patch: its CT, and its parent's prediction cropped."""
+        f, s = self.config.factors[stage], self.config.input_size
+        batch = []
+        for p_start, parent, parent_start in patches:
+            img = inputs.region(stage, tuple(slice(a // f, a // f + s) for a in p_start))
+            channels = [img[None]]
+            if parent is not None:
+                pf = self.config.factors[stage - 1]
+                offset = [(a - b) // pf for a, b in zip(p_start, parent_start, strict=True)]
+                channels.append(upsample_context(parent[None], offset, s, pf // f)[0])
+            batch.append(torch.cat(channels))
+        return torch.stack(batch)
 
     # -- fast -------------------------------------------------------------------------------
     def _fast(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor, Stats]:

@@ -362,3 +362,20 @@ def test_most_probable_equals_torch_max_ties_included(dtype: torch.dtype) -> Non
     assert percent[0, 0, 0] == 50
     expected_percent = (probs.float().max(0).values * 100).round()
     assert (percent.float() - expected_percent).abs().max() <= 1  # float16 rounding
+
+
+def test_paper_with_the_first_stage_over_the_scan(phantoms: dict) -> None:
+    """paper_coarse="scan": the first stage runs over the whole scan, the later ones patch by
+    patch. On a scan of one block that is the paper's own first stage (the same labels but
+    for float16 rounding of the first stage's map); across blocks it sees past their edges."""
+    hu = phantoms["hip"].image.array[:128, :128, :]  # two blocks along x
+
+    def labels(paper_coarse: str, scan: np.ndarray) -> np.ndarray:
+        settings = InferenceSettings(strategy="paper", paper_coarse=paper_coarse)
+        return Segmenter(settings=settings).predict_labels(scan)[0]
+
+    one_block = hu[:, :, :128]
+    assert (labels("scan", one_block) == labels("blocks", one_block)).mean() > 0.9999
+    assert (labels("scan", hu) != labels("blocks", hu)).sum() > 1000
+    with pytest.raises(ValueError, match="paper_coarse"):
+        InferenceSettings(paper_coarse="whole")
