@@ -9,8 +9,13 @@ extremity, and the node reports no findings instead of a SEG nobody should trust
 
 The gaps are deliberately loose (about half of the smallest adult's): the rule must never turn
 away a real scan, only segmentations that are nonsense. A model also errs on real legs: a few
-voxels of "talus" at a hip. So the bone in most conflicts (ties: the smaller) is set aside,
-again until no conflict is left. Of a bone set aside, the connected pieces that lie where the
+voxels of "talus" at a hip, a patch of "tibia" in a femoral shaft. So the bone that conflicts
+with the most bone for the least of its own (the voxels of the bones it conflicts with over its
+own voxels; ties: the smaller) is set aside, again until no conflict is left: a speck of tibia
+at a hip goes before the hip bone, and a "hip bone" in a lower leg, in conflict with all four
+bones there, goes before them. Counting conflicts alone set the hip bone of a held-out hip crop
+aside (in conflict with a false tibia and a false fibula, one each) and made the scan
+implausible. Of a bone set aside, the connected pieces that lie where the
 bones kept allow it stay (the real talus at the ankle, when the model also called bits of a hip
 "talus"); the other pieces are dropped. Only when that drops more than `MAX_DROPPED_FRACTION`
 of the bone found is the whole segmentation implausible. On the head and body CTs at hand it
@@ -178,8 +183,11 @@ def check_anatomy(labels: Volume) -> AnatomyCheck:
         for pair in MIN_GAP_MM
         if set(pair) <= kept.keys() and _conflicts({b: kept[b] for b in pair})
     ]:
-        counts = Counter(bone for pair in pairs for bone in pair)
-        worst = max(counts, key=lambda bone: (counts[bone], -kept[bone].voxels))
+        against: Counter[Bone] = Counter()  # voxels of the bones each one conflicts with
+        for upper, lower in pairs:
+            against[upper] += kept[lower].voxels
+            against[lower] += kept[upper].voxels
+        worst = max(against, key=lambda b: (against[b] / kept[b].voxels, -kept[b].voxels))
         set_aside.append(worst)
         del kept[worst]
     # The pieces that stay count for the bones looked at after them (the least conflicting

@@ -70,8 +70,8 @@ def test_bones_crowded_into_a_slab_are_implausible() -> None:
         "anatomically implausible: hip bone and tibia found -35 mm apart along the body "
         "(at least 150 mm in any adult)"
     )
-    # The hip bone is in four conflicts, then the femur in two; no piece of either can stay
-    # beside the foot and leg bones kept, and a third of the bone is dropped.
+    # The hip bone conflicts with four bones of its size, then the femur with two; no piece of
+    # either can stay beside the foot and leg bones kept, and a third of the bone is dropped.
     assert check.dropped_bones == (Bone.FEMUR, Bone.HIP_BONE)
     assert check.dropped_voxels == 2 * 8 * 4
 
@@ -90,6 +90,22 @@ def test_a_few_misplaced_voxels_are_dropped_not_the_scan() -> None:
     assert check.dropped_voxels == 3
     cleaned = without_misplaced(leg.with_array(array), check)
     np.testing.assert_array_equal(cleaned.array, leg.array)
+
+
+def test_a_false_leg_bone_at_a_hip_goes_not_the_hip_bone() -> None:
+    """A hip crop with a patch of "tibia" and one of "fibula" at the femoral neck (held-out
+    phantom 2009): the hip bone is in two conflicts, each of them in one, but it is the large
+    bone; the patches go and the scan stands."""
+    hip = {Bone.FEMUR: (100, 190), Bone.HIP_BONE: (170, 230)}
+    leg = _leg(hip)
+    array = leg.array.copy()
+    array[175:180, 0:2, 0:2] = Bone.TIBIA
+    array[176:178, 6:8, 6:8] = sided_label(Bone.FIBULA, Side.LEFT)
+    check = check_anatomy(leg.with_array(array))
+    assert check.reason is None
+    assert set(check.dropped_bones) == {Bone.TIBIA, Bone.FIBULA}
+    assert check.dropped_voxels == 5 * 4 + 2 * 4
+    np.testing.assert_array_equal(without_misplaced(leg.with_array(array), check).array, leg.array)
 
 
 def test_only_the_misplaced_pieces_of_a_bone_are_dropped() -> None:
