@@ -9,7 +9,7 @@ extremity, and the node reports no findings instead of a SEG nobody should trust
 
 The gaps are deliberately loose (about half of the smallest adult's): the rule must never turn
 away a real scan, only segmentations that are nonsense. A model also errs on real legs: a few
-voxels of "talus" at a hip, a patch of "tibia" in a femoral shaft. So the bone that conflicts
+voxels of "talus" at a hip, a patch of "tibia" beside a femur. So the bone that conflicts
 with the most bone for the least of its own (the voxels of the bones it conflicts with over its
 own voxels; ties: the smaller) is set aside, again until no conflict is left: a speck of tibia
 at a hip goes before the hip bone, and a "hip bone" in a lower leg, in conflict with all four

@@ -93,9 +93,9 @@ def test_a_few_misplaced_voxels_are_dropped_not_the_scan() -> None:
 
 
 def test_a_false_leg_bone_at_a_hip_goes_not_the_hip_bone() -> None:
-    """A hip crop with a patch of "tibia" and one of "fibula" at the femoral neck (held-out
-    phantom 2009): the hip bone is in two conflicts, each of them in one, but it is the large
-    bone; the patches go and the scan stands."""
+    """A hip with a patch of "tibia" and one of "fibula" in it (held-out phantom 2009, the
+    session-7 weights): the hip bone is in two conflicts, each patch in one, but it is the
+    large bone; the patches go and the scan stands."""
     hip = {Bone.FEMUR: (100, 190), Bone.HIP_BONE: (170, 230)}
     leg = _leg(hip)
     array = leg.array.copy()
