@@ -298,7 +298,7 @@ class Segmenter:
 
     # -- paper ------------------------------------------------------------------------------
     def _paper(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor]:
-        sizes, factors, s = self.config.patch_sizes, self.config.factors, self.config.input_size
+        sizes, s = self.config.patch_sizes, self.config.input_size
         labels = torch.zeros(inputs.shape(-1), dtype=torch.uint8)
         confidence = torch.zeros_like(labels)
         scan = self._dense(inputs) if self.settings.paper_coarse == "scan" else None
@@ -309,8 +309,7 @@ class Segmenter:
             ]
             for i in range(len(sizes)):
                 if i == 0 and scan is not None:
-                    block = tuple(slice(a // factors[0], a // factors[0] + s) for a in start)
-                    probs = scan[(slice(None), *block)].float()[None]
+                    probs = scan[(slice(None), *self._patch_box(0, start))].float()[None]
                 else:
                     probs = self._run(i, self._patch_batch(inputs, i, patches))
                 if i == len(sizes) - 1:
@@ -336,14 +335,18 @@ class Segmenter:
         f, s = self.config.factors[stage], self.config.input_size
         batch = []
         for p_start, parent, parent_start in patches:
-            img = inputs.region(stage, tuple(slice(a // f, a // f + s) for a in p_start))
-            channels = [img[None]]
+            channels = [inputs.region(stage, self._patch_box(stage, p_start))[None]]
             if parent is not None:
                 pf = self.config.factors[stage - 1]
                 offset = [(a - b) // pf for a, b in zip(p_start, parent_start, strict=True)]
                 channels.append(upsample_context(parent[None], offset, s, pf // f)[0])
             batch.append(torch.cat(channels))
         return torch.stack(batch)
+
+    def _patch_box(self, stage: int, start: tuple[int, ...]) -> Box:
+        """A patch starting at `start` (0.8 mm voxels) on the stage's own grid."""
+        f, s = self.config.factors[stage], self.config.input_size
+        return tuple(slice(a // f, a // f + s) for a in start)  # type: ignore[return-value]
 
     # -- fast -------------------------------------------------------------------------------
     def _fast(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor, Stats]:
