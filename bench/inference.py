@@ -2,8 +2,9 @@
 (and `paper` with its first stage over the whole slab, to show where the two part).
 
     python -m bench.inference [--device cpu|cuda] [--out bench/results/inference.json]
-                              [--halo N] [--weights W]  (the full scan again, with another halo
-                                                         or other weights, in the same run)
+                              [--halo N] [--weights W] [--precision float32|mixed]
+                              (the full scan again, with another halo, other weights or
+                               another precision, in the same run)
 
 Each segmentation runs in its own process (bench/segment_worker.py) so that peak RSS is that of
 one segmentation, not of the phantom generator. Timings are wall-clock on this machine; the
@@ -35,21 +36,12 @@ SLAB_SLICES = 200
 
 
 def run_worker(
-    image: Path,
-    workdir: Path,
-    strategy: str,
-    device: str,
-    halo: int | None = None,
-    weights: Path | None = None,
-    paper_coarse: str | None = None,
+    image: Path, workdir: Path, strategy: str, device: str, **options: object
 ) -> tuple[dict, np.ndarray]:
-    other = halo is not None or weights is not None
-    name = (
-        f"{image.stem}-{strategy}"
-        + ("-other" if other else "")
-        + (f"-{paper_coarse}" if paper_coarse else "")
-    )
+    """Segment `image` in a worker process; `options` are segment_worker's (halo=8 is --halo 8)."""
+    name = "-".join([image.stem, strategy, *options])  # option names: values may be paths
     labels, report = workdir / f"{name}-labels.mha", workdir / f"{name}.json"
+    flags = [arg for k, v in options.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
     subprocess.run(
         [
             sys.executable,
@@ -62,9 +54,7 @@ def run_worker(
             strategy,
             "--device",
             device,
-            *(["--halo", str(halo)] if halo is not None else []),
-            *(["--weights", str(weights)] if weights is not None else []),
-            *(["--paper-coarse", paper_coarse] if paper_coarse is not None else []),
+            *flags,
         ],
         check=True,
     )
@@ -139,6 +129,11 @@ def main() -> None:
         type=Path,
         help="also segment the full scan with these weights (fast), against the default's",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "mixed"],
+        help="also segment the full scan in this precision (fast), against the default's",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         workdir = Path(tmp)
@@ -155,10 +150,11 @@ def main() -> None:
         full_report, full_labels = run_worker(full, workdir, "fast", args.device)
         full_report["dice_vs_truth"] = per_bone_dice(full_labels, truth)
         other = None
-        if args.halo is not None or args.weights is not None:
-            other, other_labels = run_worker(
-                full, workdir, "fast", args.device, args.halo, args.weights
-            )
+        options = {
+            k: v for k in ("halo", "weights", "precision") if (v := getattr(args, k)) is not None
+        }
+        if options:
+            other, other_labels = run_worker(full, workdir, "fast", args.device, **options)
             other["dice_vs_truth"] = per_bone_dice(other_labels, truth)
             other["agreement_dice_per_bone"] = per_bone_dice(other_labels, full_labels)
             del other_labels

@@ -25,13 +25,18 @@ def main() -> None:
     parser.add_argument("report", type=Path)
     parser.add_argument("--strategy", default="fast")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default=InferenceSettings.precision)
     parser.add_argument("--halo", type=int, default=InferenceSettings.halo)
     parser.add_argument("--paper-coarse", default=InferenceSettings.paper_coarse)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     args = parser.parse_args()
     started = time.perf_counter()
     settings = InferenceSettings(
-        strategy=args.strategy, device=args.device, halo=args.halo, paper_coarse=args.paper_coarse
+        strategy=args.strategy,
+        device=args.device,
+        precision=args.precision,
+        halo=args.halo,
+        paper_coarse=args.paper_coarse,
     )
     segmenter = Segmenter(args.weights, settings)
     load_s = time.perf_counter() - started
@@ -48,6 +53,7 @@ def main() -> None:
         **({"paper_coarse": args.paper_coarse} if args.strategy == "paper" else {}),
         "weights_sha256": segmenter.metadata["weights_sha256"],
         "device": str(segmenter.device),
+        "precision": result.summary["precision"],
         "shape_zyx": list(volume.array.shape),
         "spacing_xyz": list(volume.spacing),
         "model_load_s": round(load_s, 2),

@@ -56,6 +56,9 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="config.toml ([inference] section)")
     parser.add_argument("--strategy", choices=["fast", "paper"], help="overrides the config")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto; overrides the config")
+    parser.add_argument(
+        "--precision", choices=["auto", "float32", "mixed"], help="overrides the config"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--weights", type=Path, help="safetensors weights (default: shipped)")
     parser.add_argument(
@@ -76,6 +79,7 @@ def _segmenter(args: argparse.Namespace) -> Segmenter:
     settings = InferenceSettings(
         strategy=args.strategy or config.strategy,
         device=args.device or config.device,
+        precision=args.precision or config.precision,
         threads=args.threads or config.threads or None,
         anatomy_check=not args.no_anatomy_check,
     )

@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 class InferenceConfig:
     strategy: str = "fast"  # "fast" or "paper"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    precision: str = "auto"  # "auto", "float32", "mixed" (model.network.autocast_dtype)
     threads: int = 0  # 0: torch's default (all cores)
     weights: str = ""  # "": the weights shipped in the package
 
@@ -38,6 +39,10 @@ class InferenceConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
                 f"inference.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
+        if self.precision not in ("auto", "float32", "mixed"):
+            raise ConfigError(
+                f"inference.precision: expected auto, float32 or mixed, got {self.precision!r}"
             )
         if self.threads < 0:
             raise ConfigError(f"inference.threads: must be >= 0, got {self.threads}")

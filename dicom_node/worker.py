@@ -66,7 +66,10 @@ def build_segmenter(config: InferenceConfig) -> Any:
     from model.weights import DEFAULT_WEIGHTS
 
     settings = InferenceSettings(
-        strategy=config.strategy, device=config.device, threads=config.threads or None
+        strategy=config.strategy,
+        device=config.device,
+        precision=config.precision,
+        threads=config.threads or None,
     )
     return Segmenter(Path(config.weights) if config.weights else DEFAULT_WEIGHTS, settings)
 

@@ -34,6 +34,25 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+PRECISIONS = ("auto", "float32", "mixed")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype convolutions run in under autocast for `precision` on `device`; None: float32.
+
+    "mixed" is float16 on CUDA and bfloat16 on CPU. "auto" is mixed on CUDA and on CPUs with
+    AMX bfloat16 tiles, where it runs the cascade about twice as fast (bench/README.md), and
+    float32 elsewhere: without native bfloat16 a CPU emulates it, slower than float32.
+    """
+    if precision == "float32":
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if precision == "mixed" or torch.cpu.get_capabilities().get("amx_bf16", False):
+        return torch.bfloat16
+    return None
+
+
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     """3x3x3 convolution, batch normalisation, ReLU: the network's only building block."""
     return nn.Sequential(

@@ -35,6 +35,7 @@ def test_node_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
         ("[inference]\nstrategy = 'quick'\n", "inference.strategy"),
         ("[inference]\nthreads = 'two'\n", "inference.threads"),
         ("[inference]\ndevice = 'tpu'\n", "inference.device"),
+        ("[inference]\nprecision = 'half'\n", "inference.precision"),
         ("[inferense]\n", "inferense"),
         ("[inference\n", "not valid TOML"),
         ("[node]\nport = 70000\n", "node.port"),

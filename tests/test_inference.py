@@ -27,7 +27,7 @@ from model.inference import (
 )
 from model.labels import BONE_NAMES
 from model.metrics import dice
-from model.network import CascadeConfig
+from model.network import CascadeConfig, autocast_dtype
 from model.phantom import generate_phantom
 from model.resample import AIR_HU
 from model.sampling import normalise_hu
@@ -379,3 +379,33 @@ def test_paper_with_the_first_stage_over_the_scan(phantoms: dict) -> None:
     assert (scan.predict_labels(hu)[0] != blocks.predict_labels(hu)[0]).sum() > 1000
     with pytest.raises(ValueError, match="paper_coarse"):
         InferenceSettings(paper_coarse="whole")
+
+
+def test_mixed_precision_gives_the_float32_labels(phantoms: dict) -> None:
+    """bfloat16 on CPU (what "auto" picks where the CPU has AMX): the same bones as float32."""
+    image = phantoms["knee"].image
+    full, mixed = (
+        Segmenter(settings=InferenceSettings(precision=precision)).segment(image)
+        for precision in ("float32", "mixed")
+    )
+    assert (full.summary["precision"], mixed.summary["precision"]) == ("float32", "bfloat16")
+    agreement = bone_dice(mixed.labels.array, full.labels.array)
+    assert agreement and min(agreement.values()) >= 0.99, agreement
+    with pytest.raises(ValueError, match="precision"):
+        InferenceSettings(precision="half")
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "expected"),
+    [
+        ("float32", "cpu", None),
+        ("float32", "cuda", None),
+        ("mixed", "cpu", torch.bfloat16),
+        ("mixed", "cuda", torch.float16),
+        ("auto", "cuda", torch.float16),
+    ],
+)
+def test_autocast_dtype_per_device(
+    precision: str, device: str, expected: torch.dtype | None
+) -> None:
+    assert autocast_dtype(precision, torch.device(device)) == expected
