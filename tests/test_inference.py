@@ -381,6 +381,11 @@ def test_paper_with_the_first_stage_over_the_scan(phantoms: dict) -> None:
         InferenceSettings(paper_coarse="whole")
 
 
+# bfloat16 units, without which "mixed" is refused on CPU (model.network.autocast_dtype).
+CPU_BFLOAT16 = any(torch.cpu.get_capabilities().get(u) for u in ("amx_bf16", "avx512_bf16"))
+
+
+@pytest.mark.skipif(not CPU_BFLOAT16, reason="this CPU has no bfloat16 units")
 def test_mixed_precision_gives_the_float32_labels(phantoms: dict) -> None:
     """bfloat16 on CPU (what "auto" picks where the CPU has AMX): the same bones as float32."""
     image = phantoms["knee"].image
@@ -391,21 +396,39 @@ def test_mixed_precision_gives_the_float32_labels(phantoms: dict) -> None:
     assert (full.summary["precision"], mixed.summary["precision"]) == ("float32", "bfloat16")
     agreement = bone_dice(mixed.labels.array, full.labels.array)
     assert agreement and min(agreement.values()) >= 0.99, agreement
-    with pytest.raises(ValueError, match="precision"):
-        InferenceSettings(precision="half")
 
 
 @pytest.mark.parametrize(
-    ("precision", "device", "expected"),
+    ("units", "auto", "mixed"),
     [
-        ("float32", "cpu", None),
-        ("float32", "cuda", None),
-        ("mixed", "cpu", torch.bfloat16),
-        ("mixed", "cuda", torch.float16),
-        ("auto", "cuda", torch.float16),
+        ({"amx_bf16": True, "avx512_bf16": True}, torch.bfloat16, torch.bfloat16),
+        ({"avx512_bf16": True}, None, torch.bfloat16),
+        ({"avx2": True}, None, "refused"),
     ],
 )
-def test_autocast_dtype_per_device(
-    precision: str, device: str, expected: torch.dtype | None
+def test_cpu_precision_follows_the_cpu_bfloat16_units(
+    monkeypatch: pytest.MonkeyPatch,
+    units: dict,
+    auto: torch.dtype | None,
+    mixed: torch.dtype | str,
 ) -> None:
-    assert autocast_dtype(precision, torch.device(device)) == expected
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: units)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == auto
+    assert autocast_dtype("float32", cpu) is None
+    if mixed == "refused":
+        with pytest.raises(ValueError, match="no bfloat16 units"):
+            autocast_dtype("mixed", cpu)
+    else:
+        assert autocast_dtype("mixed", cpu) == mixed
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed", "auto"])
+def test_cuda_runs_float16_unless_float32(precision: str) -> None:
+    expected = None if precision == "float32" else torch.float16
+    assert autocast_dtype(precision, torch.device("cuda")) == expected
+
+
+def test_precision_is_one_of_three() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        InferenceSettings(precision="half")
