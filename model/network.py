@@ -41,10 +41,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype convolutions run in under autocast for `precision` on `device`; None: float32.
 
     "mixed" is float16 on CUDA and bfloat16 on CPU. "auto" is mixed on CUDA and on CPUs with
-    AMX bfloat16 tiles, where it runs the cascade about twice as fast (bench/README.md), and
-    float32 elsewhere. A CPU without bfloat16 units emulates it: a stage-3 box took 130x as
-    long as in float32 on AVX2 alone and 1.8x on AVX-512 without BF16 (oneDNN restricted to
-    each), so "mixed" is refused there rather than left to crawl.
+    AMX bfloat16 tiles, where the whole-leg phantom's inference took 29 s against 43 s in
+    float32 with the same labels (bench/README.md), and float32 elsewhere. A CPU without
+    bfloat16 units emulates it: a stage-3 box took 130x as long as in float32 on AVX2 alone and
+    1.8x on AVX-512 without BF16 (oneDNN restricted to each), so "mixed" is refused there
+    rather than left to crawl.
     """
     if precision == "float32":
         return None
