@@ -277,7 +277,7 @@ class DeliveryJob:
 class Resumed:
     """What a restart found: idle timers to restart and selections to redo."""
 
-    receiving: dict[int, datetime]  # series id -> last instance received
+    receiving: list[int]
     complete: list[int]
     requeued: list[int]
 
@@ -748,13 +748,13 @@ class NodeState:
             )
             for delivery in session.scalars(in_flight):
                 delivery.next_attempt_at = utcnow()
-            rows = session.execute(select(Series.id, Series.state, Series.last_received_at))
-            receiving: dict[int, datetime] = {}
+            rows = session.execute(select(Series.id, Series.state))
+            receiving: list[int] = []
             complete: list[int] = []
             requeued: list[int] = []
-            for series_id, state, last_received in rows:
+            for series_id, state in rows:
                 if state == SeriesState.RECEIVING:
-                    receiving[series_id] = last_received
+                    receiving.append(series_id)
                 elif state == SeriesState.COMPLETE:
                     complete.append(series_id)
                 elif state == SeriesState.QUEUED:

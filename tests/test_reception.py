@@ -222,7 +222,9 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> 
     require("storescu")
     paths = _series(tmp_path / "ct", 40, 256, "sigkill")
     uid_of = {str(p): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
-    node = NodeProcess(tmp_path / "node").start()
+    # Longer than the node is down below: what is resent after the restart must find the
+    # series still open.
+    node = NodeProcess(tmp_path / "node", complete_after_s=4).start()
     try:
         sender = start_storescu(node.port, *paths)
         assert sender.stdout is not None
@@ -237,6 +239,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> 
         sender.wait(timeout=30)
         node.kill()
         assert 10 <= len(acknowledged) < 40, "the kill did not land mid-transfer"
+        time.sleep(5)  # down for longer than complete_after_s: the scanner waits to resend
 
         node.start()  # restart: nothing acknowledged is lost, debris of the crash is gone
         stored = node.db_instances()
@@ -249,6 +252,9 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> 
         assert set(node.db_instances()) == set(uid_of.values())
         series_uid = str(dcmread(paths[0]).SeriesInstanceUID)
         node.wait_for_states({series_uid}, SETTLED | {"complete"})
+        # The restart gave the senders a whole idle window: the part received before the crash
+        # was not completed on its own, so the resent rest did not reopen it for a second SEG.
+        assert node.series()[series_uid]["generation"] == 1
         assert node.series()[series_uid]["instances"] == 40
     finally:
         assert node.stop() == 0, node.log.read_text()
@@ -338,7 +344,9 @@ def test_compressed_and_deflated_transfer_syntaxes_kept_as_sent(
 def test_sigterm_lets_the_association_in_flight_finish(tmp_path: Path) -> None:
     require("storescu")
     paths = _series(tmp_path / "ct", 30, 128, "sigterm")
-    node = NodeProcess(tmp_path / "node").start()
+    # Longer than the node is down below: what is resent after the restart must find the
+    # series still open.
+    node = NodeProcess(tmp_path / "node", complete_after_s=4).start()
     try:
         sender = start_storescu(node.port, *paths)
         assert sender.stdout is not None
