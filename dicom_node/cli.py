@@ -7,6 +7,7 @@ it, importing what it needs lazily so that `dicom-node --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -72,18 +73,18 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 def _segmenter(args: argparse.Namespace) -> Segmenter:
     """A Segmenter from the config's [inference] section, with command-line overrides."""
     from dicom_node.config import InferenceConfig, load_config
-    from model.inference import InferenceSettings, Segmenter
-    from model.weights import DEFAULT_WEIGHTS
+    from dicom_node.worker import build_segmenter
 
     config = load_config(args.config).inference if args.config else InferenceConfig()
-    settings = InferenceSettings(
-        strategy=args.strategy or config.strategy,
-        device=args.device or config.device,
-        precision=args.precision or config.precision,
-        threads=args.threads or config.threads or None,
-        anatomy_check=not args.no_anatomy_check,
-    )
-    return Segmenter(args.weights or Path(config.weights or DEFAULT_WEIGHTS), settings)
+    overrides = {
+        "strategy": args.strategy,
+        "device": args.device,
+        "precision": args.precision,
+        "threads": args.threads,
+        "weights": args.weights and str(args.weights),
+    }
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v})
+    return build_segmenter(config, anatomy_check=not args.no_anatomy_check)
 
 
 def _add_phantom(sub: SubParsers) -> None:

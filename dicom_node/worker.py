@@ -60,8 +60,9 @@ class SeriesResult:
         return self.reason is not None
 
 
-def build_segmenter(config: InferenceConfig) -> Any:
-    """The cascade from the [inference] section (imported here: torch loads slowly)."""
+def build_segmenter(config: InferenceConfig, anatomy_check: bool = True) -> Any:
+    """The cascade from the [inference] section (imported here: torch loads slowly); the CLI
+    can leave the anatomy check out to score the raw output."""
     from model.inference import InferenceSettings, Segmenter
     from model.weights import DEFAULT_WEIGHTS
 
@@ -70,6 +71,7 @@ def build_segmenter(config: InferenceConfig) -> Any:
         device=config.device,
         precision=config.precision,
         threads=config.threads or None,
+        anatomy_check=anatomy_check,
     )
     return Segmenter(Path(config.weights) if config.weights else DEFAULT_WEIGHTS, settings)
 
