@@ -145,6 +145,12 @@ def _add_train(sub: SubParsers) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--bone-fraction",
+        type=float,
+        default=0.67,
+        help="share of samples centred on a bone voxel, each bone equally often",
+    )
+    parser.add_argument(
         "--distractor-fraction",
         type=float,
         default=0.0,
@@ -155,6 +161,12 @@ def _add_train(sub: SubParsers) -> None:
         type=float,
         default=0.0,
         help="share of samples centred where two bones nearly touch (hip, knee, ankle joints)",
+    )
+    parser.add_argument(
+        "--metal-fraction",
+        type=float,
+        default=0.0,
+        help="share of samples centred on metal implants (in cases that have one)",
     )
     parser.add_argument("--threads", type=int, help="torch threads for the network")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -186,8 +198,10 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
+        bone_fraction=args.bone_fraction,
         distractor_fraction=args.distractor_fraction,
         joint_fraction=args.joint_fraction,
+        metal_fraction=args.metal_fraction,
         threads=args.threads,
         device=args.device,
         workers=args.workers,

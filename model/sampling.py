@@ -4,12 +4,13 @@ A training sample is one patch per stage: the finest patch is centred on a joint
 next to another bone: femoral head in the acetabulum, knee, ankle, subtalar joint), on a bone
 voxel (bone is oversampled, each bone equally often, so the small talus counts as much as the
 femur), on a distractor (dense tissue that is none of the six bones: sacrum, vertebrae, patella,
-foot bones, metal) or on a random voxel; every coarser patch contains the finer one at a random
-offset aligned to its own voxel grid. Offsets are random rather than centred because inference also
-places fine patches anywhere inside the coarse ones (the paper's "all smaller patches"
-inference, and the fast fully-convolutional strategy). Some samples see a truncated field of
-view (`field_of_view`). Each patch is downsampled to the smallest patch size by block averaging;
-its target is the block-averaged one-hot labels (soft targets at coarse stages).
+foot bones, metal), on a metal implant or on a random voxel; every coarser patch contains the
+finer one at a random offset aligned to its own voxel grid. Offsets are random rather than
+centred because inference also places fine patches anywhere inside the coarse ones (the paper's
+"all smaller patches" inference, and the fast fully-convolutional strategy). Some samples see a
+truncated field of view (`field_of_view`). Each patch is downsampled to the smallest patch size
+by block averaging; its target is the block-averaged one-hot labels (soft targets at coarse
+stages).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class TrainingCase:
     bone_voxels: dict[int, np.ndarray]  # label -> (N, 3) sample of its voxel indices
     distractor_voxels: np.ndarray  # (N, 3) sample of dense voxels away from the six bones
     joint_voxels: np.ndarray  # (N, 3) sample of bone voxels next to another bone
+    metal_voxels: np.ndarray  # (N, 3) sample of unlabelled voxels at metal density
 
     @classmethod
     def from_arrays(
@@ -58,6 +60,7 @@ class TrainingCase:
             bone_voxels,
             sample_voxels(dense_background(hu, labels), rng, max_per_label),
             sample_voxels(joint_surfaces(labels), rng, max_per_label),
+            sample_voxels((hu >= METAL_SAMPLE_HU) & (labels == 0), rng, max_per_label),
         )
 
 
@@ -85,6 +88,13 @@ def dense_background(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """
     near_bone = ndimage.maximum_filter(labels > 0, size=2 * DISTRACTOR_GAP + 1)
     return (hu >= DISTRACTOR_HU) & ~near_bone
+
+
+# Metal: unlabelled voxels denser than any bone (cortical bone is at most ~1900 HU in the
+# phantoms, their implants 3000 HU). An implant is a few hundredths of a scan's dense tissue, so
+# distractor samples seldom land on one: the session-8 weights called a hip prosthesis bone
+# and missed the femur around its stem (model card).
+METAL_SAMPLE_HU = 2500
 
 
 # Joints: bone voxels with another bone within this many voxels (4 mm at 0.8 mm), which takes
@@ -210,8 +220,13 @@ def draw_sample(
     truncated_fraction: float = 0.0,
     distractor_fraction: float = 0.0,
     joint_fraction: float = 0.0,
+    metal_fraction: float = 0.0,
 ) -> Sample:
-    """One multi-scale training sample from `case` (see the module docstring)."""
+    """One multi-scale training sample from `case` (see the module docstring).
+
+    The shares are taken in the order joint, bone, distractor, metal; a case without joints,
+    dense tissue or metal gives that share to the next kind, the rest is random voxels.
+    """
     draw = rng.random()
     to_distractor = joint_fraction + bone_fraction + distractor_fraction
     if len(case.joint_voxels) and draw < joint_fraction:
@@ -222,6 +237,8 @@ def draw_sample(
         centre = voxels[rng.integers(len(voxels))].astype(np.int64)
     elif len(case.distractor_voxels) and draw < to_distractor:
         centre = case.distractor_voxels[rng.integers(len(case.distractor_voxels))].astype(np.int64)
+    elif len(case.metal_voxels) and draw < to_distractor + metal_fraction:
+        centre = case.metal_voxels[rng.integers(len(case.metal_voxels))].astype(np.int64)
     else:
         centre = np.array([rng.integers(0, n) for n in case.hu.shape], dtype=np.int64)
     centre = centre + rng.integers(-8, 9, size=3)

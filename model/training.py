@@ -48,8 +48,11 @@ class TrainingSettings:
     distractor_fraction: float = 0.0
     # Samples centred where two bones nearly touch (`model.sampling.joint_surfaces`), to keep
     # the femoral head the distractor run of session 6 lost; the shipped weights' last run had
-    # 0.15. Taken before `bone_fraction`: joint + bone + distractor <= 1.
+    # 0.15. Taken before `bone_fraction`: joint + bone + distractor + metal <= 1.
     joint_fraction: float = 0.0
+    # Samples centred on metal implants (`model.sampling.METAL_SAMPLE_HU`); a case without
+    # metal gives its share to random voxels.
+    metal_fraction: float = 0.0
     threads: int | None = None
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"; CUDA trains in bfloat16 autocast
     # Processes drawing batches while the network trains: sampling (about 45 ms a sample on one
@@ -58,6 +61,21 @@ class TrainingSettings:
     # Weights a new run starts from (fine-tuning, e.g. the shipped weights on a hospital's own
     # annotated scans); ignored when resuming from a checkpoint.
     init_weights: Path | None = None
+
+    def __post_init__(self) -> None:
+        shares = {
+            "joint_fraction": self.joint_fraction,
+            "bone_fraction": self.bone_fraction,
+            "distractor_fraction": self.distractor_fraction,
+            "metal_fraction": self.metal_fraction,
+        }
+        for name, share in {**shares, "truncated_fraction": self.truncated_fraction}.items():
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {share}")
+        # Shares are taken in this order (`draw_sample`): past 1, the last ones silently shrink.
+        if sum(shares.values()) > 1.0 + 1e-9:
+            named = " + ".join(f"{name} {share}" for name, share in shares.items())
+            raise ValueError(f"sample shares add up to more than 1: {named}")
 
 
 def find_training_pairs(folder: Path) -> list[tuple[Path, Path]]:
@@ -218,6 +236,7 @@ def make_batch(
                 settings.truncated_fraction,
                 settings.distractor_fraction,
                 settings.joint_fraction,
+                settings.metal_fraction,
             ),
             config,
             rng,

@@ -171,6 +171,30 @@ def test_joint_samples_centre_where_two_bones_meet() -> None:
         assert fine[1].sum() > 0 and fine[2].sum() > 0 and fine[3].sum() == 0
 
 
+def test_metal_samples_centre_on_the_implant_and_fall_through_without_one() -> None:
+    config = CascadeConfig()
+    labels = np.zeros((120, 120, 120), dtype=np.uint8)
+    labels[10:110, 40:70, 40:70] = 1  # a femoral shaft ...
+    hu = np.where(labels > 0, 1500, 40).astype(np.int16)
+    hu[20:60, 50:60, 50:60] = 3000  # ... holding a prosthesis stem, labelled background
+    labels[20:60, 50:60, 50:60] = 0
+    hu[100:110, 100:110, 100:110] = 600  # a sacrum
+    case = TrainingCase.from_arrays("stem", hu, labels, np.random.default_rng(0))
+    assert {tuple(v) for v in case.metal_voxels} == {tuple(v) for v in np.argwhere(hu == 3000)}
+    rng = np.random.default_rng(7)
+    metal = (3000 - np.mean(config.hu_window)) / (np.diff(config.hu_window)[0] / 2)
+    for _ in range(10):
+        sample = draw_sample(case, config, rng, bone_fraction=0.0, metal_fraction=1.0)
+        assert_stages_consistent(sample, config)
+        assert np.isclose(sample.images[-1], min(metal, 1.0)).any()
+    # Without metal, the share goes to random voxels (drawing from no voxels would raise).
+    hu[hu == 3000] = 40
+    no_metal = TrainingCase.from_arrays("no stem", hu, labels, np.random.default_rng(0))
+    assert len(no_metal.metal_voxels) == 0
+    sample = draw_sample(no_metal, config, rng, bone_fraction=0.0, metal_fraction=1.0)
+    assert sample.images.shape == (3, 32, 32, 32)
+
+
 def test_augment_flip_keeps_stages_aligned() -> None:
     config = CascadeConfig()
     case = make_case()

@@ -88,6 +88,17 @@ def test_batches_do_not_depend_on_the_worker_count() -> None:
     assert not torch.equal(stream[2][0], stream[3][0])
 
 
+def test_training_settings_refuse_sample_shares_past_one() -> None:
+    # Shares are taken in order (joint, bone, distractor, metal), so past 1 the last ones would
+    # silently shrink: 0.15 + 0.67 + 0.2 left distractors 0.18 and no room for metal.
+    with pytest.raises(ValueError, match=r"bone_fraction 0\.67 .* metal_fraction 0\.1$"):
+        TrainingSettings(joint_fraction=0.15, distractor_fraction=0.1, metal_fraction=0.1)
+    with pytest.raises(ValueError, match="truncated_fraction must be within"):
+        TrainingSettings(truncated_fraction=1.5)
+    settings = TrainingSettings(bone_fraction=0.57, joint_fraction=0.15, distractor_fraction=0.18)
+    assert TrainingSettings(**{**vars(settings), "metal_fraction": 0.1}).metal_fraction == 0.1
+
+
 def test_a_new_run_can_start_from_weights(tmp_path: Path) -> None:
     config = CascadeConfig(patch_sizes=(64, 32))
     start = tmp_path / "start.safetensors"
