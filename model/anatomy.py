@@ -90,7 +90,8 @@ class AnatomyCheck:
 
 
 def bone_slice_counts(labels: Volume) -> np.ndarray:
-    """(slices, 7): voxels of each bone 1..6 in each slice, left and right together."""
+    """(slices, 7): voxels of each bone 1..6 in each slice, left and right together (column 0
+    is not counted)."""
     bones = len(BONE_NAMES)
     counts = slice_label_counts(labels.array, 2 * bones + 1)
     counts[:, 1 : bones + 1] += counts[:, bones + 1 :]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from model.anatomy import AnatomyCheck, check_anatomy, without_misplaced
 from model.labels import BONE_NAMES, N_CLASSES
+from model.metrics import bounding_box
 from model.network import (
     PRECISIONS,
     CascadeConfig,
@@ -461,18 +462,6 @@ def refine_mask(labels: Tensor, probs: Tensor, band: int, certainty: float) -> T
     return torch.from_numpy(changes) | ~sure
 
 
-def bounding_box(mask: np.ndarray, box: Box) -> Box | None:
-    """The smallest box within `box` that holds all of its True voxels (None: there are none)."""
-    inside = mask[box]
-    ends = []
-    for axis in range(3):
-        hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not len(hit):
-            return None
-        ends.append(slice(box[axis].start + int(hit[0]), box[axis].start + int(hit[-1]) + 1))
-    return tuple(ends)  # type: ignore[return-value]
-
-
 def cover_boxes(mask: np.ndarray, cost: Callable[[Box], int]) -> list[Box]:
     """Disjoint boxes holding every True voxel of `mask`, at a low total `cost`.
 
@@ -483,7 +472,7 @@ def cover_boxes(mask: np.ndarray, cost: Callable[[Box], int]) -> list[Box]:
     its own halo. On a hip slab this covers the finest stage's band with 30 % fewer voxels than
     boxes around each slab's connected band.
     """
-    whole = bounding_box(mask, tuple(slice(0, n) for n in mask.shape))  # type: ignore[arg-type]
+    whole = bounding_box(mask)
     return [] if whole is None else _cover(mask, whole, cost)
 
 

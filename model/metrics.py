@@ -149,15 +149,22 @@ def evaluate_labels(
     return {"bones": bones, "mean": mean}
 
 
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Smallest box (one slice per axis) holding every True voxel; None for an empty mask."""
+def bounding_box(
+    mask: np.ndarray, within: tuple[slice, ...] | None = None
+) -> tuple[slice, ...] | None:
+    """Smallest box (one slice per axis) holding every non-zero voxel of `mask`, or of
+    `mask[within]` (slices with explicit starts; the box is in `mask`'s own indices); None
+    when there is none."""
+    within = within or tuple(slice(0, n) for n in mask.shape)
+    inside = mask[within]
     box = []
     for axis in range(mask.ndim):
         other_axes = tuple(i for i in range(mask.ndim) if i != axis)
-        hits = np.flatnonzero(mask.any(axis=other_axes))
+        hits = np.flatnonzero(inside.any(axis=other_axes))
         if hits.size == 0:
             return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+        start = within[axis].start
+        box.append(slice(start + int(hits[0]), start + int(hits[-1]) + 1))
     return tuple(box)
 
 

@@ -12,7 +12,13 @@ import torch
 
 from model.labels import Bone, Side, sided_label
 from model.network import CascadeConfig, CascadedVNet
-from model.postprocess import bone_pieces, remove_islands, segment_summary, split_sides
+from model.postprocess import (
+    bone_pieces,
+    remove_islands,
+    segment_summary,
+    slice_label_counts,
+    split_sides,
+)
 from model.sampling import TrainingCase
 from model.training import BatchStream, TrainingSettings, batches_from, train
 from model.volume_io import Volume
@@ -128,6 +134,18 @@ def test_bone_pieces_are_26_connected_per_bone_in_bone_order() -> None:
     for bone, box, mask in pieces:
         rebuilt[box][mask] = bone
     np.testing.assert_array_equal(rebuilt, labels)
+
+
+def test_slice_label_counts_count_each_bone_in_each_slice() -> None:
+    labels = np.zeros((12, 9, 9), dtype=np.uint8)
+    labels[3:6, 2:4, 5:8] = 2
+    labels[5, 8, 0] = 7
+    labels[9, 1, 1] = 1
+    counts = slice_label_counts(labels, 8)
+    expected = np.array([[int((plane == v).sum()) for v in range(8)] for plane in labels])
+    expected[:, 0] = 0  # background is not counted
+    np.testing.assert_array_equal(counts, expected)
+    assert not slice_label_counts(np.zeros((3, 4, 4), np.uint8), 8).any()
 
 
 def test_islands_are_removed_or_relabelled() -> None:
