@@ -132,8 +132,10 @@ def _add_train(sub: SubParsers) -> None:
         help="train the cascade on image/label volumes or generated phantoms",
         description="Train the cascaded V-net. DATA folders hold <case>/image.* + labels.* "
         "(NIfTI, NRRD or MHA; what `dicom-node phantom --format nifti` writes) or images*/ + "
-        "labels*/ with equal file names. --phantom-seeds generates phantoms in memory instead "
-        "of (or besides) reading files. Resumes from OUT/checkpoint.safetensors if present.",
+        "labels*/ with equal file names. --phantom-seeds generates phantoms instead of (or "
+        "besides) reading files. Every case is prepared once into OUT/cases (--case-cache) "
+        "and trained on from there, memory-mapped; a resumed run finds them there. Resumes "
+        "from OUT/checkpoint.safetensors if present.",
     )
     parser.add_argument("data", nargs="*", type=Path, metavar="DATA")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, weights)")
@@ -179,6 +181,13 @@ def _add_train(sub: SubParsers) -> None:
     parser.add_argument(
         "--init", type=Path, metavar="WEIGHTS", help="start a new run from these weights"
     )
+    parser.add_argument(
+        "--case-cache",
+        type=Path,
+        metavar="DIR",
+        help="where prepared cases are kept and found again (default: OUT/cases; about 0.75 GB "
+        "a whole-leg phantom)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_train)
 
@@ -191,7 +200,12 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError("give DATA folders or --phantom-seeds")
     config = CascadeConfig(patch_sizes=tuple(args.patch_sizes))
     cases, metadata = load_cases(
-        args.data, args.phantom_seeds, args.phantom_size, config, workers=args.workers
+        args.data,
+        args.phantom_seeds,
+        args.phantom_size,
+        config,
+        cache_dir=args.case_cache or args.out / "cases",
+        workers=args.workers,
     )
     settings = TrainingSettings(
         steps=args.steps,

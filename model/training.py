@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import math
 import multiprocessing
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,24 +146,84 @@ def phantom_case(seed: int, size: str, spacing_mm: float) -> TrainingCase:
     return TrainingCase.from_arrays(f"phantom-{seed}", hu, labels, np.random.default_rng(seed))
 
 
+def save_case(case: TrainingCase, folder: Path) -> None:
+    """Write `case` as .npy files under `folder`, whole or not at all (a folder renamed into
+    place), so that a run killed while writing leaves no half case to be read later."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    np.save(partial / "hu.npy", case.hu)
+    np.save(partial / "labels.npy", case.labels)
+    np.savez(
+        partial / "voxels.npz",
+        distractor=case.distractor_voxels,
+        joint=case.joint_voxels,
+        metal=case.metal_voxels,
+        **{f"bone_{label}": voxels for label, voxels in case.bone_voxels.items()},
+    )
+    (partial / "name.txt").write_text(case.name)
+    partial.rename(folder)
+
+
+def open_case(folder: Path) -> TrainingCase:
+    """A case `save_case` wrote, its image and labels memory-mapped: the pages stay on disk
+    until a sample reads them, and the kernel may drop them again under memory pressure."""
+    voxels = np.load(folder / "voxels.npz")
+    return TrainingCase(
+        (folder / "name.txt").read_text(),
+        np.load(folder / "hu.npy", mmap_mode="r"),
+        np.load(folder / "labels.npy", mmap_mode="r"),
+        {int(key[5:]): voxels[key] for key in voxels.files if key.startswith("bone_")},
+        voxels["distractor"],
+        voxels["joint"],
+        voxels["metal"],
+    )
+
+
+def cached(folder: Path, make: Callable[[], TrainingCase]) -> Path:
+    """`folder`, holding the case `make` builds unless an earlier run saved it there."""
+    if not folder.is_dir():
+        save_case(make(), folder)
+    return folder
+
+
+def cache_phantom(seed: int, size: str, spacing_mm: float, cache_dir: Path) -> Path:
+    from model.phantom import PHANTOM_VERSION
+
+    folder = cache_dir / f"phantom-{seed}-{size}-{spacing_mm}mm-v{PHANTOM_VERSION}"
+    return cached(folder, lambda: phantom_case(seed, size, spacing_mm))
+
+
+def cache_file_case(image: Path, labels: Path, spacing_mm: float, cache_dir: Path) -> Path:
+    """A file pair's case in the cache, keyed by both files' paths, sizes and times: a file
+    changed since is read again."""
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in (image, labels)]
+    key = hashlib.sha256(json.dumps([stats, spacing_mm]).encode()).hexdigest()[:16]
+    rng = np.random.default_rng(int(key, 16))
+    return cached(cache_dir / f"file-{key}", lambda: prepare_case(image, labels, spacing_mm, rng))
+
+
 def load_cases(
     folders: Sequence[Path],
     phantom_seeds: Sequence[int],
     phantom_size: str,
     config: CascadeConfig,
+    cache_dir: Path,
     workers: int = 1,
 ) -> tuple[list[TrainingCase], dict[str, object]]:
     """Training cases from files and generated phantoms, plus what the model card records.
 
-    `workers` processes generate phantoms side by side (a whole-leg phantom takes about a
-    minute and 2.5 GB).
+    Each case is prepared once into `cache_dir` and trained on memory-mapped from there: held
+    in memory, 20 whole-leg phantoms (about 0.75 GB each) were as many as 24 GB took beside
+    anything else, and a run restarted after a crash regenerated every phantom (16 minutes on
+    2 cores). `workers` processes generate phantoms side by side (a whole-leg phantom takes
+    about a minute and 2.5 GB).
     """
     from model.phantom import PHANTOM_VERSION
 
-    rng = np.random.default_rng(0)
     spacing = config.spacing_mm
-    cases = [
-        prepare_case(image, labels, spacing, rng)
+    folders_of_cases = [
+        cache_file_case(image, labels, spacing, cache_dir)
         for folder in folders
         for image, labels in find_training_pairs(folder)
     ]
@@ -170,18 +232,19 @@ def load_cases(
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
             generated = pool.map(
-                phantom_case,
+                cache_phantom,
                 phantom_seeds,
                 itertools.repeat(phantom_size),
                 itertools.repeat(spacing),
+                itertools.repeat(cache_dir),
             )
-            cases += tqdm(generated, desc="phantoms", total=len(phantom_seeds))
+            folders_of_cases += tqdm(generated, desc="phantoms", total=len(phantom_seeds))
         metadata["phantom"] = {
             "version": PHANTOM_VERSION,
             "seeds": list(phantom_seeds),
             "size": phantom_size,
         }
-    return cases, metadata
+    return [open_case(folder) for folder in folders_of_cases], metadata
 
 
 def stage_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from dicom_node.cli import main
 from model.labels import Bone, Side, sided_label
 from model.network import CascadeConfig, CascadedVNet
 from model.postprocess import (
@@ -20,8 +21,8 @@ from model.postprocess import (
     split_sides,
 )
 from model.sampling import TrainingCase
-from model.training import BatchStream, TrainingSettings, batches_from, train
-from model.volume_io import Volume
+from model.training import BatchStream, TrainingSettings, batches_from, open_case, train
+from model.volume_io import Volume, write_volume
 from model.weights import file_sha256, load_checkpoint, load_weights, save_weights
 
 
@@ -103,6 +104,37 @@ def test_training_settings_refuse_sample_shares_past_one() -> None:
         TrainingSettings(truncated_fraction=1.5)
     settings = TrainingSettings(bone_fraction=0.57, joint_fraction=0.15, distractor_fraction=0.18)
     assert TrainingSettings(**{**vars(settings), "metal_fraction": 0.1}).metal_fraction == 0.1
+
+
+def test_train_cli_prepares_each_case_once_and_trains_on_it_memory_mapped(tmp_path: Path) -> None:
+    """`dicom-node train` on files: every case is prepared into OUT/cases, read back
+    memory-mapped, found again by a resumed run and prepared anew when its file changes."""
+    case = tiny_case()
+    data = tmp_path / "data" / "case1"
+    write_volume(Volume(case.hu, (0.8,) * 3, (0.0,) * 3), data / "image.nii.gz")
+    write_volume(Volume(case.labels, (0.8,) * 3, (0.0,) * 3), data / "labels.nii.gz")
+    out = tmp_path / "run"
+    args = ["train", str(tmp_path / "data"), "--out", str(out), "--patch-sizes", "64", "32"]
+    args += ["--batch-size", "2", "--no-progress"]
+    assert main([*args, "--steps", "2"]) == 0
+    (cached,) = (out / "cases").iterdir()
+    opened = open_case(cached)
+    assert isinstance(opened.hu, np.memmap) and isinstance(opened.labels, np.memmap)
+    np.testing.assert_array_equal(opened.labels, case.labels)
+    np.testing.assert_array_equal(opened.hu, case.hu)
+    assert sorted(opened.bone_voxels) == [int(Bone.TIBIA)]
+    written = (cached / "hu.npy").stat().st_mtime_ns
+
+    assert main([*args, "--steps", "3"]) == 0  # resumed: the case is read, not prepared again
+    assert [p.name for p in (out / "cases").iterdir()] == [cached.name]
+    assert (cached / "hu.npy").stat().st_mtime_ns == written
+    assert json.loads((out / "training.json").read_text())["history"][-1]["step"] == 3
+
+    labels = case.labels.copy()
+    labels[40:44, 40:44, 40:44] = Bone.TALUS
+    write_volume(Volume(labels, (0.8,) * 3, (0.0,) * 3), data / "labels.nii.gz")
+    assert main([*args, "--steps", "4"]) == 0
+    assert len(list((out / "cases").iterdir())) == 2
 
 
 def test_a_new_run_can_start_from_weights(tmp_path: Path) -> None:
