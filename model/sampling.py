@@ -92,8 +92,8 @@ def dense_background(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 # Metal: unlabelled voxels denser than any bone (cortical bone is at most ~1900 HU in the
 # phantoms, their implants 3000 HU). An implant is a few hundredths of a scan's dense tissue, so
-# distractor samples seldom land on one: the session-8 weights called a hip prosthesis bone
-# and missed the femur around its stem (model card).
+# distractor samples seldom land on one: the session-9 weights (v8) called a hip prosthesis
+# bone and missed the femur around its stem (model card).
 METAL_SAMPLE_HU = 2500
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -146,10 +147,17 @@ def phantom_case(seed: int, size: str, spacing_mm: float) -> TrainingCase:
     return TrainingCase.from_arrays(f"phantom-{seed}", hu, labels, np.random.default_rng(seed))
 
 
+# Part of every cached case's folder name: raise it when `TrainingCase.from_arrays` changes
+# what it keeps (the voxels it samples for joints, distractors, metal), so that no run trains
+# on cases prepared by the old rules.
+CASE_FORMAT = 1
+
+
 def save_case(case: TrainingCase, folder: Path) -> None:
     """Write `case` as .npy files under `folder`, whole or not at all (a folder renamed into
-    place), so that a run killed while writing leaves no half case to be read later."""
-    partial = folder.with_name(folder.name + ".partial")
+    place), so that a run killed while writing leaves no half case to be read later. A run
+    that shares the cache and saved the same case first wins."""
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     np.save(partial / "hu.npy", case.hu)
@@ -162,22 +170,27 @@ def save_case(case: TrainingCase, folder: Path) -> None:
         **{f"bone_{label}": voxels for label, voxels in case.bone_voxels.items()},
     )
     (partial / "name.txt").write_text(case.name)
-    partial.rename(folder)
+    try:
+        partial.rename(folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(partial)
 
 
 def open_case(folder: Path) -> TrainingCase:
     """A case `save_case` wrote, its image and labels memory-mapped: the pages stay on disk
     until a sample reads them, and the kernel may drop them again under memory pressure."""
-    voxels = np.load(folder / "voxels.npz")
-    return TrainingCase(
-        (folder / "name.txt").read_text(),
-        np.load(folder / "hu.npy", mmap_mode="r"),
-        np.load(folder / "labels.npy", mmap_mode="r"),
-        {int(key[5:]): voxels[key] for key in voxels.files if key.startswith("bone_")},
-        voxels["distractor"],
-        voxels["joint"],
-        voxels["metal"],
-    )
+    with np.load(folder / "voxels.npz") as voxels:
+        return TrainingCase(
+            (folder / "name.txt").read_text(),
+            np.load(folder / "hu.npy", mmap_mode="r"),
+            np.load(folder / "labels.npy", mmap_mode="r"),
+            {int(key[5:]): voxels[key] for key in voxels.files if key.startswith("bone_")},
+            voxels["distractor"],
+            voxels["joint"],
+            voxels["metal"],
+        )
 
 
 def cached(folder: Path, make: Callable[[], TrainingCase]) -> Path:
@@ -190,7 +203,8 @@ def cached(folder: Path, make: Callable[[], TrainingCase]) -> Path:
 def cache_phantom(seed: int, size: str, spacing_mm: float, cache_dir: Path) -> Path:
     from model.phantom import PHANTOM_VERSION
 
-    folder = cache_dir / f"phantom-{seed}-{size}-{spacing_mm}mm-v{PHANTOM_VERSION}"
+    name = f"phantom-{seed}-{size}-{spacing_mm}mm-v{PHANTOM_VERSION}-case{CASE_FORMAT}"
+    folder = cache_dir / name
     return cached(folder, lambda: phantom_case(seed, size, spacing_mm))
 
 
@@ -200,7 +214,8 @@ def cache_file_case(image: Path, labels: Path, spacing_mm: float, cache_dir: Pat
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in (image, labels)]
     key = hashlib.sha256(json.dumps([stats, spacing_mm]).encode()).hexdigest()[:16]
     rng = np.random.default_rng(int(key, 16))
-    return cached(cache_dir / f"file-{key}", lambda: prepare_case(image, labels, spacing_mm, rng))
+    folder = cache_dir / f"file-{key}-case{CASE_FORMAT}"
+    return cached(folder, lambda: prepare_case(image, labels, spacing_mm, rng))
 
 
 def load_cases(
