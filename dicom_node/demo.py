@@ -42,7 +42,7 @@ from dicom_node.send import send_files
 from dicom_node.state import NodeState
 from dicom_node.status import job_report
 from dicom_node.volume import assemble_volume
-from model.labels import BONE_NAMES
+from model.labels import BONE_NAMES, unsided_labels
 from model.metrics import dice
 from model.volume_io import read_volume
 
@@ -259,10 +259,6 @@ def seg_sided_labels(seg_path: Path, source_uids: list[str]) -> np.ndarray:
     return labels
 
 
-def _bones(sided: np.ndarray) -> np.ndarray:
-    return np.where(sided > len(BONE_NAMES), sided - len(BONE_NAMES), sided)
-
-
 def write_preview(
     hu: np.ndarray, sided: np.ndarray, spacing: tuple[float, ...], path: Path
 ) -> None:
@@ -392,7 +388,7 @@ def run_demo(
     truth = read_volume(phantom["labels"]).array  # on the series grid, slices in z order
     seg = dcmread(seg_copy, stop_before_pixels=True)
     voxel_ml = float(np.prod(assembled.volume.spacing)) / 1000
-    bones = _bones(sided)
+    bones = unsided_labels(sided)
     report = {
         "phantom": {"seed": seed, "size": size, "region": region, "slices": len(ct_files)},
         "pacs": pacs.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from dicom_node.cli import main
-from model.labels import Bone, Side, sided_label
+from model.labels import Bone, Side, sided_label, unsided_labels
 from model.network import CascadeConfig, CascadedVNet
 from model.postprocess import (
     bone_pieces,
@@ -103,7 +104,7 @@ def test_training_settings_refuse_sample_shares_past_one() -> None:
     with pytest.raises(ValueError, match="truncated_fraction must be within"):
         TrainingSettings(truncated_fraction=1.5)
     settings = TrainingSettings(bone_fraction=0.57, joint_fraction=0.15, distractor_fraction=0.18)
-    assert TrainingSettings(**{**vars(settings), "metal_fraction": 0.1}).metal_fraction == 0.1
+    assert dataclasses.replace(settings, metal_fraction=0.1).metal_fraction == 0.1
 
 
 def test_train_cli_prepares_each_case_once_and_trains_on_it_memory_mapped(tmp_path: Path) -> None:
@@ -166,6 +167,13 @@ def test_bone_pieces_are_26_connected_per_bone_in_bone_order() -> None:
     for bone, box, mask in pieces:
         rebuilt[box][mask] = bone
     np.testing.assert_array_equal(rebuilt, labels)
+
+
+def test_unsided_labels_fold_left_onto_right_in_a_new_array() -> None:
+    sided = np.array([[[0, 1, 6, 7, 12, 9]]], dtype=np.uint8)
+    bones = unsided_labels(sided)
+    np.testing.assert_array_equal(bones, [[[0, 1, 6, 1, 6, 3]]])
+    assert bones.dtype == np.uint8 and sided[0, 0, 3] == 7  # the input is left as it was
 
 
 def test_slice_label_counts_count_each_bone_in_each_slice() -> None:
