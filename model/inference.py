@@ -88,6 +88,13 @@ class InferenceSettings:
     # "scan" shows how much of the gap between the strategies the blocks' edges make
     # (bench/README.md).
     paper_coarse: str = "blocks"
+    # paper: how much neighbouring windows of the largest patch size overlap. The paper infers
+    # "on all smaller patches, instead of only the center patch" of each window without saying
+    # how the windows are laid; tiled without overlap (0) a voxel at a window's edge gets a
+    # first stage that saw nothing past it. 0.5 (nnU-Net's default, the paper's benchmark):
+    # windows half a window apart, each voxel the Gaussian-weighted mean of the eight windows
+    # over it, 4.6x the windows of the tiling on the hip slab (bench/README.md).
+    paper_overlap: float = 0.5
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -98,6 +105,8 @@ class InferenceSettings:
             raise ValueError(
                 f"paper_coarse: expected one of {PAPER_COARSE}, got {self.paper_coarse!r}"
             )
+        if not 0 <= self.paper_overlap < 1:
+            raise ValueError(f"paper_overlap: expected 0 <= overlap < 1, got {self.paper_overlap}")
 
 
 @dataclass
@@ -160,10 +169,20 @@ class ScaledInputs:
     while normalising) where the fine stages read a few boxes of it.
     """
 
-    def __init__(self, hu: np.ndarray, config: CascadeConfig, padded: tuple[int, ...]):
+    def __init__(
+        self,
+        hu: np.ndarray,
+        config: CascadeConfig,
+        padded: tuple[int, ...],
+        before: tuple[int, ...] = (0, 0, 0),
+    ):
+        """`padded`: the grid's shape, a multiple of every stage's voxel; the scan starts
+        `before` voxels into it (a multiple of the first stage's voxel)."""
         if any(p % f for p in padded for f in config.factors):
             raise ValueError(f"padded shape {padded} is not a multiple of {config.factors}")
-        self.hu, self.config, self.padded = hu, config, padded
+        if any(b % config.factors[0] for b in before):
+            raise ValueError(f"before {before} is not a multiple of {config.factors[0]}")
+        self.hu, self.config, self.padded, self.before = hu, config, padded, before
 
     def shape(self, stage: int) -> tuple[int, ...]:
         return tuple(n // self.config.factors[stage] for n in self.padded)
@@ -171,14 +190,16 @@ class ScaledInputs:
     def region(self, stage: int, box: Box) -> Tensor:
         """The stage's input over `box` (its own grid); air beyond the scan."""
         f = self.config.factors[stage]
-        starts = [b.start * f for b in box]
+        starts = [b.start * f - o for b, o in zip(box, self.before, strict=True)]
         sizes = [(b.stop - b.start) * f for b in box]
         hu = np.full(sizes, AIR_HU, dtype=self.hu.dtype)
         inside = [
-            slice(min(a, n), min(a + m, n))
+            slice(min(max(a, 0), n), min(max(a + m, 0), n))
             for a, m, n in zip(starts, sizes, self.hu.shape, strict=True)
         ]
-        hu[tuple(slice(0, i.stop - i.start) for i in inside)] = self.hu[tuple(inside)]
+        hu[tuple(slice(i.start - a, i.stop - a) for i, a in zip(inside, starts, strict=True))] = (
+            self.hu[tuple(inside)]
+        )
         x = torch.from_numpy(normalise_hu(hu, self.config.hu_window))
         return x if f == 1 else F.avg_pool3d(x[None, None], f)[0, 0]
 
@@ -212,6 +233,13 @@ class Segmenter:
             self.device, memory_format=self.memory_format
         )
         self.stages = list(self.model.stages)
+        size, factor = self.config.patch_sizes[0], self.config.factors[0]
+        self.paper_stride = size - round(size * self.settings.paper_overlap)
+        if self.paper_stride % factor:
+            raise ValueError(
+                f"paper_overlap: {self.settings.paper_overlap} puts windows of {size} voxels "
+                f"{self.paper_stride} apart, not a multiple of the first stage's voxel ({factor})"
+            )
 
     # -- the one public call -------------------------------------------------------------
     def segment(self, volume: Volume) -> Segmentation:
@@ -282,18 +310,24 @@ class Segmenter:
         strategy, the fraction of each stage's grid that needed refining and the fraction it
         computed (the boxes around it, with their halos)."""
         shape = hu.shape
-        block = (
-            self.config.patch_sizes[0]
-            if self.settings.strategy == "paper"
-            else self.config.factors[0] * 8
-        )
-        inputs = ScaledInputs(np.asarray(hu), self.config, tuple(ceil_to(n, block) for n in shape))
+        if self.settings.strategy == "paper":
+            # Windows `paper_stride` apart over the scan and a margin of half their overlap on
+            # each side, so that every voxel of the scan is in the central part of a window.
+            size, stride = self.config.patch_sizes[0], self.paper_stride
+            f = self.config.factors[0]
+            margin = (size - stride) // (2 * f) * f
+            padded = tuple(size + ceil_to(max(n + 2 * margin - size, 0), stride) for n in shape)
+            before = (margin,) * 3
+        else:
+            padded = tuple(ceil_to(n, self.config.factors[0] * 8) for n in shape)
+            before = (0, 0, 0)
+        inputs = ScaledInputs(np.asarray(hu), self.config, padded, before)
         with torch.inference_mode():
             if self.settings.strategy == "paper":
                 labels, confidence, stats = *self._paper(inputs), {}
             else:
                 labels, confidence, stats = self._fast(inputs)
-        inside = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        inside = tuple(slice(b, b + n) for b, n in zip(before, shape, strict=True))
         return labels[inside].numpy(), confidence[inside].numpy(), stats
 
     def _run(self, stage: int, x: Tensor) -> Tensor:
@@ -305,32 +339,57 @@ class Segmenter:
 
     # -- paper ------------------------------------------------------------------------------
     def _paper(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor]:
-        sizes, s = self.config.patch_sizes, self.config.input_size
-        labels = torch.zeros(inputs.shape(-1), dtype=torch.uint8)
+        """Windows of the largest patch size `paper_stride` apart, z-row by z-row; each window's
+        finest-stage probabilities are weighted by `window_weight` and summed into a band of
+        the window's depth, whose first `stride` slices are final once the row is done."""
+        size, stride = self.config.patch_sizes[0], self.paper_stride
+        shape = inputs.shape(-1)
+        labels = torch.zeros(shape, dtype=torch.uint8)
         confidence = torch.zeros_like(labels)
+        weight = window_weight(size, overlapping=stride < size)
+        band = torch.zeros((N_CLASSES, size, *shape[1:]))
+        band_weight = torch.zeros((size, *shape[1:]))
         scan = self._dense(inputs) if self.settings.paper_coarse == "scan" else None
-        for start in itertools.product(*(range(0, n, sizes[0]) for n in inputs.shape(-1))):
-            # Patches of the current stage: (start in 0.8 mm voxels, parent probs, parent start).
-            patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]] = [
-                (start, None, start)
-            ]
-            for i in range(len(sizes)):
-                if i == 0 and scan is not None:
-                    probs = scan[(slice(None), *self._patch_box(0, start))].float()[None]
-                else:
-                    probs = self._run(i, self._patch_batch(inputs, i, patches))
-                if i == len(sizes) - 1:
-                    for (p_start, _, _), p in zip(patches, probs, strict=True):
-                        patch = tuple(slice(a, a + s) for a in p_start)
-                        labels[patch], confidence[patch] = most_probable(p)
-                    break
+        rows = range(0, shape[0] - size + 1, stride)
+        for z in rows:
+            for y, x in itertools.product(*(range(0, n - size + 1, stride) for n in shape[1:])):
+                window = (slice(0, size), slice(y, y + size), slice(x, x + size))
+                band[(slice(None), *window)] += self._window(inputs, (z, y, x), scan) * weight
+                band_weight[window] += weight
+            final = size if z == rows[-1] else stride
+            labels[z : z + final], confidence[z : z + final] = most_probable(
+                band[:, :final] / band_weight[:final]
+            )
+            band = torch.cat([band[:, final:], torch.zeros_like(band[:, :final])], dim=1)
+            band_weight = torch.cat([band_weight[final:], torch.zeros_like(band_weight[:final])])
+        return labels, confidence
+
+    def _window(self, inputs: ScaledInputs, start: tuple[int, ...], scan: Tensor | None) -> Tensor:
+        """Finest-stage probabilities (C, S, S, S) over one window of the largest patch size S:
+        its stage-1 patch, then every smaller patch inside it, each fed its parent's prediction
+        cropped, down to the finest patches that tile the window."""
+        sizes, s = self.config.patch_sizes, self.config.input_size
+        out = torch.empty((N_CLASSES, *(sizes[0],) * 3))
+        # Patches of the current stage: (start in 0.8 mm voxels, parent probs, parent start).
+        patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]] = [
+            (start, None, start)
+        ]
+        for i in range(len(sizes)):
+            if i == 0 and scan is not None:
+                probs = scan[(slice(None), *self._patch_box(0, start))].float()[None]
+            else:
+                probs = self._run(i, self._patch_batch(inputs, i, patches))
+            if i < len(sizes) - 1:
                 child = sizes[i + 1]
                 patches = [
                     (tuple(a + b for a, b in zip(p_start, off, strict=True)), p, p_start)
                     for (p_start, _, _), p in zip(patches, probs, strict=True)
                     for off in itertools.product(range(0, sizes[i], child), repeat=3)
                 ]
-        return labels, confidence
+        for (p_start, _, _), p in zip(patches, probs, strict=True):
+            inside = (slice(a - b, a - b + s) for a, b in zip(p_start, start, strict=True))
+            out[(slice(None), *inside)] = p
+        return out
 
     def _patch_batch(
         self,
@@ -441,6 +500,17 @@ def most_probable(probs: Tensor) -> tuple[Tensor, Tensor]:
         labels.masked_fill_(better, c)
         torch.where(better, probs[c], best, out=best)
     return labels, best.mul_(100).round_().to(torch.uint8)
+
+
+def window_weight(size: int, overlapping: bool) -> Tensor:
+    """(S, S, S) weight of a window's voxels where windows overlap: a Gaussian around its centre
+    with sigma S/8 (nnU-Net's), largest 1, since a window's centre has seen the most context;
+    ones where windows only tile."""
+    if not overlapping:
+        return torch.ones((size,) * 3)
+    axis = torch.exp(-0.5 * ((torch.arange(size) - (size - 1) / 2) / (size / 8)) ** 2)
+    axis /= axis.max()
+    return axis[:, None, None] * axis[None, :, None] * axis[None, None, :]
 
 
 def refine_mask(labels: Tensor, probs: Tensor, band: int, certainty: float) -> Tensor:

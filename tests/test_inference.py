@@ -24,6 +24,7 @@ from model.inference import (
     most_probable,
     refine_mask,
     split_box,
+    window_weight,
 )
 from model.labels import BONE_NAMES
 from model.metrics import dice
@@ -84,12 +85,51 @@ def test_shipped_model_segments_held_out_phantoms(
 
 
 def test_fast_agrees_with_paper(fast: Segmenter, phantoms: dict) -> None:
+    """The issue asks 0.99 per bone. Measured on this knee (float32, session 11's v8 weights):
+    femur 0.992, tibia 0.996, fibula 0.991 with the paper's windows overlapping by half;
+    tiled without overlap (`paper_overlap = 0`) the femur agrees at 0.983 only."""
     phantom = phantoms["knee"]
     paper = Segmenter(settings=InferenceSettings(strategy="paper"))
     a = fast.segment(phantom.image).labels.array
     b = paper.segment(phantom.image).labels.array
-    # Per bone the issue asks for 0.99 with well-trained weights; the bone mask agrees already.
-    assert mask_dice(a, b) >= 0.95
+    agreement = {
+        name: dice(a == value, b == value)
+        for value, name in BONE_NAMES.items()
+        if (a == value).sum() > 500
+    }
+    assert set(agreement) == {"femur", "tibia", "fibula"}
+    assert min(agreement.values()) >= 0.985, agreement
+
+
+def test_paper_windows_overlap_by_half_and_tile_without_overlap() -> None:
+    """Tiled (`paper_overlap = 0`), a block's labels depend on that block of the scan alone;
+    overlapping by half, the windows across its edge change labels inside it."""
+    hu = generate_phantom(2001, "small", region="hip").image.array[:128, :128, :]
+    assert hu.shape[2] > 128
+    tiled, halves = (
+        Segmenter(settings=InferenceSettings(strategy="paper", paper_overlap=overlap))
+        for overlap in (0, 0.5)
+    )
+    assert halves.paper_stride == 64 and tiled.paper_stride == 128
+    first_block = hu[:, :, :128]
+    alone = tiled.predict_labels(first_block)[0]
+    assert np.array_equal(tiled.predict_labels(hu)[0][:, :, :128], alone)
+    assert (halves.predict_labels(hu)[0][:, :, :128] != alone).sum() > 1000
+    with pytest.raises(ValueError, match="paper_overlap"):
+        InferenceSettings(paper_overlap=1.0)
+    with pytest.raises(ValueError, match="paper_overlap"):
+        Segmenter(settings=InferenceSettings(paper_overlap=0.49))  # windows 65 voxels apart
+
+
+def test_window_weight_peaks_at_the_centre_and_is_flat_where_windows_tile() -> None:
+    assert torch.equal(window_weight(16, overlapping=False), torch.ones(16, 16, 16))
+    w = window_weight(128, overlapping=True)
+    assert w.shape == (128, 128, 128)
+    assert torch.allclose(w, w.flip(0)) and torch.allclose(w, w.permute(2, 0, 1))
+    assert w.max() == 1 and w[63, 63, 63] == w[64, 64, 64] == w.max()
+    assert 0 < w[0, 0, 0] < 1e-9  # a corner counts, but next to nothing
+    # Separable: the weight of (z, y, x) is the product of three 1-D weights.
+    assert torch.allclose(w[10, 40, 70], w[10, 63, 63] * w[63, 40, 63] * w[63, 63, 70])
 
 
 def test_labels_come_back_on_the_input_grid(fast: Segmenter, phantoms: dict) -> None:
@@ -335,11 +375,11 @@ def test_scaled_inputs_equal_the_whole_padded_grid_pooled_then_cropped() -> None
     config = CascadeConfig()
     rng = np.random.default_rng(5)
     hu = rng.integers(-1100, 2000, size=(21, 30, 17)).astype(np.int16)
-    padded = (32, 32, 32)
+    padded, before = (32, 32, 32), (4, 0, 8)  # the scan starts `before` into the grid
     grid = np.full(padded, AIR_HU, dtype=np.int16)
-    grid[:21, :30, :17] = hu
+    grid[4:25, :30, 8:25] = hu
     whole = torch.from_numpy(normalise_hu(grid, config.hu_window))
-    inputs = ScaledInputs(hu, config, padded)
+    inputs = ScaledInputs(hu, config, padded, before)
     for stage, factor in enumerate(config.factors):
         pooled = F.avg_pool3d(whole[None, None], factor)[0, 0] if factor > 1 else whole
         assert inputs.shape(stage) == pooled.shape
@@ -347,6 +387,8 @@ def test_scaled_inputs_equal_the_whole_padded_grid_pooled_then_cropped() -> None
         assert torch.allclose(inputs.region(stage, box), pooled[box], atol=1e-6)
     with pytest.raises(ValueError, match="multiple"):
         ScaledInputs(hu, config, (30, 32, 32))
+    with pytest.raises(ValueError, match="before"):
+        ScaledInputs(hu, config, padded, (2, 0, 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -370,7 +412,9 @@ def test_paper_with_the_first_stage_over_the_scan(phantoms: dict) -> None:
     for float16 rounding of the first stage's map); across blocks it sees past their edges."""
     hu = phantoms["hip"].image.array[:128, :128, :]  # two blocks along x
     blocks, scan = (
-        Segmenter(settings=InferenceSettings(strategy="paper", paper_coarse=coarse))
+        Segmenter(
+            settings=InferenceSettings(strategy="paper", paper_coarse=coarse, paper_overlap=0)
+        )
         for coarse in ("blocks", "scan")
     )
     one_block = hu[:, :, :128]
