@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default=InferenceSettings.precision)
     parser.add_argument("--halo", type=int, default=InferenceSettings.halo)
-    parser.add_argument("--paper-coarse", default=InferenceSettings.paper_coarse)
+    parser.add_argument("--paper-overlap", type=float, default=InferenceSettings.paper_overlap)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -36,7 +36,7 @@ def main() -> None:
         device=args.device,
         precision=args.precision,
         halo=args.halo,
-        paper_coarse=args.paper_coarse,
+        paper_overlap=args.paper_overlap,
     )
     segmenter = Segmenter(args.weights, settings)
     load_s = time.perf_counter() - started
@@ -50,7 +50,7 @@ def main() -> None:
     report = {
         "strategy": args.strategy,
         "halo": args.halo,
-        **({"paper_coarse": args.paper_coarse} if args.strategy == "paper" else {}),
+        **({"paper_overlap": args.paper_overlap} if args.strategy == "paper" else {}),
         "weights_sha256": segmenter.metadata["weights_sha256"],
         "device": str(segmenter.device),
         "precision": result.summary["precision"],
