@@ -51,7 +51,7 @@ from model.postprocess import (
     segment_summary,
     split_sides,
 )
-from model.resample import AIR_HU, image_to_model_grid, labels_to_grid
+from model.resample import image_to_model_grid, labels_to_grid
 from model.sampling import normalise_hu
 from model.volume_io import Volume
 from model.weights import DEFAULT_WEIGHTS, load_weights
@@ -170,16 +170,22 @@ class ScaledInputs:
         return tuple(n // self.config.factors[stage] for n in self.padded)
 
     def region(self, stage: int, box: Box) -> Tensor:
-        """The stage's input over `box` (its own grid); air beyond the scan."""
+        """The stage's input over `box` (its own grid). Beyond the scan's end (the padding up to
+        whole patches) the scan's last plane repeats, not air: cut through a hip, a wall of air
+        at the cut made the hip crops' labels worse (session 11, bench/README.md)."""
         f = self.config.factors[stage]
         starts = [b.start * f for b in box]
         sizes = [(b.stop - b.start) * f for b in box]
-        hu = np.full(sizes, AIR_HU, dtype=self.hu.dtype)
-        inside = [
-            slice(min(a, n), min(a + m, n))
-            for a, m, n in zip(starts, sizes, self.hu.shape, strict=True)
+        hu = self.hu[
+            tuple(
+                slice(min(a, n - 1), min(a + m, n))
+                for a, m, n in zip(starts, sizes, self.hu.shape, strict=True)
+            )
         ]
-        hu[tuple(slice(0, i.stop - i.start) for i in inside)] = self.hu[tuple(inside)]
+        for axis, (a, m, n) in enumerate(zip(starts, sizes, self.hu.shape, strict=True)):
+            if a + m > n:
+                index = np.clip(np.arange(a, a + m), 0, n - 1) - min(a, n - 1)
+                hu = np.take(hu, index, axis=axis)
         x = torch.from_numpy(normalise_hu(hu, self.config.hu_window))
         return x if f == 1 else F.avg_pool3d(x[None, None], f)[0, 0]
 

@@ -30,7 +30,6 @@ from model.labels import BONE_NAMES
 from model.metrics import dice
 from model.network import CascadeConfig, autocast_dtype
 from model.phantom import generate_phantom
-from model.resample import AIR_HU
 from model.sampling import normalise_hu
 from model.volume_io import Volume, read_volume, write_volume
 
@@ -371,20 +370,23 @@ def test_refine_mask_marks_label_changes_within_the_band_and_unsure_voxels() -> 
 
 
 def test_scaled_inputs_equal_the_whole_padded_grid_pooled_then_cropped() -> None:
-    """A stage's input over a box equals normalising the air-padded grid, pooling, cropping."""
+    """A stage's input over a box equals normalising the padded grid, pooling, cropping; the
+    padding beyond the scan's end repeats its last plane."""
     config = CascadeConfig()
     rng = np.random.default_rng(5)
     hu = rng.integers(-1100, 2000, size=(21, 30, 17)).astype(np.int16)
     padded = (32, 32, 32)
-    grid = np.full(padded, AIR_HU, dtype=np.int16)
-    grid[:21, :30, :17] = hu
+    grid = np.pad(hu, [(0, p - n) for p, n in zip(padded, hu.shape, strict=True)], mode="edge")
     whole = torch.from_numpy(normalise_hu(grid, config.hu_window))
     inputs = ScaledInputs(hu, config, padded)
     for stage, factor in enumerate(config.factors):
         pooled = F.avg_pool3d(whole[None, None], factor)[0, 0] if factor > 1 else whole
         assert inputs.shape(stage) == pooled.shape
-        box = (slice(1, 4), slice(0, 8 // factor + 2), slice(2, 32 // factor))
-        assert torch.allclose(inputs.region(stage, box), pooled[box], atol=1e-6)
+        for box in (
+            (slice(1, 4), slice(0, 8 // factor + 2), slice(2, 32 // factor)),
+            (slice(24 // factor, 32 // factor), slice(0, 32 // factor), slice(0, 8 // factor)),
+        ):
+            assert torch.allclose(inputs.region(stage, box), pooled[box], atol=1e-6)
     with pytest.raises(ValueError, match="multiple"):
         ScaledInputs(hu, config, (30, 32, 32))
 
