@@ -33,14 +33,14 @@ from model.phantom import generate_phantom
 from model.sampling import normalise_hu
 from model.volume_io import Volume, read_volume, write_volume
 
-# Small phantoms (one joint region each) from seeds never used in training (1-44).
+# Small phantoms (one joint region each) from seeds never used in training (model/MODEL_CARD.md).
 HELD_OUT = {"hip": 2001, "knee": 2002, "ankle": 2003}
-# What the shipped weights (session 9) reach on these phantoms, per bone scored, in float32 and
-# bfloat16 alike: hip crop femur 0.980, hip bone 0.978; knee crop femur 0.996, tibia 0.992-0.994,
-# fibula 0.991; ankle crop tibia 0.973, fibula 0.965, talus 0.967, calcaneus 0.977 (session 8:
-# 0.96-0.99, bound 0.93). The bound is the Dice target.
+# What the shipped weights (session 11) reach on these phantoms, per bone scored, in float32 and
+# bfloat16 alike: hip crop femur 0.987, hip bone 0.980; knee crop femur 0.997, tibia 0.994,
+# fibula 0.991; ankle crop tibia 0.982, fibula 0.966, talus 0.967, calcaneus 0.978 (session 9:
+# 0.965-0.996). The bound is the Dice target.
 BONE_DICE = 0.95
-BONE_MASK_DICE = 0.93  # bone found against background: measured 0.973-0.995
+BONE_MASK_DICE = 0.93  # bone found against background: measured 0.975-0.996
 
 
 @pytest.fixture(scope="module")
