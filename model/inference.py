@@ -88,8 +88,8 @@ class InferenceSettings:
     # "on all smaller patches, instead of only the center patch" of each window without saying
     # how the windows are laid; tiled without overlap (0) a voxel at a window's edge gets a
     # first stage that saw nothing past it. 0.5 (nnU-Net's default, the paper's benchmark):
-    # windows half a window apart, each voxel the Gaussian-weighted mean of the eight windows
-    # over it, 4.6x the windows of the tiling on the hip slab (bench/README.md).
+    # windows at most half a window apart (`window_starts`), each voxel the Gaussian-weighted
+    # mean of the windows over it; 4.6x the tiling's windows on the hip slab (bench/README.md).
     paper_overlap: float = 0.5
 
     def __post_init__(self) -> None:
