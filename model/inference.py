@@ -3,10 +3,10 @@
 Two strategies compute the same cascade:
 
 `paper`  as in Kuiper et al. 2022: windows of the largest patch size slide over the volume
-         (half a window apart by default); in each, the coarse prediction is computed once and
-         every smaller patch inside it is predicted with the coarse prediction cropped as
-         context, down to the finest patches; where windows overlap, their finest predictions
-         are averaged, weighted towards each window's centre.
+         (at most half a window apart by default); in each, the coarse prediction is computed
+         once and every smaller patch inside it is predicted with the coarse prediction
+         cropped as context, down to the finest patches; where windows overlap, their finest
+         predictions are averaged, weighted towards each window's centre.
 `fast`   (default) the first stage runs fully convolutionally over the whole downsampled
          volume; every later stage runs only inside boxes around the band where the previous
          stage's labels change (bone surfaces, joint spaces) or where it is unsure, with a halo

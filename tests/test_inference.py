@@ -101,10 +101,10 @@ def test_fast_agrees_with_paper(fast: Segmenter, phantoms: dict) -> None:
     assert min(agreement.values()) >= 0.985, agreement
 
 
-def test_paper_windows_overlap_by_half_and_tile_without_overlap() -> None:
+def test_paper_windows_overlap_by_half_and_tile_without_overlap(phantoms: dict) -> None:
     """Tiled (`paper_overlap = 0`), a block's labels depend on that block of the scan alone;
     overlapping by half, the windows across its edge change labels inside it."""
-    hu = generate_phantom(2001, "small", region="hip").image.array[:128, :128, :]
+    hu = phantoms["hip"].image.array[:128, :128, :]
     assert hu.shape[2] > 128
     tiled, halves = (
         Segmenter(settings=InferenceSettings(strategy="paper", paper_overlap=overlap))
