@@ -176,16 +176,12 @@ class ScaledInputs:
         f = self.config.factors[stage]
         starts = [b.start * f for b in box]
         sizes = [(b.stop - b.start) * f for b in box]
-        hu = self.hu[
-            tuple(
-                slice(min(a, n - 1), min(a + m, n))
-                for a, m, n in zip(starts, sizes, self.hu.shape, strict=True)
-            )
+        inside = [
+            slice(min(a, n - 1), min(a + m, n))
+            for a, m, n in zip(starts, sizes, self.hu.shape, strict=True)
         ]
-        for axis, (a, m, n) in enumerate(zip(starts, sizes, self.hu.shape, strict=True)):
-            if a + m > n:
-                index = np.clip(np.arange(a, a + m), 0, n - 1) - min(a, n - 1)
-                hu = np.take(hu, index, axis=axis)
+        after = [(0, m - (i.stop - i.start)) for i, m in zip(inside, sizes, strict=True)]
+        hu = np.pad(self.hu[tuple(inside)], after, mode="edge")
         x = torch.from_numpy(normalise_hu(hu, self.config.hu_window))
         return x if f == 1 else F.avg_pool3d(x[None, None], f)[0, 0]
 
@@ -296,23 +292,11 @@ class Segmenter:
         strategy, the fraction of each stage's grid that needed refining and the fraction it
         computed (the boxes around it, with their halos)."""
         shape = hu.shape
-        if self.settings.strategy == "paper":
-            # No margin before the scan: with air there, as `fast` had after it, the hip crop
-            # 2001's labels agreed with `fast`'s at 0.979 (femur) and 0.973 (hip bone) against
-            # 0.985 and 0.981 without (session 11).
-            size = self.config.patch_sizes[0]
-            starts = [
-                window_starts(n, size, self.paper_stride, self.config.factors[0]) for n in shape
-            ]
-            padded = tuple(axis[-1] + size for axis in starts)
-        else:
-            padded = tuple(ceil_to(n, self.config.factors[0] * 8) for n in shape)
-        inputs = ScaledInputs(np.asarray(hu), self.config, padded)
         with torch.inference_mode():
             if self.settings.strategy == "paper":
-                labels, confidence, stats = *self._paper(inputs, starts), {}
+                labels, confidence, stats = *self._paper(np.asarray(hu)), {}
             else:
-                labels, confidence, stats = self._fast(inputs)
+                labels, confidence, stats = self._fast(np.asarray(hu))
         inside = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
         return labels[inside].numpy(), confidence[inside].numpy(), stats
 
@@ -324,12 +308,17 @@ class Segmenter:
         return torch.softmax(out.float(), dim=1).cpu()
 
     # -- paper ------------------------------------------------------------------------------
-    def _paper(self, inputs: ScaledInputs, starts: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """Windows of the largest patch size at `starts` (per axis), z-row by z-row; each
+    def _paper(self, hu: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Windows of the largest patch size at `window_starts` (per axis), z-row by z-row; each
         window's finest-stage probabilities are weighted by `window_weight` and summed into a
         band of the window's depth, whose slices before the next row's start are final once
         the row is done."""
         size, stride = self.config.patch_sizes[0], self.paper_stride
+        # No margin before the scan: with air there, as `fast` had after it, the hip crop
+        # 2001's labels agreed with `fast`'s at 0.979 (femur) and 0.973 (hip bone) against
+        # 0.985 and 0.981 without (session 11).
+        starts = [window_starts(n, size, stride, self.config.factors[0]) for n in hu.shape]
+        inputs = ScaledInputs(hu, self.config, tuple(axis[-1] + size for axis in starts))
         shape = inputs.shape(-1)
         labels = torch.zeros(shape, dtype=torch.uint8)
         confidence = torch.zeros_like(labels)
@@ -398,7 +387,9 @@ class Segmenter:
         return tuple(slice(a // f, a // f + s) for a in start)  # type: ignore[return-value]
 
     # -- fast -------------------------------------------------------------------------------
-    def _fast(self, inputs: ScaledInputs) -> tuple[Tensor, Tensor, Stats]:
+    def _fast(self, hu: np.ndarray) -> tuple[Tensor, Tensor, Stats]:
+        block = self.config.factors[0] * 8  # the first stage's grid a multiple of 8
+        inputs = ScaledInputs(hu, self.config, tuple(ceil_to(n, block) for n in hu.shape))
         n = len(self.config.factors)
         probs = self._dense(inputs)
         stats: Stats = {"refined_fraction": {}, "computed_fraction": {}}
