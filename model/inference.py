@@ -4,9 +4,10 @@ Two strategies compute the same cascade:
 
 `paper`  as in Kuiper et al. 2022: windows of the largest patch size slide over the volume
          (at most half a window apart by default); in each, the coarse prediction is computed
-         once and every smaller patch inside it is predicted with the coarse prediction
-         cropped as context, down to the finest patches; where windows overlap, their finest
-         predictions are averaged, weighted towards each window's centre.
+         once and every smaller patch inside it is predicted with the coarser stage's
+         prediction cropped as context, down to the finest patches. The smaller patches
+         overlap inside the window as the windows do; where windows or patches overlap, their
+         predictions are averaged, weighted towards each one's centre.
 `fast`   (default) the first stage runs fully convolutionally over the whole downsampled
          volume; every later stage runs only inside boxes around the band where the previous
          stage's labels change (bone surfaces, joint spaces) or where it is unsure, with a halo
@@ -59,6 +60,9 @@ from model.weights import DEFAULT_WEIGHTS, load_weights
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("fast", "paper")
+# paper: patches in one network call, which bounds its memory (a window's 64 finest patches
+# were one call while patches tiled).
+PAPER_BATCH = 64
 Box = tuple[slice, slice, slice]
 Stats = dict[str, dict[str, float]]
 
@@ -222,6 +226,16 @@ class Segmenter:
                 f"paper_overlap: {self.settings.paper_overlap} puts windows of {size} voxels "
                 f"{self.paper_stride} apart, not a multiple of the first stage's voxel ({factor})"
             )
+        # The finer stages' patches overlap as the windows do, on their own grids; each starts
+        # on a voxel of the coarser grid, whose prediction it is fed.
+        s = self.config.input_size
+        self.patch_stride = s - round(s * self.settings.paper_overlap)
+        ratios = [a // b for a, b in itertools.pairwise(self.config.factors)]
+        if any(self.patch_stride % ratio for ratio in ratios):
+            raise ValueError(
+                f"paper_overlap: {self.settings.paper_overlap} puts patches of {s} voxels "
+                f"{self.patch_stride} apart, not a multiple of the stages' ratios {ratios}"
+            )
 
     # -- the one public call -------------------------------------------------------------
     def segment(self, volume: Volume) -> Segmentation:
@@ -341,50 +355,49 @@ class Segmenter:
 
     def _window(self, inputs: ScaledInputs, start: tuple[int, ...]) -> Tensor:
         """Finest-stage probabilities (C, S, S, S) over one window of the largest patch size S:
-        its stage-1 patch, then every smaller patch inside it, each fed its parent's prediction
-        cropped, down to the finest patches that tile the window."""
-        sizes, s = self.config.patch_sizes, self.config.input_size
-        out = torch.empty((N_CLASSES, *(sizes[0],) * 3))
-        # Patches of the current stage: (start in 0.8 mm voxels, parent probs, parent start).
-        patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]] = [
-            (start, None, start)
-        ]
-        for i in range(len(sizes)):
-            probs = self._run(i, self._patch_batch(inputs, i, patches))
-            if i < len(sizes) - 1:
-                child = sizes[i + 1]
-                patches = [
-                    (tuple(a + b for a, b in zip(p_start, off, strict=True)), p, p_start)
-                    for (p_start, _, _), p in zip(patches, probs, strict=True)
-                    for off in itertools.product(range(0, sizes[i], child), repeat=3)
-                ]
-        for (p_start, _, _), p in zip(patches, probs, strict=True):
-            inside = (slice(a - b, a - b + s) for a, b in zip(p_start, start, strict=True))
-            out[(slice(None), *inside)] = p
-        return out
+        the first stage predicts the window, then each finer stage its patches inside it."""
+        factors, s = self.config.factors, self.config.input_size
+        origin = tuple(a // factors[0] for a in start)
+        probs = self._run(0, inputs.region(0, patch_box(origin, s))[None, None])[0]
+        for stage in range(1, len(factors)):
+            ratio = factors[stage - 1] // factors[stage]
+            origin = tuple(a * ratio for a in origin)
+            probs = self._patches(inputs, stage, origin, probs)
+        return probs
 
-    def _patch_batch(
-        self,
-        inputs: ScaledInputs,
-        stage: int,
-        patches: list[tuple[tuple[int, ...], Tensor | None, tuple[int, ...]]],
+    def _patches(
+        self, inputs: ScaledInputs, stage: int, origin: tuple[int, ...], coarse: Tensor
     ) -> Tensor:
-        """The stage's input for each patch: its CT, and its parent's prediction cropped."""
-        f, s = self.config.factors[stage], self.config.input_size
-        batch = []
-        for p_start, parent, parent_start in patches:
-            channels = [inputs.region(stage, self._patch_box(stage, p_start))[None]]
-            if parent is not None:
-                pf = self.config.factors[stage - 1]
-                offset = [(a - b) // pf for a, b in zip(p_start, parent_start, strict=True)]
-                channels.append(upsample_context(parent[None], offset, s, pf // f)[0])
-            batch.append(torch.cat(channels))
-        return torch.stack(batch)
-
-    def _patch_box(self, stage: int, start: tuple[int, ...]) -> Box:
-        """A patch starting at `start` (0.8 mm voxels) on the stage's own grid."""
-        f, s = self.config.factors[stage], self.config.input_size
-        return tuple(slice(a // f, a // f + s) for a in start)  # type: ignore[return-value]
+        """The stage's probabilities over the window at `origin` (the stage's grid): every patch
+        inside it, `patch_stride` apart, fed the coarser stage's prediction over the window
+        (`coarse`) cropped, and where patches overlap their mean weighted by `window_weight`."""
+        s, ratio = (
+            self.config.input_size,
+            self.config.factors[stage - 1] // self.config.factors[stage],
+        )
+        n = coarse.shape[1] * ratio
+        offsets = list(itertools.product(window_starts(n, s, self.patch_stride, ratio), repeat=3))
+        weight = window_weight(s, overlapping=self.patch_stride < s)
+        total = torch.zeros((N_CLASSES, n, n, n))
+        total_weight = torch.zeros((n, n, n))
+        for first in range(0, len(offsets), PAPER_BATCH):
+            batch = offsets[first : first + PAPER_BATCH]
+            x = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            inputs.region(stage, patch_box(tuple(np.add(origin, off)), s))[None],
+                            upsample_context(coarse[None], [o // ratio for o in off], s, ratio)[0],
+                        ]
+                    )
+                    for off in batch
+                ]
+            )
+            for off, p in zip(batch, self._run(stage, x), strict=True):
+                patch = patch_box(off, s)
+                total[(slice(None), *patch)] += p * weight
+                total_weight[patch] += weight
+        return total / total_weight
 
     # -- fast -------------------------------------------------------------------------------
     def _fast(self, hu: np.ndarray) -> tuple[Tensor, Tensor, Stats]:
@@ -489,6 +502,11 @@ def window_starts(n: int, size: int, stride: int, multiple: int) -> list[int]:
     last = ceil_to(n - size, multiple)
     gaps = -(-(n - size) // stride)
     return [round(i * last / gaps / multiple) * multiple for i in range(gaps + 1)]
+
+
+def patch_box(start: tuple[int, ...], size: int) -> Box:
+    """The cube of `size` voxels from `start`."""
+    return tuple(slice(int(a), int(a) + size) for a in start)  # type: ignore[return-value]
 
 
 def window_weight(size: int, overlapping: bool) -> Tensor:

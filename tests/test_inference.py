@@ -84,11 +84,21 @@ def test_shipped_model_segments_held_out_phantoms(
     assert np.array_equal(result.sided.array > 0, result.labels.array > 0)
 
 
-def test_fast_agrees_with_paper(fast: Segmenter, phantoms: dict) -> None:
-    """The issue asks 0.99 per bone. Measured on this knee (session 11's weights, bfloat16):
-    femur 0.994, tibia 0.996, fibula 0.992 with the paper's windows overlapping by half;
-    tiled without overlap (`paper_overlap = 0`, v8 weights) the femur agreed at 0.983 only."""
-    phantom = phantoms["knee"]
+# Bones `fast` finds on each crop (more than 500 voxels), whose labels `paper` must agree with.
+AGREEMENT_BONES = {
+    "hip": {"femur", "hip bone"},
+    "knee": {"femur", "tibia", "fibula"},
+    "ankle": {"tibia", "fibula", "talus", "calcaneus"},
+}
+
+
+@pytest.mark.parametrize("region", list(HELD_OUT))
+def test_fast_agrees_with_paper(fast: Segmenter, phantoms: dict, region: str) -> None:
+    """The issue asks 0.99 per bone. Measured (session 12's `paper`, float32 and bfloat16 alike):
+    hip crop 0.998-0.999, knee crop 0.998-0.999, ankle crop 0.994-0.997. With the finer stages'
+    patches tiling each window the ankle crop's fibula agreed at 0.971 (session 11); with
+    windows and patches tiled (`paper_overlap = 0`), the knee's femur at 0.76."""
+    phantom = phantoms[region]
     paper = Segmenter(settings=InferenceSettings(strategy="paper"))
     a = fast.segment(phantom.image).labels.array
     b = paper.segment(phantom.image).labels.array
@@ -97,13 +107,14 @@ def test_fast_agrees_with_paper(fast: Segmenter, phantoms: dict) -> None:
         for value, name in BONE_NAMES.items()
         if (a == value).sum() > 500
     }
-    assert set(agreement) == {"femur", "tibia", "fibula"}
-    assert min(agreement.values()) >= 0.985, agreement
+    assert set(agreement) == AGREEMENT_BONES[region]
+    assert min(agreement.values()) >= 0.99, agreement
 
 
 def test_paper_windows_overlap_by_half_and_tile_without_overlap(phantoms: dict) -> None:
-    """Tiled (`paper_overlap = 0`), a block's labels depend on that block of the scan alone;
-    overlapping by half, the windows across its edge change labels inside it."""
+    """Tiled (`paper_overlap = 0`: windows and their patches), a block's labels depend on that
+    block of the scan alone; overlapping by half, the windows across its edge change labels
+    inside it."""
     hu = phantoms["hip"].image.array[:128, :128, :]
     assert hu.shape[2] > 128
     tiled, halves = (
@@ -111,6 +122,7 @@ def test_paper_windows_overlap_by_half_and_tile_without_overlap(phantoms: dict) 
         for overlap in (0, 0.5)
     )
     assert halves.paper_stride == 64 and tiled.paper_stride == 128
+    assert halves.patch_stride == 16 and tiled.patch_stride == 32  # on the stages' own grids
     first_block = hu[:, :, :128]
     alone = tiled.predict_labels(first_block)[0]
     assert np.array_equal(tiled.predict_labels(hu)[0][:, :, :128], alone)
