@@ -8,9 +8,9 @@ foot bones, metal), on a metal implant or on a random voxel; every coarser patch
 finer one at a random offset aligned to its own voxel grid. Offsets are random rather than
 centred because inference also places fine patches anywhere inside the coarse ones (the paper's
 "all smaller patches" inference, and the fast fully-convolutional strategy). Some samples see a
-truncated field of view (`field_of_view`). Each patch is downsampled to the smallest patch size
-by block averaging; its target is the block-averaged one-hot labels (soft targets at coarse
-stages).
+truncated field of view (`field_of_view`), past which its last plane repeats. Each patch is
+downsampled to the smallest patch size by block averaging; its target is the block-averaged
+one-hot labels (soft targets at coarse stages).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import numpy as np
 from scipy import ndimage
 
 from model.network import CascadeConfig
-from model.resample import AIR_HU
 
 
 @dataclass
@@ -161,19 +160,17 @@ def extract(
     array: np.ndarray,
     start: np.ndarray,
     size: int,
-    fill: int,
     bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """array[start : start + size] in 3-D, padded with `fill` outside the volume, or outside
-    `bounds` (lo, hi) within it."""
-    lo_bound, hi_bound = bounds if bounds is not None else (0, array.shape)
-    lo = np.maximum(start, np.maximum(lo_bound, 0))
-    hi = np.minimum(start + size, np.minimum(hi_bound, array.shape))
-    out = np.full((size, size, size), fill, dtype=array.dtype)
-    if np.all(hi > lo):
-        dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
-        out[dst] = array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
-    return out
+    """array[start : start + size] in 3-D. Outside the volume, or outside `bounds` (lo, hi)
+    within it, the nearest voxel inside repeats: the last plane of a field of view, as inference
+    pads a scan past its end (`model.inference.ScaledInputs.region`)."""
+    lo, hi = bounds if bounds is not None else (np.zeros(3, dtype=np.int64), array.shape)
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, array.shape)
+    index = [
+        np.clip(np.arange(s, s + size), a, b - 1) for s, a, b in zip(start, lo, hi, strict=True)
+    ]
+    return array[np.ix_(*index)]
 
 
 def block_mean(x: np.ndarray, factor: int) -> np.ndarray:
@@ -246,9 +243,10 @@ def draw_sample(
     bounds = field_of_view(case.hu.shape, centre, rng, truncated_fraction)
     images, targets = [], []
     for start, size, factor in zip(starts, config.patch_sizes, config.factors, strict=True):
-        # Outside the field of view is what inference pads a scan with: air, background.
-        hu = extract(case.hu, start, size, AIR_HU, bounds)
-        labels = extract(case.labels, start, size, 0, bounds)
+        # Past the field of view the last plane repeats, labels with it, as inference pads
+        # past a scan's end; the loss there teaches nothing wrong, and inference drops it.
+        hu = extract(case.hu, start, size, bounds)
+        labels = extract(case.labels, start, size, bounds)
         images.append(block_mean(normalise_hu(hu, config.hu_window), factor))
         targets.append(soft_targets(labels, config.n_classes, factor))
     offsets = np.array([b - a for a, b in itertools.pairwise(starts)], dtype=np.int64)

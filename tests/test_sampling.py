@@ -7,6 +7,7 @@ import pytest
 
 from model.network import CascadeConfig
 from model.sampling import (
+    Sample,
     TrainingCase,
     augment,
     block_mean,
@@ -39,19 +40,24 @@ def test_soft_targets_are_block_fractions() -> None:
     assert t[3, 1, 1, 1] == 0.0
 
 
-def test_extract_pads_outside_the_volume() -> None:
+def test_extract_repeats_the_nearest_voxel_outside_the_volume() -> None:
     a = np.arange(27, dtype=np.int16).reshape(3, 3, 3)
-    out = extract(a, np.array([-1, 0, 2]), 3, fill=-7)
-    assert out[0].min() == -7 and out[1, 0, 0] == a[0, 0, 2]
-    assert (out[:, :, 1:] == -7).all()
+    out = extract(a, np.array([-1, 0, 2]), 3)
+    np.testing.assert_array_equal(out[0], out[1])  # before the first plane: the first plane
+    np.testing.assert_array_equal(out[1:, :, 0], a[:2, :, 2])
+    assert (out[:, :, 1:] == out[:, :, :1]).all()  # past the last column: the last column
+    # A patch wholly past the end is the last plane throughout.
+    assert (extract(a, np.array([5, 0, 0]), 3) == a[2]).all()
 
 
-def test_extract_pads_outside_the_bounds_within_the_volume() -> None:
+def test_extract_repeats_the_last_plane_in_view_outside_the_bounds() -> None:
     a = np.arange(1, 1001, dtype=np.int16).reshape(10, 10, 10)
     bounds = (np.array([2, 0, 0]), np.array([10, 10, 6]))
-    out = extract(a, np.array([0, 0, 0]), 8, fill=-7, bounds=bounds)
-    assert (out[:2] == -7).all() and (out[:, :, 6:] == -7).all()
+    out = extract(a, np.array([0, 0, 0]), 8, bounds=bounds)
     np.testing.assert_array_equal(out[2:, :, :6], a[2:8, :8, :6])
+    np.testing.assert_array_equal(out[:2], np.broadcast_to(out[2], (2, 8, 8)))
+    np.testing.assert_array_equal(out[:, :, 6:], np.repeat(out[:, :, 5:6], 2, axis=2))
+    assert out.max() <= a[:, :, :6].max()  # nothing from beyond the bounds
 
 
 def test_field_of_view_cuts_around_the_centre_only_as_often_as_asked() -> None:
@@ -67,22 +73,35 @@ def test_field_of_view_cuts_around_the_centre_only_as_often_as_asked() -> None:
     assert 180 <= n_cut < 200  # all six sides are kept in 1/64 of the boxes
 
 
-def test_truncated_samples_see_air_and_background_beyond_the_cut() -> None:
+def test_truncated_samples_repeat_the_last_plane_in_view_with_its_labels() -> None:
+    """HU rise 5 a plane along z, so every plane differs from the next; bone lies in planes
+    150-249. Past a cut the last plane in view repeats, labels with it: not air."""
     config = CascadeConfig()
-    labels = np.full((200, 200, 200), 3, dtype=np.uint8)  # bone everywhere
-    case = TrainingCase.from_arrays(
-        "bone", np.full(labels.shape, 700, np.int16), labels, np.random.default_rng(0)
-    )
+    z = np.arange(400)
+    hu = np.broadcast_to((-1000 + 5 * z)[:, None, None], (400, 64, 64)).astype(np.int16)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[150:250] = 3
+    case = TrainingCase.from_arrays("ramp", hu, labels, np.random.default_rng(0))
+
+    def repeated_planes(sample: Sample) -> int:
+        return int((np.diff(sample.images[0][:, 0, 0]) == 0).sum())
+
     rng = np.random.default_rng(2)
-    coarse_bone = []
-    for _ in range(10):
-        sample = draw_sample(case, config, rng, bone_fraction=1.0, truncated_fraction=1.0)
+    whole = [draw_sample(case, config, rng, bone_fraction=1.0) for _ in range(10)]
+    assert all(repeated_planes(sample) == 0 for sample in whole)
+    cut = [
+        draw_sample(case, config, rng, bone_fraction=1.0, truncated_fraction=1.0) for _ in range(20)
+    ]
+    assert sum(repeated_planes(sample) > 0 for sample in cut) >= 3
+    for sample in cut:
         assert_stages_consistent(sample, config)
-        coarse_bone.append(sample.targets[0][3].mean())
-        # Where the coarse target is background, the image is air.
-        air = sample.targets[0][0] == 1.0
-        assert np.allclose(sample.images[0][air], -1.0, atol=0.02)
-    assert min(coarse_bone) < 0.9  # the cut shows in the coarse patch
+        # The coarse patch lies in planes 30-369 (HU -850 and up): air would be -1.
+        assert sample.images.min() > -0.95
+        # Finest stage: each plane's label is the label of the plane its HU come from.
+        plane = np.rint((sample.images[-1][:, 0, 0] * 1500 + 500 + 1000) / 5)
+        np.testing.assert_array_equal(
+            sample.targets[-1][3][:, 0, 0], ((plane >= 150) & (plane < 250)).astype(np.float32)
+        )
 
 
 @pytest.mark.parametrize("sizes", [(128, 64, 32), (256, 128, 64, 32), (128, 32)])
