@@ -1,5 +1,5 @@
 """Inference benchmark: a full-size phantom with `fast`, and `fast` against `paper` on a slab
-(and `paper` with its windows tiled without overlap, to show what their edges cost).
+(and `paper` with its windows and patches tiled without overlap, to show what their edges cost).
 
     python -m bench.inference [--device cpu|cuda] [--out bench/results/inference.json]
                               [--halo N] [--weights W] [--precision float32|mixed]
@@ -174,7 +174,7 @@ def main() -> None:
         slab_truth = truth[lo : lo + SLAB_SLICES]
         fast_report, fast_labels = run_worker(slab, workdir, "fast", args.device)
         paper_report, paper_labels = run_worker(slab, workdir, "paper", args.device)
-        # The paper's windows tiled without overlap: what their edges cost.
+        # The paper's windows and patches tiled without overlap: what their edges cost.
         tiled_report, tiled_labels = run_worker(
             slab, workdir, "paper", args.device, paper_overlap=0.0
         )
