@@ -94,6 +94,8 @@ class InferenceSettings:
     # first stage that saw nothing past it. 0.5 (nnU-Net's default, the paper's benchmark):
     # windows at most half a window apart (`window_starts`), each voxel the Gaussian-weighted
     # mean of the windows over it; 4.6x the tiling's windows on the hip slab (bench/README.md).
+    # The finer stages' patches overlap as much inside each window: tiled, the finest patches'
+    # edges made `paper` part from `fast` on ankle crop 2003 (fibula 0.971; 0.994 overlapping).
     paper_overlap: float = 0.5
 
     def __post_init__(self) -> None:
@@ -371,10 +373,8 @@ class Segmenter:
         """The stage's probabilities over the window at `origin` (the stage's grid): every patch
         inside it, `patch_stride` apart, fed the coarser stage's prediction over the window
         (`coarse`) cropped, and where patches overlap their mean weighted by `window_weight`."""
-        s, ratio = (
-            self.config.input_size,
-            self.config.factors[stage - 1] // self.config.factors[stage],
-        )
+        s = self.config.input_size
+        ratio = self.config.factors[stage - 1] // self.config.factors[stage]
         n = coarse.shape[1] * ratio
         offsets = list(itertools.product(window_starts(n, s, self.patch_stride, ratio), repeat=3))
         weight = window_weight(s, overlapping=self.patch_stride < s)
@@ -510,9 +510,9 @@ def patch_box(start: tuple[int, ...], size: int) -> Box:
 
 
 def window_weight(size: int, overlapping: bool) -> Tensor:
-    """(S, S, S) weight of a window's voxels where windows overlap: a Gaussian around its centre
-    with sigma S/8 (nnU-Net's), largest 1, since a window's centre has seen the most context;
-    ones where windows only tile."""
+    """(S, S, S) weight of a window's (or patch's) voxels where they overlap: a Gaussian around
+    its centre with sigma S/8 (nnU-Net's), largest 1, since a window's centre has seen the most
+    context; ones where they only tile."""
     if not overlapping:
         return torch.ones((size,) * 3)
     axis = torch.exp(-0.5 * ((torch.arange(size) - (size - 1) / 2) / (size / 8)) ** 2)
