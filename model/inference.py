@@ -48,6 +48,7 @@ from model.network import (
 from model.postprocess import (
     counts_summary,
     label_counts,
+    remove_detached,
     remove_islands,
     segment_summary,
     split_sides,
@@ -255,7 +256,11 @@ class Segmenter:
         t = time.perf_counter()
         voxel_ml = self.config.spacing_mm**3 / 1000.0
         labels = remove_islands(labels, int(self.settings.min_island_ml / voxel_ml), hu)
-        sided = split_sides(labels, hu, grid)
+        found = split_sides(labels, hu, grid)
+        sided = remove_detached(found, self.config.spacing_mm)
+        detached = counts_summary(
+            label_counts(found) - label_counts(sided), (self.config.spacing_mm,) * 3
+        )
         timings["postprocess_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -289,6 +294,8 @@ class Segmenter:
             "segments": segment_summary(sided_volume, confidence < sure_percent),
             # Pieces found where no lower extremity has them (model/anatomy.py): left out.
             "dropped_as_misplaced": dropped,
+            # Pieces far from the rest of their bone (`remove_detached`), on the model's grid.
+            "dropped_as_detached": detached,
             "implausible": anatomy.reason,
             **stats,
         }

@@ -16,6 +16,7 @@ from model.labels import Bone, Side, sided_label, unsided_labels
 from model.network import CascadeConfig, CascadedVNet
 from model.postprocess import (
     bone_pieces,
+    remove_detached,
     remove_islands,
     segment_summary,
     slice_label_counts,
@@ -206,6 +207,22 @@ def test_islands_keep_large_components() -> None:
     labels[5:15, 5:15, 5:12] = Bone.FEMUR
     labels[5:15, 5:15, 18:25] = Bone.FEMUR  # the other femur
     assert np.array_equal(remove_islands(labels, min_voxels=50), labels)
+
+
+def test_detached_pieces_far_from_their_bone_and_small_beside_it_are_dropped() -> None:
+    right, left = sided_label(Bone.FEMUR, Side.RIGHT), sided_label(Bone.FEMUR, Side.LEFT)
+    sided = np.zeros((100, 100, 100), dtype=np.uint8)
+    sided[10:50, 10:50, 10:40] = right  # the femur, 48 k voxels
+    sided[0:10, 85:95, 85:95] = right  # 1 k voxels, 35 mm and more away: something else
+    sided[10:20, 10:20, 55:65] = right  # 1 k voxels, 16 mm away: kept
+    sided[85:100, 0:40, 60:100] = right  # 35 mm away but half the femur's size: kept
+    sided[90:95, 90:95, 0:5] = left  # the other femur's only piece: kept
+    out = remove_detached(sided, spacing_mm=1.0)
+    expected = sided.copy()
+    expected[0:10, 85:95, 85:95] = 0
+    np.testing.assert_array_equal(out, expected)
+    # Half the spacing, every piece is half as far: nothing is beyond 30 mm.
+    np.testing.assert_array_equal(remove_detached(sided, spacing_mm=0.5), sided)
 
 
 def test_sides_follow_patient_coordinates() -> None:
