@@ -256,10 +256,9 @@ class Segmenter:
         t = time.perf_counter()
         voxel_ml = self.config.spacing_mm**3 / 1000.0
         labels = remove_islands(labels, int(self.settings.min_island_ml / voxel_ml), hu)
-        found = split_sides(labels, hu, grid)
-        sided = remove_detached(found, self.config.spacing_mm)
+        sided = split_sides(labels, hu, grid)
         detached = counts_summary(
-            label_counts(found) - label_counts(sided), (self.config.spacing_mm,) * 3
+            remove_detached(sided, self.config.spacing_mm), (self.config.spacing_mm,) * 3
         )
         timings["postprocess_s"] = time.perf_counter() - t
 

@@ -172,13 +172,15 @@ DETACHED_FRACTION = 0.1
 
 
 def remove_detached(sided: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """`sided` without the pieces of each sided bone that lie more than `DETACHED_MM` from the
-    bone's largest piece and hold under `DETACHED_FRACTION` of its voxels (isotropic grid)."""
-    out = sided.copy()
+    """Set to background, in place, the pieces of each sided bone that lie more than
+    `DETACHED_MM` from the bone's largest piece and hold under `DETACHED_FRACTION` of its
+    voxels (an isotropic grid of `spacing_mm`). Returns the voxels removed per label value (256,
+    as `label_counts`). In place: a copy of a whole-leg scan's labels is 0.4 GB."""
+    removed = np.zeros(256, dtype=np.int64)
     pieces: dict[int, list[tuple[tuple[slice, ...], np.ndarray]]] = {}
     for label, region, piece in bone_pieces(sided):
         pieces.setdefault(label, []).append((region, piece))
-    for found in pieces.values():
+    for label, found in pieces.items():
         if len(found) < 2:
             continue
         sizes = [int(piece.sum()) for _, piece in found]
@@ -192,8 +194,9 @@ def remove_detached(sided: np.ndarray, spacing_mm: float) -> np.ndarray:
             points = (np.argwhere(piece) + [r.start for r in region]) * spacing_mm
             nearest, _ = tree.query(points, distance_upper_bound=DETACHED_MM)
             if np.isinf(nearest).all():
-                out[region][piece] = 0
-    return out
+                sided[region][piece] = 0
+                removed[label] += size
+    return removed
 
 
 def body_midline_x(hu: np.ndarray, grid: sitk.Image, stride: int = 4) -> float:

@@ -217,12 +217,14 @@ def test_detached_pieces_far_from_their_bone_and_small_beside_it_are_dropped() -
     sided[10:20, 10:20, 55:65] = right  # 1 k voxels, 16 mm away: kept
     sided[85:100, 0:40, 60:100] = right  # 35 mm away but half the femur's size: kept
     sided[90:95, 90:95, 0:5] = left  # the other femur's only piece: kept
-    out = remove_detached(sided, spacing_mm=1.0)
-    expected = sided.copy()
-    expected[0:10, 85:95, 85:95] = 0
-    np.testing.assert_array_equal(out, expected)
+    before = sided.copy()
     # Half the spacing, every piece is half as far: nothing is beyond 30 mm.
-    np.testing.assert_array_equal(remove_detached(sided, spacing_mm=0.5), sided)
+    assert not remove_detached(sided, spacing_mm=0.5).any()
+    np.testing.assert_array_equal(sided, before)
+    removed = remove_detached(sided, spacing_mm=1.0)
+    assert removed[right] == 1000 and removed.sum() == 1000
+    before[0:10, 85:95, 85:95] = 0
+    np.testing.assert_array_equal(sided, before)
 
 
 def test_sides_follow_patient_coordinates() -> None:
