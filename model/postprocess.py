@@ -166,7 +166,8 @@ def remove_islands(labels: np.ndarray, min_voxels: int, hu: np.ndarray | None = 
 # crops 2001-2045 (session 12) every piece further than 14 mm from its bone was false, 20-105 mm
 # away (a cut sacrum called femur, 2.6 k voxels 74 mm from the femur; metal near a knee); the
 # one true piece beyond 5 mm was a hip bone's part cut off by the crop, 13.5 mm away. A bone
-# cut in two by the field of view, or a fracture, leaves pieces closer or larger than this.
+# cut in two by the field of view, or a fracture, mostly leaves pieces closer or larger than
+# this; a small fragment displaced further would be left out (model/MODEL_CARD.md says so).
 DETACHED_MM = 30.0
 DETACHED_FRACTION = 0.1
 
