@@ -54,7 +54,7 @@ from model.postprocess import (
     split_sides,
 )
 from model.resample import image_to_model_grid, labels_to_grid
-from model.sampling import normalise_hu
+from model.sampling import extract, normalise_hu
 from model.volume_io import Volume
 from model.weights import DEFAULT_WEIGHTS, load_weights
 
@@ -181,14 +181,7 @@ class ScaledInputs:
         whole patches) the scan's last plane repeats, not air: cut through a hip, a wall of air
         at the cut made the hip crops' labels worse (session 11, bench/README.md)."""
         f = self.config.factors[stage]
-        starts = [b.start * f for b in box]
-        sizes = [(b.stop - b.start) * f for b in box]
-        inside = [
-            slice(min(a, n - 1), min(a + m, n))
-            for a, m, n in zip(starts, sizes, self.hu.shape, strict=True)
-        ]
-        after = [(0, m - (i.stop - i.start)) for i, m in zip(inside, sizes, strict=True)]
-        hu = np.pad(self.hu[tuple(inside)], after, mode="edge")
+        hu = extract(self.hu, [b.start * f for b in box], [(b.stop - b.start) * f for b in box])
         x = torch.from_numpy(normalise_hu(hu, self.config.hu_window))
         return x if f == 1 else F.avg_pool3d(x[None, None], f)[0, 0]
 
@@ -239,6 +232,19 @@ class Segmenter:
                 f"paper_overlap: {self.settings.paper_overlap} puts patches of {s} voxels "
                 f"{self.patch_stride} apart, not a multiple of the stages' ratios {ratios}"
             )
+        # The same for every window: each finer stage's patch starts inside a window (its own
+        # grid), and their weight.
+        self.patch_offsets = {
+            stage: list(
+                itertools.product(
+                    window_starts(size // factor, s, self.patch_stride, ratio), repeat=3
+                )
+            )
+            for stage, (factor, ratio) in enumerate(
+                zip(self.config.factors[1:], ratios, strict=True), start=1
+            )
+        }
+        self.patch_weight = window_weight(s, overlapping=self.patch_stride < s)
 
     # -- the one public call -------------------------------------------------------------
     def segment(self, volume: Volume) -> Segmentation:
@@ -377,32 +383,27 @@ class Segmenter:
         self, inputs: ScaledInputs, stage: int, origin: tuple[int, ...], coarse: Tensor
     ) -> Tensor:
         """The stage's probabilities over the window at `origin` (the stage's grid): every patch
-        inside it, `patch_stride` apart, fed the coarser stage's prediction over the window
-        (`coarse`) cropped, and where patches overlap their mean weighted by `window_weight`."""
+        inside it (`patch_offsets`) fed the coarser stage's prediction over the window
+        (`coarse`) cropped, and where patches overlap their mean weighted by `patch_weight`.
+        The window's CT and context are made once; each patch is a view of them."""
         s = self.config.input_size
         ratio = self.config.factors[stage - 1] // self.config.factors[stage]
         n = coarse.shape[1] * ratio
-        offsets = list(itertools.product(window_starts(n, s, self.patch_stride, ratio), repeat=3))
-        weight = window_weight(s, overlapping=self.patch_stride < s)
+        window = torch.cat(
+            [
+                inputs.region(stage, patch_box(origin, n))[None],
+                upsample_context(coarse[None], (0, 0, 0), n, ratio)[0],
+            ]
+        )
         total = torch.zeros((N_CLASSES, n, n, n))
         total_weight = torch.zeros((n, n, n))
+        offsets = self.patch_offsets[stage]
         for first in range(0, len(offsets), PAPER_BATCH):
-            batch = offsets[first : first + PAPER_BATCH]
-            x = torch.stack(
-                [
-                    torch.cat(
-                        [
-                            inputs.region(stage, patch_box(tuple(np.add(origin, off)), s))[None],
-                            upsample_context(coarse[None], [o // ratio for o in off], s, ratio)[0],
-                        ]
-                    )
-                    for off in batch
-                ]
-            )
-            for off, p in zip(batch, self._run(stage, x), strict=True):
-                patch = patch_box(off, s)
-                total[(slice(None), *patch)] += p * weight
-                total_weight[patch] += weight
+            batch = [patch_box(off, s) for off in offsets[first : first + PAPER_BATCH]]
+            x = torch.stack([window[(slice(None), *patch)] for patch in batch])
+            for patch, p in zip(batch, self._run(stage, x), strict=True):
+                total[(slice(None), *patch)] += p * self.patch_weight
+                total_weight[patch] += self.patch_weight
         return total / total_weight
 
     # -- fast -------------------------------------------------------------------------------

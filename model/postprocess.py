@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import cc3d
@@ -178,10 +179,9 @@ def remove_detached(sided: np.ndarray, spacing_mm: float) -> np.ndarray:
     voxels (an isotropic grid of `spacing_mm`). Returns the voxels removed per label value (256,
     as `label_counts`). In place: a copy of a whole-leg scan's labels is 0.4 GB."""
     removed = np.zeros(256, dtype=np.int64)
-    pieces: dict[int, list[tuple[tuple[slice, ...], np.ndarray]]] = {}
-    for label, region, piece in bone_pieces(sided):
-        pieces.setdefault(label, []).append((region, piece))
-    for label, found in pieces.items():
+    # bone_pieces gives each label's pieces together.
+    for label, group in itertools.groupby(bone_pieces(sided), key=lambda item: item[0]):
+        found = [(region, piece) for _, region, piece in group]
         if len(found) < 2:
             continue
         sizes = [int(piece.sum()) for _, piece in found]

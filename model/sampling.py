@@ -16,6 +16,7 @@ one-hot labels (soft targets at coarse stages).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,19 +159,26 @@ def field_of_view(
 
 def extract(
     array: np.ndarray,
-    start: np.ndarray,
-    size: int,
+    start: Sequence[int],
+    size: int | Sequence[int],
     bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """array[start : start + size] in 3-D. Outside the volume, or outside `bounds` (lo, hi)
-    within it, the nearest voxel inside repeats: the last plane of a field of view, as inference
-    pads a scan past its end (`model.inference.ScaledInputs.region`)."""
-    lo, hi = bounds if bounds is not None else (np.zeros(3, dtype=np.int64), array.shape)
+    """array[start : start + size] in 3-D (`size` one int for a cube). Outside the volume, or
+    outside `bounds` (lo, hi) within it, the nearest voxel inside repeats: the last plane of a
+    field of view. Training sees truncated fields of view this way, and inference pads a scan
+    past its end this way (`model.inference.ScaledInputs.region`)."""
+    start = np.asarray(start)
+    shape = np.broadcast_to(size, start.shape)
+    lo, hi = bounds if bounds is not None else (0, array.shape)
     lo, hi = np.maximum(lo, 0), np.minimum(hi, array.shape)
-    index = [
-        np.clip(np.arange(s, s + size), a, b - 1) for s, a, b in zip(start, lo, hi, strict=True)
-    ]
-    return array[np.ix_(*index)]
+    # The part inside (at least one plane, the nearest, for a box wholly outside), then the
+    # planes it repeats before and after it.
+    first = np.clip(start, lo, hi - 1)
+    stop = np.clip(start + shape, first + 1, hi)
+    before = np.clip(first - start, 0, shape - (stop - first))
+    after = shape - before - (stop - first)
+    inside = array[tuple(slice(a, b) for a, b in zip(first, stop, strict=True))]
+    return np.pad(inside, list(zip(before, after, strict=True)), mode="edge")
 
 
 def block_mean(x: np.ndarray, factor: int) -> np.ndarray:
