@@ -55,6 +55,7 @@ from model.postprocess import (
 )
 from model.resample import image_to_model_grid, labels_to_grid
 from model.sampling import extract, normalise_hu
+from model.verdict import Assessment, assess, measure_segments
 from model.volume_io import Volume
 from model.weights import DEFAULT_WEIGHTS, load_weights
 
@@ -114,7 +115,9 @@ class Segmentation:
 
     `anatomy.reason` set: the segmentation as a whole is not of a lower extremity (nothing of it
     should be reported); its misplaced pieces are left out of `labels` and `sided` either way,
-    and `summary["dropped_as_misplaced"]` lists them.
+    and `summary["dropped_as_misplaced"]` lists them. `assessment`: how far it can be trusted
+    (`model.verdict`; implausible whenever the anatomy check says so), also in
+    `summary["verdict"]`.
     """
 
     labels: Volume  # uint8, 0 background, 1..6 model.labels.Bone, on the input grid
@@ -123,7 +126,8 @@ class Segmentation:
     # post-processing), from the last stage that looked at the voxel; on the input grid.
     confidence: Volume
     sure_percent: int  # below this confidence a voxel counts as unsure
-    anatomy: AnatomyCheck = field(default_factory=AnatomyCheck)
+    anatomy: AnatomyCheck
+    assessment: Assessment
     summary: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -287,9 +291,14 @@ class Segmenter:
             dropped = counts_summary(lost, volume.spacing)
         bone_array = unsided_labels(sided_volume.array)
         timings["anatomy_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        sure_percent = round(100 * self.settings.certainty)
+        signals = measure_segments(sided_volume, confidence, sure_percent)
+        assessment = assess(signals, volume.spacing[2], anatomy.reason)
+        timings["verdict_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
 
-        sure_percent = round(100 * self.settings.certainty)
         summary = {
             "strategy": self.settings.strategy,
             "device": str(self.device),
@@ -302,6 +311,8 @@ class Segmenter:
             # Pieces far from the rest of their bone (`remove_detached`), on the model's grid.
             "dropped_as_detached": detached,
             "implausible": anatomy.reason,
+            # How far to trust it (model/verdict.py): the verdict, its reasons, the signals.
+            "verdict": assessment.as_dict(),
             **stats,
         }
         return Segmentation(
@@ -310,6 +321,7 @@ class Segmenter:
             volume.with_array(confidence),
             sure_percent,
             anatomy,
+            assessment,
             summary,
             {k: round(v, 3) for k, v in timings.items()},
         )
