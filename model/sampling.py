@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from model.network import CascadeConfig
+from model.synthesis import synthesise
 
 
 @dataclass
@@ -36,6 +37,9 @@ class TrainingCase:
     distractor_voxels: np.ndarray  # (N, 3) sample of dense voxels away from the six bones
     joint_voxels: np.ndarray  # (N, 3) sample of bone voxels next to another bone
     metal_voxels: np.ndarray  # (N, 3) sample of unlabelled voxels at metal density
+    # Subject phantoms: the tissue map (`model.synthesis.Tissue`) each sample's CT is drawn
+    # from afresh; `hu` is then the tissues at nominal HU, used to choose sample centres only.
+    tissues: np.ndarray | None = None
 
     @classmethod
     def from_arrays(
@@ -45,6 +49,7 @@ class TrainingCase:
         labels: np.ndarray,
         rng: np.random.Generator,
         max_per_label: int = 50_000,
+        tissues: np.ndarray | None = None,
     ) -> TrainingCase:
         if hu.shape != labels.shape:
             raise ValueError(f"{name}: image shape {hu.shape} differs from labels {labels.shape}")
@@ -61,6 +66,7 @@ class TrainingCase:
             sample_voxels(dense_background(hu, labels), rng, max_per_label),
             sample_voxels(joint_surfaces(labels), rng, max_per_label),
             sample_voxels((hu >= METAL_SAMPLE_HU) & (labels == 0), rng, max_per_label),
+            None if tissues is None else tissues.astype(np.uint8, copy=False),
         )
 
 
@@ -250,10 +256,19 @@ def draw_sample(
     starts = sample_patch_starts(config, centre, rng)
     bounds = field_of_view(case.hu.shape, centre, rng, truncated_fraction)
     images, targets = [], []
+    # Every finer patch lies inside the coarsest: a subject phantom's CT is drawn once over
+    # the coarsest patch (from its tissues) and the finer ones are windows of it.
+    coarse_hu = None
+    if case.tissues is not None:
+        tissues = extract(case.tissues, starts[0], config.patch_sizes[0], bounds)
+        coarse_hu = synthesise(tissues, rng)
     for start, size, factor in zip(starts, config.patch_sizes, config.factors, strict=True):
         # Past the field of view the last plane repeats, labels with it, as inference pads
         # past a scan's end; the loss there teaches nothing wrong, and inference drops it.
-        hu = extract(case.hu, start, size, bounds)
+        if coarse_hu is None:
+            hu = extract(case.hu, start, size, bounds)
+        else:
+            hu = extract(coarse_hu, start - starts[0], size)
         labels = extract(case.labels, start, size, bounds)
         images.append(block_mean(normalise_hu(hu, config.hu_window), factor))
         targets.append(soft_targets(labels, config.n_classes, factor))

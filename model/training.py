@@ -147,6 +147,21 @@ def phantom_case(seed: int, size: str, spacing_mm: float) -> TrainingCase:
     return TrainingCase.from_arrays(f"phantom-{seed}", hu, labels, np.random.default_rng(seed))
 
 
+def subject_phantom_case(seed: int) -> TrainingCase:
+    """Subject phantom `seed` (`model.phantom.subjects`, at the model's 0.8 mm) as a training
+    case: its tissue map, from which every sample's CT is drawn afresh."""
+    from model.phantom.subjects import generate_subject_phantom
+
+    phantom = generate_subject_phantom(seed)
+    return TrainingCase.from_arrays(
+        f"subject-phantom-{seed}",
+        phantom.nominal_image(),
+        phantom.labels.array,
+        np.random.default_rng(seed),
+        tissues=phantom.tissues.array,
+    )
+
+
 # Part of every cached case's folder name: raise it when `TrainingCase.from_arrays` changes
 # what it keeps (the voxels it samples for joints, distractors, metal), so that no run trains
 # on cases prepared by the old rules.
@@ -162,6 +177,8 @@ def save_case(case: TrainingCase, folder: Path) -> None:
     partial.mkdir(parents=True)
     np.save(partial / "hu.npy", case.hu)
     np.save(partial / "labels.npy", case.labels)
+    if case.tissues is not None:
+        np.save(partial / "tissues.npy", case.tissues)
     np.savez(
         partial / "voxels.npz",
         distractor=case.distractor_voxels,
@@ -190,6 +207,9 @@ def open_case(folder: Path) -> TrainingCase:
             voxels["distractor"],
             voxels["joint"],
             voxels["metal"],
+            np.load(tissues, mmap_mode="r")
+            if (tissues := folder / "tissues.npy").is_file()
+            else None,
         )
 
 
@@ -206,6 +226,13 @@ def cache_phantom(seed: int, size: str, spacing_mm: float, cache_dir: Path) -> P
     name = f"phantom-{seed}-{size}-{spacing_mm}mm-v{PHANTOM_VERSION}-case{CASE_FORMAT}"
     folder = cache_dir / name
     return cached(folder, lambda: phantom_case(seed, size, spacing_mm))
+
+
+def cache_subject_phantom(seed: int, cache_dir: Path) -> Path:
+    from model.phantom.subjects import SUBJECT_PHANTOM_VERSION
+
+    folder = cache_dir / f"subject-{seed}-v{SUBJECT_PHANTOM_VERSION}-case{CASE_FORMAT}"
+    return cached(folder, lambda: subject_phantom_case(seed))
 
 
 def cache_file_case(image: Path, labels: Path, spacing_mm: float, cache_dir: Path) -> Path:
@@ -225,6 +252,7 @@ def load_cases(
     config: CascadeConfig,
     cache_dir: Path,
     workers: int = 1,
+    subject_seeds: Sequence[int] = (),
 ) -> tuple[list[TrainingCase], dict[str, object]]:
     """Training cases from files and generated phantoms, plus what the model card records.
 
@@ -258,6 +286,17 @@ def load_cases(
             "version": PHANTOM_VERSION,
             "seeds": list(phantom_seeds),
             "size": phantom_size,
+        }
+    if subject_seeds:
+        from model.phantom.subjects import SUBJECT_PHANTOM_VERSION
+
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
+            generated = pool.map(cache_subject_phantom, subject_seeds, itertools.repeat(cache_dir))
+            folders_of_cases += tqdm(generated, desc="subject phantoms", total=len(subject_seeds))
+        metadata["subject_phantom"] = {
+            "version": SUBJECT_PHANTOM_VERSION,
+            "seeds": list(subject_seeds),
         }
     return [open_case(folder) for folder in folders_of_cases], metadata
 
