@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_jobs(sub)
     _add_job(sub)
     _add_retry(sub)
+    _add_release(sub)
+    _add_reject(sub)
     _add_echo(sub)
     _add_demo(sub)
     return parser
@@ -141,6 +143,12 @@ def _add_train(sub: SubParsers) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, weights)")
     parser.add_argument("--phantom-seeds", type=_parse_seeds, default=[], help="e.g. 100-115")
     parser.add_argument("--phantom-size", choices=["small", "full"], default="full")
+    parser.add_argument(
+        "--subject-seeds",
+        type=_parse_seeds,
+        default=[],
+        help="subject phantoms (real bone shapes; CT drawn afresh each step), e.g. 1-40",
+    )
     parser.add_argument("--patch-sizes", type=int, nargs="+", default=[128, 64, 32])
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -196,8 +204,8 @@ def _train(args: argparse.Namespace) -> int:
     from model.network import CascadeConfig
     from model.training import TrainingSettings, load_cases, train
 
-    if not args.data and not args.phantom_seeds:
-        raise ValueError("give DATA folders or --phantom-seeds")
+    if not args.data and not args.phantom_seeds and not args.subject_seeds:
+        raise ValueError("give DATA folders, --phantom-seeds or --subject-seeds")
     config = CascadeConfig(patch_sizes=tuple(args.patch_sizes))
     cases, metadata = load_cases(
         args.data,
@@ -206,6 +214,7 @@ def _train(args: argparse.Namespace) -> int:
         config,
         cache_dir=args.case_cache or args.out / "cases",
         workers=args.workers,
+        subject_seeds=args.subject_seeds,
     )
     settings = TrainingSettings(
         steps=args.steps,
@@ -248,16 +257,20 @@ def _segment(args: argparse.Namespace) -> int:
     if args.input.is_dir():
         return _segment_dicom(args)
     from model.segment_files import segment_file
+    from model.verdict import Verdict
 
     segmentation, paths = segment_file(args.input, args.output, _segmenter(args))
     print(*paths.values(), sep="\n")
-    if segmentation.anatomy.reason:
+    assessment = segmentation.assessment
+    if assessment.verdict is Verdict.IMPLAUSIBLE:
         # Written so it can be looked at; the node would send no SEG for it.
         print(
-            f"warning: {segmentation.anatomy.reason}: not a lower extremity as segmented "
-            "(the sidecar's 'implausible'); the node reports no findings for such a scan",
+            f"warning: {'; '.join(assessment.reasons)}: not the bones of a lower extremity as "
+            "segmented (the sidecar's 'verdict'); the node reports no findings for such a scan",
             file=sys.stderr,
         )
+    elif assessment.verdict is Verdict.UNSURE:
+        print(f"warning: {assessment.headline()} (the sidecar's 'verdict')", file=sys.stderr)
     return 0
 
 
@@ -265,14 +278,17 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     """The daemon's volume -> segment -> SEG path, offline, on one folder."""
     import json
 
-    from dicom_node.config import Config, load_config
+    from dicom_node.config import Config, UnsurePolicy, load_config
     from dicom_node.volume import choose_series, read_headers, survey_series
     from dicom_node.worker import build_writer, save_seg, segment_series
 
     config = load_config(args.config) if args.config else Config()
     survey = choose_series(survey_series(read_headers([args.input]), config.series), args.series)
     segmenter = _segmenter(args)
-    result = segment_series(survey.paths, config.series, segmenter, build_writer(config, segmenter))
+    writer = build_writer(config, segmenter)
+    # No review offline: a SEG the node is unsure of is marked unless the policy is `send`.
+    mark = config.verdict.policy != UnsurePolicy.SEND
+    result = segment_series(survey.paths, config.series, segmenter, writer, mark_unsure=mark)
     if result.reason is not None:
         raise ValueError(result.reason)
     if result.dataset is None:
@@ -280,7 +296,8 @@ def _segment_dicom(args: argparse.Namespace) -> int:
         return 0
     save_seg(result.dataset, args.output)
     print(args.output)
-    print(json.dumps({k: result.summary[k] for k in ("segments", "timings_s")}, indent=2))
+    reported = ("segments", "verdict", "timings_s")
+    print(json.dumps({k: result.summary[k] for k in reported}, indent=2))
     return 0
 
 
@@ -541,6 +558,52 @@ def _retry(args: argparse.Namespace) -> int:
         print(f"job {args.id}: {state.retry(args.id)}")
     finally:
         state.close()
+    return 0
+
+
+def _add_release(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "release",
+        help="send the SEG of a job held in review",
+        description="A job in review (the node was unsure of its SEG, and [verdict] policy is "
+        "hold) moves on to sending: its SEG goes to every destination as it is. The running "
+        "daemon delivers it within seconds.",
+    )
+    parser.add_argument("id", type=int, metavar="ID")
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.set_defaults(handler=_release)
+
+
+def _release(args: argparse.Namespace) -> int:
+    from dicom_node.config import load_config
+    from dicom_node.segment import resolve_targets
+    from dicom_node.state import NodeState
+
+    config = load_config(args.config)
+    with closing(NodeState(config.node.database_url)) as state:
+        targets = resolve_targets(config, *state.calling_peer(args.id))
+        print(f"job {args.id}: {state.release(args.id, targets)}")
+    return 0
+
+
+def _add_reject(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "reject",
+        help="end a job held in review without sending its SEG",
+        description="A job in review ends rejected: its SEG is never sent (retention deletes "
+        "it with the series' files).",
+    )
+    parser.add_argument("id", type=int, metavar="ID")
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.set_defaults(handler=_reject)
+
+
+def _reject(args: argparse.Namespace) -> int:
+    from dicom_node.config import load_config
+    from dicom_node.state import NodeState
+
+    with closing(NodeState(load_config(args.config).node.database_url)) as state:
+        print(f"job {args.id}: {state.reject(args.id)}")
     return 0
 
 

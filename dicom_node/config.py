@@ -13,6 +13,7 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -296,11 +297,35 @@ class SegConfig:
             )
 
 
+class UnsurePolicy(StrEnum):
+    """What the node does with a segmentation whose verdict is unsure (model/verdict.py)."""
+
+    SEND = "send"  # as a confident one
+    UNVERIFIED = "unverified"  # sent, its Series and segment descriptions saying UNVERIFIED
+    HOLD = "hold"  # kept in `review` until `dicom-node release` or `dicom-node reject`
+
+
+@dataclass(frozen=True)
+class VerdictConfig:
+    """[verdict]: what becomes of a segmentation the node is unsure of. A confident one is
+    always sent; an implausible one never is (no findings), whatever the policy."""
+
+    policy: str = UnsurePolicy.UNVERIFIED.value
+
+    def __post_init__(self) -> None:
+        if self.policy not in tuple(UnsurePolicy):
+            raise ConfigError(
+                "verdict.policy: expected "
+                + ", ".join(repr(p.value) for p in UnsurePolicy)
+                + f", got {self.policy!r}"
+            )
+
+
 @dataclass(frozen=True)
 class RetentionConfig:
     """[retention]: when received instances and results are deleted."""
 
-    # Hours after a series reached done, no_findings or skipped; 0 keeps everything.
+    # Hours after a series reached done, no_findings, rejected or skipped; 0 keeps everything.
     delete_after_h: float = 168.0
     check_every_s: float = 600.0
 
@@ -318,6 +343,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    verdict: VerdictConfig = field(default_factory=VerdictConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     destinations: tuple[Destination, ...] = ()

@@ -74,6 +74,17 @@ _TYPE2_SOURCE = (
 _PARSED_SOURCE = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}
 
 
+# What a SEG the node is unsure of says first, in its Series and segment descriptions.
+UNVERIFIED = "UNVERIFIED"
+
+
+def _long_string(text: str) -> str:
+    """`text` as a DICOM Long String: control characters and backslashes become spaces, and
+    it is cut to 64 characters."""
+    cleaned = "".join(" " if ord(c) < 32 or c == "\\" else c for c in text)
+    return cleaned[:_LO_MAX]
+
+
 class SegError(ValueError):
     """A SEG that cannot be written for this series; str() is the reason."""
 
@@ -348,13 +359,21 @@ class SegWriter:
         return description
 
     def write(
-        self, assembled: AssembledVolume, sided_labels: Volume, generation: int = 1
+        self,
+        assembled: AssembledVolume,
+        sided_labels: Volume,
+        generation: int = 1,
+        unverified: Mapping[int, str] | None = None,
     ) -> Dataset | None:
         """The SEG of `sided_labels` (0 background, 1..12 `model.labels.sided_label`) on the
         source frames of `assembled`; None when no bone label is present on them.
 
         `sided_labels` may lie on any grid in patient space (normally the assembled volume's);
         it is sampled at every source frame's pixel centres, nearest neighbour.
+
+        `unverified` (sided label -> why, in a few words): the node is unsure of this SEG. Its
+        Series Description starts with UNVERIFIED, and each segment's description (0062,0006)
+        says UNVERIFIED and why: what a PACS lists and a viewer shows beside the segment.
         """
         started = time.perf_counter()
         array = sided_labels.array
@@ -392,14 +411,21 @@ class SegWriter:
             raise SegError("the source series has no StudyInstanceUID: a SEG cannot join it")
         headers = time.perf_counter()
         algorithm = self._algorithm_identification()
+        descriptions = [
+            self._description(number, SEGMENTS[value], algorithm)
+            for number, value in enumerate(present, 1)
+        ]
+        series_description = self.series_description
+        if unverified is not None:
+            series_description = f"{UNVERIFIED} {series_description}"[:_LO_MAX]
+            for description, value in zip(descriptions, present, strict=True):
+                why = unverified.get(value, "the series as a whole")
+                description.SegmentDescription = _long_string(f"{UNVERIFIED}: {why}")
         seg = Segmentation(
             source_images=sources,
             pixel_array=frames,
             segmentation_type=SegmentationTypeValues.BINARY,
-            segment_descriptions=[
-                self._description(number, SEGMENTS[value], algorithm)
-                for number, value in enumerate(present, 1)
-            ],
+            segment_descriptions=descriptions,
             series_instance_uid=series_uid,
             series_number=self.series_number,
             sop_instance_uid=sop_uid,
@@ -410,7 +436,7 @@ class SegWriter:
             device_serial_number=self.device_serial_number,
             content_description=self.content_description,
             content_label=self.content_label,
-            series_description=self.series_description,
+            series_description=series_description,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             omit_empty_frames=True,
         )

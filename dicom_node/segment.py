@@ -1,4 +1,5 @@
-"""The segmentation stage: queued series -> the worker -> `sending`, `no_findings` or `failed`.
+"""The segmentation stage: queued series -> the worker -> `sending`, `no_findings` or `failed`,
+or `review` when `[verdict] policy = "hold"` and the node is unsure of the SEG.
 
 One thread takes the longest-queued series from the state database (so a restart, a retry
 from the CLI or a new series all arrive the same way), hands it to the `InferenceWorker`
@@ -14,7 +15,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from dicom_node.config import Config
+from dicom_node.config import Config, UnsurePolicy
 from dicom_node.spool import Spool
 from dicom_node.state import Job, NodeState, Target
 from dicom_node.worker import InferenceWorker, WorkerLostError, WorkOutcome, WorkRequest
@@ -128,6 +129,10 @@ class SegmentationStage:
             self.state.mark_failed(job.series_id, job.generation, outcome.reason)
         elif outcome.seg_uids is None:
             self.state.mark_no_findings(job, summary, outcome.summary["no_findings"])
+        elif outcome.unsure and self.config.verdict.policy == UnsurePolicy.HOLD:
+            reason = outcome.summary["verdict"]["headline"]
+            if not self.state.mark_held(job, seg_name, outcome.seg_uids, summary, reason):
+                (self.results_dir / seg_name).unlink(missing_ok=True)  # superseded
         else:
             calling_ae, calling_host = self.state.calling_peer(job.series_id)
             targets = resolve_targets(self.config, calling_ae, calling_host)

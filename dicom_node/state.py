@@ -10,12 +10,17 @@ A series moves through these states; `TRANSITIONS` lists every legal move and `_
 
     receiving -> complete -> queued -> segmenting -> sending -> done
                          \\-> skipped (reason)       \\-> no_findings, failed (reason)
+                                                    \\-> review -> sending (`dicom-node release`)
+                                                              \\-> rejected (`dicom-node reject`)
     failed -> queued or sending (`dicom-node retry`)
 
 - `receiving`: instances arrive; the series completes after `series.complete_after_s` idle.
 - `complete`: nothing arrived for that long; selection (`volume.select_series`) runs next.
 - `skipped`: not something the node segments (scout, secondary capture, ...), with a reason.
 - `queued`, `segmenting`, `sending`, `done`, `no_findings`, `failed`: the processing stages.
+- `review`: the SEG is on disk, but the node is unsure of it and `[verdict] policy = "hold"`:
+  it waits for a person, who sends it (`release`: on to `sending`) or not (`reject`:
+  `rejected`, final). A restart leaves it waiting; retention does not touch it.
   After a restart a series found `segmenting` goes back to `queued`; one found `sending`
   carries on sending its SEG (already on disk). A worker crash or hang sends the series back
   to `queued` while it has retries left (`worker.retries`), else to `failed`.
@@ -70,6 +75,8 @@ class SeriesState(StrEnum):
     DONE = "done"
     NO_FINDINGS = "no_findings"
     FAILED = "failed"
+    REVIEW = "review"
+    REJECTED = "rejected"
 
 
 _S = SeriesState
@@ -78,13 +85,16 @@ _FORWARD: dict[SeriesState, frozenset[SeriesState]] = {
     # failed: the spooled headers could not be read at all.
     _S.COMPLETE: frozenset({_S.SKIPPED, _S.QUEUED, _S.FAILED}),
     _S.QUEUED: frozenset({_S.SEGMENTING}),
-    # queued again: a restart or a worker crash interrupted the work.
-    _S.SEGMENTING: frozenset({_S.SENDING, _S.NO_FINDINGS, _S.FAILED, _S.QUEUED}),
+    # queued again: a restart or a worker crash interrupted the work; review: an unsure SEG held.
+    _S.SEGMENTING: frozenset({_S.SENDING, _S.NO_FINDINGS, _S.FAILED, _S.QUEUED, _S.REVIEW}),
     # done without any delivery: no destinations configured.
     _S.SENDING: frozenset({_S.DONE, _S.FAILED}),
     _S.SKIPPED: frozenset(),
     _S.DONE: frozenset(),
     _S.NO_FINDINGS: frozenset(),
+    # `dicom-node release` sends the held SEG, `dicom-node reject` ends it unsent.
+    _S.REVIEW: frozenset({_S.SENDING, _S.REJECTED}),
+    _S.REJECTED: frozenset(),
     # `dicom-node retry`: segment again, or only deliver again when the SEG is on disk.
     _S.FAILED: frozenset({_S.QUEUED, _S.SENDING}),
 }
@@ -94,7 +104,7 @@ TRANSITIONS: dict[SeriesState, frozenset[SeriesState]] = {
     for state, targets in _FORWARD.items()
 }
 # Final states: the work on this generation is over (retention may purge their files).
-FINAL_STATES = (_S.DONE, _S.NO_FINDINGS, _S.SKIPPED, _S.FAILED)
+FINAL_STATES = (_S.DONE, _S.NO_FINDINGS, _S.SKIPPED, _S.FAILED, _S.REJECTED)
 
 
 class DeliveryState(StrEnum):
@@ -146,7 +156,7 @@ class Series(Base):
     calling_host: Mapped[str] = mapped_column(String(255), default="")  # its IP address
     instance_count: Mapped[int] = mapped_column(default=0)
     state: Mapped[str] = mapped_column(String(16), index=True)
-    reason: Mapped[str | None] = mapped_column(Text)  # why skipped or failed
+    reason: Mapped[str | None] = mapped_column(Text)  # why skipped, failed, held, ...
     generation: Mapped[int] = mapped_column(default=1)  # +1 each time the series reopens
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -538,17 +548,67 @@ class NodeState:
     ) -> bool:
         """The SEG is on disk: `sending`, with a pending delivery per target (none: `done`)."""
         with self._session() as session:
-            series = self._current(session, job.series_id, job.generation)
+            series = self._with_seg(session, job, seg_file, seg_uids, result)
             if series is None:
                 return False
+            self._start_sending(session, series, targets)
+            return True
+
+    def mark_held(
+        self, job: Job, seg_file: str, seg_uids: tuple[str, str], result: str, reason: str
+    ) -> bool:
+        """The SEG is on disk but unsure, and the policy holds it: `review`, with the reason."""
+        with self._session() as session:
+            series = self._with_seg(session, job, seg_file, seg_uids, result)
+            if series is None:
+                return False
+            _transition(session, series, SeriesState.REVIEW, reason)
+            return True
+
+    def _with_seg(
+        self, session: Session, job: Job, seg_file: str, seg_uids: tuple[str, str], result: str
+    ) -> Series | None:
+        """The job's series with its SEG recorded, or None if the job was superseded."""
+        series = self._current(session, job.series_id, job.generation)
+        if series is not None:
             series.seg_file = seg_file
             series.seg_series_instance_uid, series.seg_sop_instance_uid = seg_uids
             series.result = result
-            _transition(session, series, SeriesState.SENDING)
-            self._add_deliveries(session, series, targets)
-            if not targets:
-                _transition(session, series, SeriesState.DONE, "no destinations configured")
-            return True
+        return series
+
+    def _start_sending(
+        self, session: Session, series: Series, targets: list[Target], reason: str | None = None
+    ) -> None:
+        """On to `sending` with a pending delivery per target (none: straight on to `done`)."""
+        _transition(session, series, SeriesState.SENDING, reason)
+        self._add_deliveries(session, series, targets)
+        if not targets:
+            _transition(session, series, SeriesState.DONE, "no destinations configured")
+
+    def _in_review(self, session: Session, series_id: int, command: str) -> Series:
+        series = session.get(Series, series_id, with_for_update=True)
+        if series is None:
+            raise LookupError(f"no job {series_id}")
+        if series.state != SeriesState.REVIEW:
+            raise IllegalTransitionError(
+                f"job {series_id} is {series.state}: only jobs in review are {command}"
+            )
+        return series
+
+    def release(self, series_id: int, targets: list[Target]) -> SeriesState:
+        """`dicom-node release`: a held SEG goes out to `targets` as it is. Returns the state
+        it moved to (`sending`, or `done` without destinations)."""
+        with self._session() as session:
+            series = self._in_review(session, series_id, "released")
+            self._start_sending(session, series, targets, "released after review")
+            return SeriesState(series.state)
+
+    def reject(self, series_id: int) -> SeriesState:
+        """`dicom-node reject`: a held SEG is never sent; the series ends `rejected`."""
+        with self._session() as session:
+            series = self._in_review(session, series_id, "rejected")
+            _transition(session, series, SeriesState.REJECTED, "rejected after review")
+            return SeriesState.REJECTED
 
     @staticmethod
     def _add_deliveries(session: Session, series: Series, targets: list[Target]) -> None:
@@ -579,7 +639,9 @@ class NodeState:
     def calling_peer(self, series_id: int) -> tuple[str, str]:
         """(calling AE title, host) of the series' sender, for reply_to_caller destinations."""
         with self._session() as session:
-            series = session.get_one(Series, series_id)
+            series = session.get(Series, series_id)
+            if series is None:
+                raise LookupError(f"no job {series_id}")
             return series.calling_ae, series.calling_host
 
     # Delivery --------------------------------------------------------------------------
@@ -708,7 +770,7 @@ class NodeState:
         with self._session() as session:
             series_list = session.scalars(
                 select(Series).where(
-                    Series.state.in_([_S.DONE, _S.NO_FINDINGS, _S.SKIPPED]),
+                    Series.state.in_([_S.DONE, _S.NO_FINDINGS, _S.REJECTED, _S.SKIPPED]),
                     Series.state_changed_at < older_than,
                     Series.purged_at.is_(None),
                 )

@@ -18,6 +18,7 @@ from rich.text import Text
 from dicom_node.config import Config
 from dicom_node.daemon import running_daemon
 from dicom_node.state import NodeState, Series, SeriesState
+from model.verdict import Verdict
 
 RECENT_SERIES = 20
 
@@ -29,6 +30,12 @@ def _directory_bytes(directory: Path) -> int:
 def _has_database(config: Config) -> bool:
     """A node that never ran has no database yet; reporting must not create one."""
     return bool(config.node.database) or (config.node.data_path / "node.db").exists()
+
+
+def _verdict(s: Series) -> dict[str, Any]:
+    """The series' verdict and its reasons (`model.verdict`), once it was segmented."""
+    verdict = (json.loads(s.result) if s.result else {}).get("verdict") or {}
+    return {"verdict": verdict.get("verdict"), "verdict_reasons": verdict.get("reasons", [])}
 
 
 def _series_summary(state: NodeState, s: Series) -> dict[str, Any]:
@@ -49,6 +56,7 @@ def _series_summary(state: NodeState, s: Series) -> dict[str, Any]:
         "seg_series_instance_uid": s.seg_series_instance_uid,
         "seg_sop_instance_uid": s.seg_sop_instance_uid,
         "delivered_to": state.delivered_to(s),
+        **_verdict(s),
     }
 
 
@@ -128,7 +136,7 @@ def render(status: dict[str, Any]) -> Group:
     table = Table(title="recent series", title_justify="left")
     table.add_column("job", justify="right")
     table.add_column("series", overflow="fold")  # a UID is only useful whole
-    for column in ("modality", "from", "instances", "state", "reason", "delivered to"):
+    for column in ("modality", "from", "instances", "state", "reason", "verdict", "delivered to"):
         table.add_column(column)
     table.add_column("received over", justify="right")
     table.add_column("last received (UTC)")
@@ -142,6 +150,7 @@ def render(status: dict[str, Any]) -> Group:
             str(s["instances"]),
             f"{s['state']} ({_seconds(now, s['state_changed_at'])})",
             s["reason"] or "",
+            s["verdict"] or "",
             ", ".join(s["delivered_to"]),
             _seconds(s["last_received_at"], s["first_received_at"]),
             s["last_received_at"][:19],
@@ -201,6 +210,10 @@ def render_job(job: dict[str, Any]) -> Group:
     if job["seg_sop_instance_uid"]:
         delivered = ", ".join(job["delivered_to"]) or "nowhere yet"
         lines.append(Text(f"SEG {job['seg_sop_instance_uid']}, delivered to {delivered}"))
+    if job["verdict"]:
+        confident = job["verdict"] == Verdict.CONFIDENT
+        lines.append(Text(f"verdict: {job['verdict']}", style="" if confident else "yellow"))
+        lines += [Text(f"  - {reason}") for reason in job["verdict_reasons"]]
     result = job["result"] or {}
     if result.get("segments"):
         segments = Table(title="segments", title_justify="left")
@@ -242,7 +255,8 @@ def render_jobs(jobs: list[dict[str, Any]]) -> Table:
     table = Table(title="jobs", title_justify="left")
     table.add_column("job", justify="right")
     table.add_column("series", overflow="fold")
-    for column in ("from", "instances", "state", "reason", "delivered to", "changed (UTC)"):
+    columns = ("from", "instances", "state", "reason", "verdict", "delivered to", "changed (UTC)")
+    for column in columns:
         table.add_column(column)
     for job in jobs:
         table.add_row(
@@ -252,6 +266,7 @@ def render_jobs(jobs: list[dict[str, Any]]) -> Table:
             str(job["instances"]),
             job["state"],
             job["reason"] or "",
+            job["verdict"] or "",
             ", ".join(job["delivered_to"]),
             job["state_changed_at"][:19],
         )

@@ -28,10 +28,11 @@ from typing import Any
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
-from dicom_node.config import Config, InferenceConfig
+from dicom_node.config import Config, InferenceConfig, UnsurePolicy
 from dicom_node.seg import AlgorithmInfo, SegWriter
 from dicom_node.spool import write_durably
 from dicom_node.volume import AssemblyError, AssemblyPolicy, assemble_volume
+from model.verdict import Verdict
 from model.volume_io import Volume
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,16 @@ def segment_series(
     segmenter: Any,
     writer: SegWriter,
     generation: int = 1,
+    mark_unsure: bool = False,
 ) -> SeriesResult:
     """Assemble the series, segment it, write its SEG dataset (not yet to disk).
 
     A series that cannot be assembled fails with the assembler's reason; a volume without any
-    of the six bones, or with bones where no lower extremity has them (`model.anatomy`), is
-    "no findings" (no SEG), with the reason in the summary; a few misplaced bones are left out
-    of the SEG.
+    of the six bones, or whose segmentation is implausible (`model.verdict`: bones where no
+    lower extremity has them, bones no adult has, a model unsure of much of it), is "no
+    findings" (no SEG), with the reason in the summary; a few misplaced bones are left out of
+    the SEG. `mark_unsure`: a SEG the verdict is unsure of says UNVERIFIED and why in its
+    Series Description and each segment's description.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -115,10 +119,14 @@ def segment_series(
     segmentation = segmenter.segment(assembled.volume)
     timings["segment_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    anatomy, sided = segmentation.anatomy, segmentation.sided
-    dataset = None if anatomy.reason else writer.write(assembled, sided, generation)
+    assessment, sided = segmentation.assessment, segmentation.sided
+    dataset = None
+    if assessment.verdict is not Verdict.IMPLAUSIBLE:
+        unsure = mark_unsure and assessment.verdict is Verdict.UNSURE
+        notes = assessment.segment_notes() if unsure else None
+        dataset = writer.write(assembled, sided, generation, unverified=notes)
     timings["seg_encode_s"] = time.perf_counter() - t
-    reported = ("segments", "dropped_as_misplaced", "implausible")
+    reported = ("segments", "dropped_as_misplaced", "implausible", "verdict")
     summary = {
         "series_instance_uid": assembled.series_instance_uid,
         "frames": len(assembled.frames),
@@ -126,6 +134,8 @@ def segment_series(
         "segments": segmentation.summary["segments"],
         # Pieces found where no lower extremity has them (model/anatomy.py): not in the SEG.
         "dropped_as_misplaced": segmentation.summary["dropped_as_misplaced"],
+        # How far to trust it (model/verdict.py): what the node does with it follows.
+        "verdict": segmentation.summary["verdict"],
         "inference": {k: v for k, v in segmentation.summary.items() if k not in reported},
         "timings_s": {
             **{k: round(v, 3) for k, v in timings.items()},
@@ -133,7 +143,8 @@ def segment_series(
         },
     }
     if dataset is None:
-        summary["no_findings"] = anatomy.reason or NO_BONE
+        implausible = assessment.verdict is Verdict.IMPLAUSIBLE
+        summary["no_findings"] = assessment.headline() if implausible else NO_BONE
     return SeriesResult(dataset, None, summary, sided if dataset is not None else None)
 
 
@@ -161,6 +172,11 @@ class WorkOutcome:
     reason: str | None
     seg_uids: tuple[str, str] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unsure(self) -> bool:
+        """A SEG the verdict is unsure of (`model.verdict`)."""
+        return self.summary.get("verdict", {}).get("verdict") == Verdict.UNSURE
 
 
 class WorkerLostError(RuntimeError):
@@ -197,7 +213,7 @@ def _serve(connection: Connection, config: Config) -> None:
         except EOFError:
             return
         try:
-            outcome = _work(request, config.series, segmenter, writer)
+            outcome = _work(request, config, segmenter, writer)
         except Exception as error:  # the job fails with the reason; the warm worker stays
             # Library messages may quote header values (a patient's name, a birth date): the
             # reason and the default log carry the error's type only, the details go to DEBUG.
@@ -209,11 +225,11 @@ def _serve(connection: Connection, config: Config) -> None:
         connection.send(outcome)
 
 
-def _work(
-    request: WorkRequest, policy: AssemblyPolicy, segmenter: Any, writer: SegWriter
-) -> WorkOutcome:
+def _work(request: WorkRequest, config: Config, segmenter: Any, writer: SegWriter) -> WorkOutcome:
     paths = [Path(p) for p in request.paths]
-    result = segment_series(paths, policy, segmenter, writer, request.generation)
+    # Held SEGs are written as they are: whoever releases one vouches for it.
+    mark = config.verdict.policy == UnsurePolicy.UNVERIFIED
+    result = segment_series(paths, config.series, segmenter, writer, request.generation, mark)
     if result.reason is not None:
         return WorkOutcome(result.reason)
     if result.dataset is None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_config_loads() -> None:
     config = load_config(ROOT / "config.toml")
+    assert config.verdict.policy == "unverified"
     assert config.inference.strategy == "fast"
     assert config.node.ae_title == "BONESEG" and config.node.allowed_calling_aets == ()
     assert config.series.complete_after_s == 20 and config.series.min_slices == 20
@@ -69,6 +70,9 @@ def test_node_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
         ("[series]\ncomplete_after_s = -1\n", "series.complete_after_s"),
         ("[series]\nmin_slices = 0\n", "series.min_slices"),
         ("[series]\ngantry_tilt = 'ignore'\n", "series.gantry_tilt"),
+        ("[verdict]\npolicy = 'review'\n", "verdict.policy: expected 'send', 'unverified'"),
+        ("[verdict]\npolicy = 1\n", "verdict.policy"),
+        ("[verdict]\nunsure = 'hold'\n", "verdict.unsure: unknown key"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -88,8 +92,10 @@ def test_destinations_and_processing_sections_load(tmp_path: Path) -> None:
         + PACS.replace("'pacs'", "'caller'")
         + "reply_to_caller = true\n"
         + "[delivery]\nmax_attempts = 3\n[worker]\ntimeout_s = 60\n[seg]\nseries_number = 77\n"
+        + "[verdict]\npolicy = 'hold'\n"
     )
     config = load_config(path)
+    assert config.verdict.policy == "hold"
     assert [d.name for d in config.destinations] == ["pacs", "caller"]
     assert config.destinations[1].reply_to_caller and not config.destinations[0].reply_to_caller
     assert (config.delivery.max_attempts, config.worker.timeout_s) == (3, 60.0)

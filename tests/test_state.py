@@ -199,6 +199,48 @@ def test_given_up_delivery_fails_the_series_and_retry_only_redelivers(state: Nod
         state.retry(99)
 
 
+def _held(state: NodeState, sop: str, series: str) -> int:
+    series_id = _queued(state, sop, series=series)
+    job = state.claim_next_queued()
+    assert job is not None
+    reason = "unsure: right femur: the model was unsure of 30 % of its voxels"
+    assert state.mark_held(job, f"{series_id}.dcm", ("9.1", f"9.{series}"), "{}", reason)
+    return series_id
+
+
+def test_a_held_seg_waits_in_review_until_released_or_rejected(state: NodeState) -> None:
+    released, rejected = _held(state, "1.1", series="1"), _held(state, "2.1", series="2")
+    assert state.claim_due_deliveries() == []  # nothing goes out while in review
+    assert state.resume().requeued == []  # nor does a restart move it
+    assert state.purgeable(utcnow() + timedelta(days=365)) == []  # nor retention
+    with pytest.raises(IllegalTransitionError, match="only failed jobs"):
+        state.retry(released)
+    assert state.release(released, [PACS]) == SeriesState.SENDING
+    (delivery,) = state.claim_due_deliveries()
+    assert (delivery.series_id, delivery.target, delivery.seg_file) == (released, PACS, "1.dcm")
+    assert state.record_delivery(delivery, None, None) == SeriesState.DONE
+    assert state.reject(rejected) == SeriesState.REJECTED
+    assert state.claim_due_deliveries() == []
+    series = {s.id: s for s in state.recent_series()}
+    assert series[rejected].state == SeriesState.REJECTED
+    assert series[rejected].reason == "rejected after review"
+    assert [p[0] for p in state.purgeable(utcnow() + timedelta(seconds=1))] == [
+        released,
+        rejected,
+    ]
+    for command in (state.release, state.reject):
+        args = (released, [PACS]) if command == state.release else (released,)
+        with pytest.raises(IllegalTransitionError, match="only jobs in review"):
+            command(*args)  # type: ignore[operator]
+    with pytest.raises(LookupError, match="no job 99"):
+        state.reject(99)
+
+
+def test_a_released_seg_without_destinations_is_done(state: NodeState) -> None:
+    series_id = _held(state, "1.1", series="1")
+    assert state.release(series_id, []) == SeriesState.DONE
+
+
 def test_failed_segmentation_is_retried_from_the_queue(state: NodeState) -> None:
     series_id = _queued(state, "1.1", series="1")
     job = state.claim_next_queued()
