@@ -150,8 +150,8 @@ class SegmentSignals:
         longest extent, so at most its true mean) and over its extent across the slices (a
         bone tilted from the slices' normal spans less of them than its length, so at least
         it). One voxel's length at the least, so that a speck is not infinitely wide."""
-        cm3 = 1000.0 * self.volume_ml / 100.0  # mm3 per 100 (mm2 to cm2)
-        return cm3 / max(self.length_mm, 1.0), cm3 / max(self.z_extent_mm, 1.0)
+        mm3 = 1000.0 * self.volume_ml
+        return (mm3 / max(self.length_mm, 1.0) / 100.0, mm3 / max(self.z_extent_mm, 1.0) / 100.0)
 
 
 @dataclass(frozen=True)
