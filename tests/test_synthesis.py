@@ -103,3 +103,20 @@ def test_quantise_clips_to_the_scanner_range(floor: float) -> None:
     )
     out = Quantise()(hu, hu.astype(np.uint8), np.random.default_rng(seed))
     assert out.tolist() == [[[floor, 12.0, 3071.0]]]
+
+
+def test_tissue_statistics_read_back_a_known_image() -> None:
+    from model.ct_statistics import tissue_statistics
+
+    rng = np.random.default_rng(0)
+    hu = np.full((6, 80, 80), -90.0, np.float32)
+    hu[:, 10:70, 10:70] = 45.0
+    yy, xx = np.mgrid[:80, :80]
+    ring = (np.hypot(yy - 40, xx - 40) < 12) & (np.hypot(yy - 40, xx - 40) >= 8)
+    hu[:, ring] = 1300.0
+    hu[:, np.hypot(yy - 40, xx - 40) < 7] = -40.0  # a fatty canal
+    hu += rng.normal(0, 10, hu.shape).astype(np.float32)
+    stats = tissue_statistics(hu)
+    assert abs(stats["fat_hu"] - -90) < 6 and abs(stats["muscle_hu"] - 45) < 6
+    assert 1290 < stats["bone_p90_hu"] < 1330 and abs(stats["canal_hu"] - -40) < 5
+    assert 6 < stats["noise_hu"] < 14
