@@ -187,6 +187,7 @@ class Case:
     kind: str  # "crop", "dicom_extremity" or "non_extremity"
     source: Path
     same_as: str | None = None  # the crop holding the same patient's CT
+    note: str | None = None
 
 
 def crop_cases() -> list[Case]:
@@ -204,6 +205,8 @@ def dicom_cases() -> list[Case]:
             "head_phantom_philips",
             "non_extremity",
             DICOM / "dcm_qa_ct" / "Philips" / "S21570" / "S2010",
+            note="Body Part Examined BRAIN, which the node skips; assembled without that rule, "
+            "as when a scanner leaves the attribute empty (issue 18, section 5)",
         ),
         Case("totalseg_example", "non_extremity", DICOM / "totalseg_example_ct_dicom"),
     ]
@@ -317,13 +320,17 @@ def run_case(case: Case, segmenter: Segmenter, montages: Path | None) -> dict:
             **segmentation.timings,
         },
     }
+    if case.note:
+        record["note"] = case.note
     if case.same_as:
         crop = read_volume(CROPS / f"{case.same_as}_ct.nii.gz").array
         record["same_voxels_as_crop"] = bool(crop.shape == hu.shape and np.array_equal(crop, hu))
+        if record["same_voxels_as_crop"]:
+            montages = None  # the crop's montage shows it
     if montages is not None:
         path = montages / f"{case.case_id}.png"
         write_montage(path, volume, labels, reference, montage_title(record))
-        record["montage"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+        record["montage"] = display_path(path)
     return record
 
 
@@ -469,6 +476,9 @@ def aggregate(records: Iterable[dict]) -> dict:
             for r in named
             if not r["scores"]["named_right"]
         ],
+        "crops_without_findings": {
+            r["case"]: r["node_outcome"] for r in crops if r["node_outcome"].startswith("no ")
+        },
         "other_crops_mean_bone_recall": mean_of("bone_recall", others),
         "other_crops_mean_false_bone_share": mean_of("false_bone_share", others),
         "non_extremity": {
@@ -477,6 +487,12 @@ def aggregate(records: Iterable[dict]) -> dict:
             if r["kind"] == "non_extremity"
         },
     }
+
+
+def display_path(path: Path) -> str:
+    """Relative to the repository when inside it: the JSON does not depend on the checkout."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def select(cases: list[Case], wanted: str | None) -> list[Case]:
@@ -527,7 +543,7 @@ def main() -> None:
     result = {
         "benchmark": "real_ct",
         "command": "python -m bench.real_ct",
-        "weights": str(args.weights),
+        "weights": display_path(args.weights),
         "weights_sha256": segmenter.metadata.get("weights_sha256"),
         "strategy": args.strategy,
         "device": str(segmenter.device),
