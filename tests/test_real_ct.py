@@ -66,6 +66,21 @@ def test_per_slice_hole_filling_fills_a_tubes_marrow_which_3d_filling_cannot() -
     assert not fill_holes_per_slice(shaft, max_hole_voxels=100)[marrow].any()
 
 
+def test_a_tube_cut_by_the_scans_edge_gets_its_marrow_filled_and_nothing_else() -> None:
+    """The field cut through the bone: the marrow is open to the edge, a C, not a ring."""
+    cut = tube(12, 7, (55, 3))
+    whole = np.broadcast_to(disk(12, (55, 3), SHAPE[1:]), SHAPE)
+    marrow = whole[0] & ~cut[0]
+    assert not ndi.binary_fill_holes(cut[0])[marrow].any()  # open to the edge: no hole
+    np.testing.assert_array_equal(fill_holes_per_slice(cut), whole)
+    # Two bones meeting the edge apart from each other enclose nothing between them.
+    two = tube(8, 4, (30, 2)) | tube(8, 4, (80, 2))
+    filled = fill_holes_per_slice(two)
+    between = np.zeros(SHAPE, dtype=bool)
+    between[:, 40:70, :4] = True
+    assert not filled[between].any()
+
+
 def test_reference_of_a_synthetic_thigh_is_one_filled_shaft_without_the_table() -> None:
     hu = thigh_ct()
     reference = bone_reference(hu, SPACING)
