@@ -225,3 +225,23 @@ def test_augment_flip_keeps_stages_aligned() -> None:
         assert_stages_consistent(out, config)
         flipped += not np.array_equal(out.targets, sample.targets)
     assert flipped > 0
+
+
+def test_rotated_regions_turn_the_cube_about_the_centre() -> None:
+    from scipy.spatial.transform import Rotation
+
+    from model.sampling import rotated_regions
+
+    volume = np.random.default_rng(0).integers(0, 20, (90, 90, 90)).astype(np.uint8)
+    cube = volume[13:77, 13:77, 13:77]
+    same = rotated_regions([volume], [13, 13, 13], 64, np.array([44.5] * 3), np.eye(3))[0]
+    assert np.array_equal(same, cube)
+    quarter = Rotation.from_rotvec([np.pi / 2, 0, 0]).as_matrix()  # about the z (slice) axis
+    turned, again = rotated_regions(
+        [volume, volume], [13, 13, 13], 64, np.array([44.5] * 3), quarter
+    )
+    assert np.array_equal(turned, again)
+    assert np.array_equal(turned, np.rot90(cube, 3, axes=(1, 2)))
+    # Past the volume the last plane repeats, as `extract` pads.
+    edge = rotated_regions([volume], [60, 60, 60], 64, np.array([70.0] * 3), quarter)[0]
+    assert edge.shape == (64, 64, 64) and set(np.unique(edge)) <= set(np.unique(volume))
