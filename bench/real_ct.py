@@ -15,8 +15,11 @@ off the montages by eye (`EXPECTED`). The JSON holds per scan the scores, the bo
 their volumes and unsure shares, what the anatomy check dropped, and the time; the montages
 (one PNG per scan) show the labels over the CT with the reference's outline.
 
-Phantoms made from shape subjects the weights never saw (the issue's 0.8, 1.5, 3 and 5 mm
-series) belong here too; `phantom_cases` is where they go once model/phantom/ makes them.
+Phantoms made from shape subjects the weights never saw (`--phantom-subjects`, default the
+five held out of training, `model.phantom.subjects.shapes.HELD_OUT_SUBJECTS`): one hip, knee and
+ankle subject phantom each, scanned at 0.8, 1.5, 3 and 5 mm slices
+(`model.phantom_check.segment_subject_phantoms`), scored per bone against their own truth;
+under "phantoms" in the JSON, aggregated per slice thickness.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from PIL import Image
 from bench.inference import machine
 from model.inference import InferenceSettings, Segmentation, Segmenter
 from model.labels import BONE_NAMES
+from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
+from model.phantom_check import SLICE_THICKNESSES_MM, segment_subject_phantoms
 from model.real_ct_reference import (
     METHOD,
     BoneReference,
@@ -210,13 +215,6 @@ def dicom_cases() -> list[Case]:
         ),
         Case("totalseg_example", "non_extremity", DICOM / "totalseg_example_ct_dicom"),
     ]
-
-
-def phantom_cases() -> list[Case]:
-    """Issue 18 section 4's phantoms from shape subjects the weights never saw, each at 0.8,
-    1.5, 3 and 5 mm slices, with their truth: to be added once model/phantom/ makes them (they
-    are scored against their truth per bone, not against a threshold). None yet."""
-    return []
 
 
 def load_volume(case: Case) -> Volume:
@@ -517,10 +515,20 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "float32", "mixed"], default="auto")
     parser.add_argument("--montages", type=Path, default=RESULTS / "real_ct")
     parser.add_argument("--no-montages", action="store_true")
+    parser.add_argument(
+        "--phantom-subjects",
+        default=",".join(map(str, HELD_OUT_SUBJECTS)),
+        help="held-out LLP26 subjects for the phantom check (empty: none)",
+    )
+    parser.add_argument(
+        "--phantom-slices",
+        default=",".join(map(str, SLICE_THICKNESSES_MM)),
+        help="slice thicknesses (mm) each phantom is scanned at",
+    )
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"real data not found at {DATA} (shared/ beside the checkout)")
-    cases = select(crop_cases() + dicom_cases() + phantom_cases(), args.cases)
+    cases = select(crop_cases() + dicom_cases(), args.cases)
     settings = InferenceSettings(
         strategy=args.strategy, device=args.device, precision=args.precision
     )
@@ -540,6 +548,14 @@ def main() -> None:
             flush=True,
         )
         records.append(record)
+    phantoms = None
+    if args.phantom_subjects:
+        subjects = [int(s) for s in args.phantom_subjects.split(",")]
+        slices = [float(t) for t in args.phantom_slices.split(",")]
+        phantoms = segment_subject_phantoms(subjects, segmenter, thicknesses_mm=slices)
+        for case in phantoms["cases"]:
+            dice = {k: round(v["dice"], 3) for k, v in case["bones"].items() if v["truth_voxels"]}
+            print(f"{case['case']:28s} {dice}", flush=True)
     result = {
         "benchmark": "real_ct",
         "command": "python -m bench.real_ct",
@@ -551,7 +567,7 @@ def main() -> None:
         "method": METHOD,
         "anatomy_method": "EXPECTED in bench/real_ct.py: each crop's site and the bone its "
         "largest reference component is, read off the montages by eye",
-        "phantoms": "not yet: phantom_cases() in bench/real_ct.py (issue 18, section 4)",
+        "phantoms": phantoms,
         "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 1),
         "aggregate": aggregate(records),

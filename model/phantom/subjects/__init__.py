@@ -34,7 +34,7 @@ from model.phantom.subjects.skeleton import SIDES, Skeleton, build_skeleton
 from model.synthesis import Tissue, nominal_lut, synthesise
 from model.volume_io import Volume
 
-SUBJECT_PHANTOM_VERSION = "1.0"
+SUBJECT_PHANTOM_VERSION = "1.1"
 SPACING_MM = 0.8
 REGIONS = ("pelvis", "hip", "thigh", "knee", "leg", "ankle", "long")
 MAX_VOXELS = 90_000_000
@@ -209,14 +209,12 @@ def _fov_grid(
     lo = np.array([x_axis[xs.min()] - margin[0], y_axis[ys.min()] - margin[1], z_lo])
     hi = np.array([x_axis[xs.max()] + margin[0], y_axis[ys.max()] + 40.0, z_hi])
     if side is not None:
-        centre = np.mean(
-            [
-                p.mesh.vertices.mean(axis=0)
-                for p in skeleton.parts
-                if p.name.endswith(side) and p.label
-            ],
-            axis=0,
-        )
+        # Around that leg where it crosses the slices in view (the leg's own centroid can lie
+        # far off when the hip is flexed, and a hip crop then missed the hip).
+        lm = skeleton.landmarks
+        path = np.array([lm[f"{joint}_{side}"] for joint in ("ankle", "knee", "hip")])
+        middle = float(np.clip((z_lo + z_hi) / 2, path[0, 2], path[-1, 2]))
+        centre = np.array([np.interp(middle, path[:, 2], path[:, i]) for i in range(3)])
         half = rng.uniform(60, 130, size=2)
         lo[:2] = np.maximum(lo[:2], centre[:2] - half)
         hi[:2] = np.minimum(hi[:2], centre[:2] + half)
