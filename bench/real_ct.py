@@ -57,6 +57,7 @@ from model.real_ct_reference import (
     label_volumes_ml,
     majority_label,
 )
+from model.verdict import Verdict
 from model.volume_io import Volume, read_volume
 from model.weights import DEFAULT_WEIGHTS
 
@@ -238,12 +239,17 @@ def load_volume(case: Case) -> Volume:
 
 
 def node_outcome(segmentation: Segmentation) -> str:
-    """What the node would do with the series: send a SEG, or report no findings and why."""
-    if segmentation.anatomy.reason:
-        return f"no findings: {segmentation.anatomy.reason}"
+    """What the node would do with the series under the default `[verdict] policy`
+    (unverified): report no findings and why, send a SEG marked UNVERIFIED, or send it."""
+    assessment = segmentation.assessment
+    if assessment.verdict == Verdict.IMPLAUSIBLE:
+        return f"no findings: {assessment.headline()}"
     if not segmentation.summary["segments"]:
         return "no findings: none of the six bones found"
-    return f"SEG with {len(segmentation.summary['segments'])} segments"
+    n = len(segmentation.summary["segments"])
+    if assessment.verdict == Verdict.UNSURE:
+        return f"SEG with {n} segments marked UNVERIFIED: {assessment.headline()}"
+    return f"SEG with {n} segments, confident"
 
 
 def score(

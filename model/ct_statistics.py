@@ -17,7 +17,7 @@ def histogram_peak(values: np.ndarray, lo: float, hi: float, bin_hu: float = 2.0
 
 
 def tissue_statistics(hu: np.ndarray) -> dict[str, float]:
-    """Fat and muscle (histogram peaks in -200..-20 and 0..150 HU), bone (90th percentile of
+    """Fat and muscle (histogram peaks in -180..-40 and 0..150 HU), bone (90th percentile of
     voxels >= 200 HU), the medullary canal (median inside bone filled per axial slice, away
     from the bone itself) and noise (median in-plane 3x3 standard deviation in muscle-like
     voxels) of a CT volume (z, y, x)."""
@@ -29,7 +29,7 @@ def tissue_statistics(hu: np.ndarray) -> dict[str, float]:
     sd = np.sqrt(np.maximum(ndimage.uniform_filter(hu * hu, (1, 3, 3)) - mean * mean, 0.0))
     muscle_like = (mean > 30) & (mean < 80) & (sd < 60)
     return {
-        "fat_hu": histogram_peak(hu, -200.0, -20.0),
+        "fat_hu": histogram_peak(hu, -180.0, -40.0),
         "muscle_hu": histogram_peak(hu, 0.0, 150.0),
         "bone_p90_hu": float(np.percentile(hu[bone], 90)) if bone.any() else float("nan"),
         "canal_hu": float(np.median(hu[canal])) if canal.any() else float("nan"),
