@@ -30,6 +30,7 @@ from node_process import (
     storescu,
 )
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -56,7 +57,8 @@ def _series(directory: Path, slices: int, size: int, seed: str) -> list[Path]:
 
 
 def _instances(folder: Path, fixed: Path) -> dict[Path, Any]:
-    """Every DICOM instance under `folder` (not the Philips DIRFILEs), header only.
+    """Every DICOM instance under `folder` (not the Philips DIRFILEs, nor licences and other
+    files that are not DICOM), header only.
 
     The TotalSegmentator example has empty SOP class, SOP instance, series and study UIDs:
     nothing a sender can put in a C-STORE request (storescu refuses it). Those are sent as
@@ -66,7 +68,10 @@ def _instances(folder: Path, fixed: Path) -> dict[Path, Any]:
     found = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name not in ("DIRFILE", "LICENSE"):
-            ds = dcmread(path, stop_before_pixels=True)
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+            except InvalidDicomError:  # e.g. ibsi_sts/LICENSE.md
+                continue
             if not ds.SOPInstanceUID:
                 full = dcmread(path)
                 full.SOPClassUID = full.file_meta.MediaStorageSOPClassUID
@@ -126,7 +131,7 @@ def test_storescu_real_studies_grouped_by_series(node: NodeProcess, tmp_path: Pa
     (body_uid,) = {str(ds.SeriesInstanceUID) for p, ds in instances.items() if "totalseg" in str(p)}
     node.wait_for_states({body_uid}, {"no_findings", "done", "failed"}, timeout=300)
     state, reason = node.series()[body_uid]["state"], node.series()[body_uid]["reason"]
-    assert state == "no_findings" and reason.startswith("anatomically implausible"), reason
+    assert state == "no_findings" and "anatomically implausible" in reason, reason
     assert all(s["calling_ae"] == "SCANNER" for s in series.values())
     # Every instance is on disk under a name the node chose, as it was sent.
     stored = node.db_instances()
