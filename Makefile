@@ -58,6 +58,7 @@ test: install lint
 bench: install
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.real_ct
+	$(BIN)/python -m bench.phantom_vs_real
 	$(BIN)/python -m bench.reception
 	$(BIN)/python -m bench.end_to_end
 	$(BIN)/python -m bench.load
