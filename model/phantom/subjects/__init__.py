@@ -173,16 +173,12 @@ def _field_of_view(
         return hip - u(60, 200), crest + u(-20, 80), None
     if region == "hip":
         return hip - u(50, 110), hip + u(50, 110), side
-    if region == "thigh":
-        centre = u(knee + 80, hip - 80)
-        half = u(60, 180)
+    if region in ("thigh", "leg"):  # a stretch of the shaft between two joints
+        top, bottom, most = (hip, knee, 180) if region == "thigh" else (knee, ankle, 160)
+        centre, half = u(bottom + 80, top - 80), u(60, most)
         return centre - half, centre + half, side if rng.random() < 0.6 else None
     if region == "knee":
         return knee - u(50, 130), knee + u(50, 130), side if rng.random() < 0.6 else None
-    if region == "leg":
-        centre = u(ankle + 80, knee - 80)
-        half = u(60, 160)
-        return centre - half, centre + half, side if rng.random() < 0.6 else None
     if region == "ankle":
         return ankle - u(70, 100), ankle + u(40, 140), side if rng.random() < 0.5 else None
     start = u(ankle - 80, hip)
