@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from bench.real_ct import CROPS
 from model.ct_statistics import tissue_statistics
 from model.phantom.subjects import generate_subject_phantom
 from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
@@ -29,16 +30,13 @@ from model.phantom_check import scan_with_slices
 from model.synthesis import DEFAULT_CHAIN, InPlaneResolution, ThickSlices, synthesise
 from model.volume_io import Volume, read_volume
 
-REAL_DIR = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct" / "sts_extremity"
-)
 SHOWN_REAL = ("STS_001", "STS_013", "STS_029")
 REGIONS = ("thigh", "knee", "leg")
 SLICE_MM = 3.2
 
 
 def real_scans() -> dict[str, Volume]:
-    return {p.name[:7]: read_volume(p) for p in sorted(REAL_DIR.glob("STS_*_ct.nii.gz"))}
+    return {p.name[:7]: read_volume(p) for p in sorted(CROPS.glob("STS_*_ct.nii.gz"))}
 
 
 def phantom_scans(n: int) -> dict[str, Volume]:
@@ -102,8 +100,8 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=Path("docs/phantom_vs_real.png"))
     parser.add_argument("--phantoms", type=int, default=6)
     args = parser.parse_args()
-    if not REAL_DIR.is_dir():
-        raise SystemExit(f"{REAL_DIR}: not found (../shared/data beside the repository)")
+    if not CROPS.is_dir():
+        raise SystemExit(f"{CROPS}: not found (../shared/data beside the repository)")
     real = real_scans()
     phantoms = phantom_scans(args.phantoms)
     real_rows = {k: tissue_statistics(v.array) for k, v in real.items()}

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch loads only when a command needs it: `--help` stays fa
     from model.inference import Segmenter
 
 SubParsers = argparse._SubParsersAction
+Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_jobs(sub)
     _add_job(sub)
-    _add_retry(sub)
-    _add_release(sub)
-    _add_reject(sub)
+    _add_job_commands(sub)
     _add_echo(sub)
     _add_demo(sub)
     return parser
@@ -536,17 +535,43 @@ def _job(args: argparse.Namespace) -> int:
     return _report(report, args.json, render_job)
 
 
-def _add_retry(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "retry",
-        help="retry a failed job: deliver its SEG again, or segment the series again",
-        description="A failed job whose SEG is on disk and only delivery failed is delivered "
-        "again (attempts reset); otherwise the series is queued for segmentation again. The "
-        "running daemon picks it up within seconds.",
-    )
+def _add_job_command(
+    sub: SubParsers, name: str, summary: str, description: str, handler: Handler
+) -> None:
+    """A command on one job: `dicom-node NAME ID [--config FILE]`."""
+    parser = sub.add_parser(name, help=summary, description=description)
     parser.add_argument("id", type=int, metavar="ID")
     parser.add_argument("--config", type=Path, default=Path("config.toml"))
-    parser.set_defaults(handler=_retry)
+    parser.set_defaults(handler=handler)
+
+
+def _add_job_commands(sub: SubParsers) -> None:
+    _add_job_command(
+        sub,
+        "retry",
+        "retry a failed job: deliver its SEG again, or segment the series again",
+        "A failed job whose SEG is on disk and only delivery failed is delivered again "
+        "(attempts reset); otherwise the series is queued for segmentation again. The running "
+        "daemon picks it up within seconds.",
+        _retry,
+    )
+    _add_job_command(
+        sub,
+        "release",
+        "send the SEG of a job held in review",
+        "A job in review (the node was unsure of its SEG, and [verdict] policy is hold) moves "
+        "on to sending: its SEG goes to every destination as it is. The running daemon "
+        "delivers it within seconds.",
+        _release,
+    )
+    _add_job_command(
+        sub,
+        "reject",
+        "end a job held in review without sending its SEG",
+        "A job in review ends rejected: its SEG is never sent (retention deletes it with the "
+        "series' files).",
+        _reject,
+    )
 
 
 def _retry(args: argparse.Namespace) -> int:
@@ -561,19 +586,6 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_release(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "release",
-        help="send the SEG of a job held in review",
-        description="A job in review (the node was unsure of its SEG, and [verdict] policy is "
-        "hold) moves on to sending: its SEG goes to every destination as it is. The running "
-        "daemon delivers it within seconds.",
-    )
-    parser.add_argument("id", type=int, metavar="ID")
-    parser.add_argument("--config", type=Path, default=Path("config.toml"))
-    parser.set_defaults(handler=_release)
-
-
 def _release(args: argparse.Namespace) -> int:
     from dicom_node.config import load_config
     from dicom_node.segment import resolve_targets
@@ -584,18 +596,6 @@ def _release(args: argparse.Namespace) -> int:
         targets = resolve_targets(config, *state.calling_peer(args.id))
         print(f"job {args.id}: {state.release(args.id, targets)}")
     return 0
-
-
-def _add_reject(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "reject",
-        help="end a job held in review without sending its SEG",
-        description="A job in review ends rejected: its SEG is never sent (retention deletes "
-        "it with the series' files).",
-    )
-    parser.add_argument("id", type=int, metavar="ID")
-    parser.add_argument("--config", type=Path, default=Path("config.toml"))
-    parser.set_defaults(handler=_reject)
 
 
 def _reject(args: argparse.Namespace) -> int:

@@ -585,28 +585,33 @@ class NodeState:
         if not targets:
             _transition(session, series, SeriesState.DONE, "no destinations configured")
 
-    def _in_review(self, session: Session, series_id: int, command: str) -> Series:
+    @staticmethod
+    def _locked_in(session: Session, series_id: int, state: SeriesState, only: str) -> Series:
+        """Series `series_id`, locked, which must be in `state` (else the error says `only`
+        which jobs the command takes)."""
         series = session.get(Series, series_id, with_for_update=True)
         if series is None:
             raise LookupError(f"no job {series_id}")
-        if series.state != SeriesState.REVIEW:
-            raise IllegalTransitionError(
-                f"job {series_id} is {series.state}: only jobs in review are {command}"
-            )
+        if series.state != state:
+            raise IllegalTransitionError(f"job {series_id} is {series.state}: only {only}")
         return series
 
     def release(self, series_id: int, targets: list[Target]) -> SeriesState:
         """`dicom-node release`: a held SEG goes out to `targets` as it is. Returns the state
         it moved to (`sending`, or `done` without destinations)."""
         with self._session() as session:
-            series = self._in_review(session, series_id, "released")
+            series = self._locked_in(
+                session, series_id, SeriesState.REVIEW, "jobs in review are released"
+            )
             self._start_sending(session, series, targets, "released after review")
             return SeriesState(series.state)
 
     def reject(self, series_id: int) -> SeriesState:
         """`dicom-node reject`: a held SEG is never sent; the series ends `rejected`."""
         with self._session() as session:
-            series = self._in_review(session, series_id, "rejected")
+            series = self._locked_in(
+                session, series_id, SeriesState.REVIEW, "jobs in review are rejected"
+            )
             _transition(session, series, SeriesState.REJECTED, "rejected after review")
             return SeriesState.REJECTED
 
@@ -742,13 +747,9 @@ class NodeState:
         """`dicom-node retry`: a failed series is delivered again if its SEG is on disk and
         only delivery failed, else segmented again. Returns the state it moved to."""
         with self._session() as session:
-            series = session.get(Series, series_id, with_for_update=True)
-            if series is None:
-                raise LookupError(f"no job {series_id}")
-            if series.state != SeriesState.FAILED:
-                raise IllegalTransitionError(
-                    f"job {series_id} is {series.state}: only failed jobs are retried"
-                )
+            series = self._locked_in(
+                session, series_id, SeriesState.FAILED, "failed jobs are retried"
+            )
             failed = [
                 d for d in self._deliveries(session, series) if d.state == DeliveryState.FAILED
             ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -14,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -272,16 +272,12 @@ def load_cases(
     ]
     metadata: dict[str, object] = {"data": [str(f) for f in folders]}
     if phantom_seeds:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
-            generated = pool.map(
-                cache_phantom,
-                phantom_seeds,
-                itertools.repeat(phantom_size),
-                itertools.repeat(spacing),
-                itertools.repeat(cache_dir),
-            )
-            folders_of_cases += tqdm(generated, desc="phantoms", total=len(phantom_seeds))
+        folders_of_cases += _generated(
+            partial(cache_phantom, size=phantom_size, spacing_mm=spacing, cache_dir=cache_dir),
+            phantom_seeds,
+            workers,
+            "phantoms",
+        )
         metadata["phantom"] = {
             "version": PHANTOM_VERSION,
             "seeds": list(phantom_seeds),
@@ -290,15 +286,27 @@ def load_cases(
     if subject_seeds:
         from model.phantom.subjects import SUBJECT_PHANTOM_VERSION
 
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
-            generated = pool.map(cache_subject_phantom, subject_seeds, itertools.repeat(cache_dir))
-            folders_of_cases += tqdm(generated, desc="subject phantoms", total=len(subject_seeds))
+        folders_of_cases += _generated(
+            partial(cache_subject_phantom, cache_dir=cache_dir),
+            subject_seeds,
+            workers,
+            "subject phantoms",
+        )
         metadata["subject_phantom"] = {
             "version": SUBJECT_PHANTOM_VERSION,
             "seeds": list(subject_seeds),
         }
     return [open_case(folder) for folder in folders_of_cases], metadata
+
+
+def _generated(
+    make: Callable[[int], Path], seeds: Sequence[int], workers: int, what: str
+) -> list[Path]:
+    """`make(seed)` for every seed, `workers` forked processes side by side (a case takes
+    seconds to minutes and GBs of memory to generate), in the seeds' order."""
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
+        return list(tqdm(pool.map(make, seeds), desc=what, total=len(seeds)))
 
 
 def stage_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:

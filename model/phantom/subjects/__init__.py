@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from model.labels import Bone
 from model.phantom.subjects.body import (
@@ -297,8 +298,6 @@ def _paint_table(
     air = tissues == Tissue.AIR
     np.copyto(tissues, np.broadcast_to(layer[None], tissues.shape), where=air & (layer[None] > 0))
     if rng.random() < 0.2:  # a blanket a little off the skin, on the side away from the table
-        from scipy import ndimage
-
         near = ndimage.binary_dilation(body[::2, ::2, ::2], iterations=int(rng.integers(2, 5)))
         near = np.repeat(np.repeat(np.repeat(near, 2, 0), 2, 1), 2, 2)[
             : grid.shape[0], : grid.shape[1], : grid.shape[2]
@@ -351,8 +350,6 @@ def _paint_implant(
         if f"femur_{side}" in boxes:
             box, inside = boxes[f"femur_{side}"]
             z = grid.axis(2)[box[0]][:, None, None]
-            from scipy import ndimage
-
             shell = inside & ~ndimage.binary_erosion(inside, iterations=int(rng.integers(5, 9)))
             shell &= np.broadcast_to(z < knee[2] + 25.0, shell.shape)
             metal[box][shell] = Tissue.METAL

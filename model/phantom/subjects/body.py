@@ -201,8 +201,7 @@ def paint_ellipsoid(
     lo = np.floor(grid.index(centre - radii)).astype(int)
     hi = np.ceil(grid.index(centre + radii)).astype(int) + 1
     box = tuple(
-        slice(max(0, min(a, c)), min(n, max(b, d)))
-        for a, b, c, d, n in zip(lo, hi, lo, hi, tissues.shape, strict=True)
+        slice(max(0, int(a)), min(n, int(b))) for a, b, n in zip(lo, hi, tissues.shape, strict=True)
     )
     if any(s.stop <= s.start for s in box):
         return None
@@ -231,7 +230,7 @@ def paint_tube(
         lo = np.floor(grid.index(np.minimum(a, b) - radius)).astype(int)
         hi = np.ceil(grid.index(np.maximum(a, b) + radius)).astype(int) + 1
         box = tuple(
-            slice(max(0, min(p, q)), min(n, max(p, q)))
+            slice(max(0, int(p)), min(n, int(q)))
             for p, q, n in zip(lo, hi, tissues.shape, strict=True)
         )
         if any(s.stop <= s.start for s in box):
