@@ -15,6 +15,7 @@ Pure numpy/scipy, no I/O; each transform is tested on its own (tests/test_synthe
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -23,6 +24,8 @@ from functools import cache
 import numpy as np
 import torch
 from scipy import ndimage
+
+from model.metrics import bounding_box
 
 VOXEL_MM = 0.8
 
@@ -118,10 +121,12 @@ BANK_SIZE = 160
 
 @cache
 def _bank(kind: str, parameter: float) -> np.ndarray:
-    rng = np.random.default_rng([abs(hash(kind)) % 2**32, round(parameter * 1000)])
+    # A stable seed per bank (str hash() differs between processes): the same draws give the
+    # same image in every process.
+    rng = np.random.default_rng([zlib.crc32(kind.encode()), round(parameter * 1000)])
     shape = (BANK_SIZE,) * 3
     if kind == "smooth":
-        return _smooth_field(shape, parameter, rng)
+        return smooth_field(shape, parameter, rng)
     noise = rng.standard_normal(shape).astype(np.float32)
     if kind == "band":
         field = ndimage.gaussian_filter(noise, parameter, mode="wrap") - ndimage.gaussian_filter(
@@ -140,7 +145,7 @@ def random_field(
     cut from the bank with a random offset and flips when it fits, else made afresh."""
     if any(n > BANK_SIZE for n in shape):
         if kind == "smooth":
-            return _smooth_field(shape, parameter, rng)
+            return smooth_field(shape, parameter, rng)
         field = _bank(kind, parameter)
         reps = [int(np.ceil(n / BANK_SIZE)) for n in shape]
         return np.tile(field, reps)[: shape[0], : shape[1], : shape[2]]
@@ -167,16 +172,9 @@ class TissueIntensities:
 def smooth_field(
     shape: Sequence[int], scale_vox: float | Sequence[float], rng: np.random.Generator
 ) -> np.ndarray:
-    """A smooth random field of unit standard deviation, correlation length ``scale_vox``."""
-    return _smooth_field(shape, scale_vox, rng)
-
-
-def _smooth_field(
-    shape: Sequence[int], scale_vox: float | Sequence[float], rng: np.random.Generator
-) -> np.ndarray:
-    """A smooth random field of unit standard deviation with correlation length ``scale_vox``:
-    smoothed noise on a grid a quarter of that scale, interpolated up trilinearly (cheap at any
-    scale)."""
+    """A smooth random field of unit standard deviation with correlation length ``scale_vox``
+    (voxels, one or per axis): smoothed noise on a grid a quarter of that scale, interpolated
+    up trilinearly (cheap at any scale)."""
     scale = np.broadcast_to(np.asarray(scale_vox, dtype=np.float64), (3,))
     step = np.maximum(1.0, scale / 4)
     coarse_shape = [int(np.ceil(n / s)) + 2 for n, s in zip(shape, step, strict=True)]
@@ -217,7 +215,10 @@ class TrabecularTexture:
         spongy = (tissues == Tissue.CANCELLOUS) | (tissues == Tissue.MARROW)
         if not spongy.any():
             return hu
-        box = _bounding_box(spongy, margin=4)
+        box = tuple(
+            slice(max(0, b.start - 4), min(n, b.stop + 4))
+            for b, n in zip(bounding_box(spongy), spongy.shape, strict=True)  # type: ignore[arg-type]
+        )
         scale = float(rng.choice([0.5, 0.75, 1.0]))
         band = random_field(tuple(s.stop - s.start for s in box), "band", scale, rng)
         amplitude = np.zeros(N_TISSUES, np.float32)
@@ -376,14 +377,6 @@ def _resample_axes(
             + np.take(samples, index + 1, axis=axis) * w
         )
     return out.astype(np.float32, copy=False)
-
-
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    idx = [np.nonzero(mask.any(axis=tuple(j for j in range(3) if j != i)))[0] for i in range(3)]
-    return tuple(
-        slice(max(0, int(a[0]) - margin), min(n, int(a[-1]) + margin + 1))
-        for a, n in zip(idx, mask.shape, strict=True)
-    )
 
 
 DEFAULT_CHAIN: tuple[Transform, ...] = (
