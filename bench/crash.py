@@ -43,7 +43,7 @@ from node_process import NodeProcess, destination_toml, start_storescu, storescu
 from peers import OrthancProcess  # noqa: E402
 
 from bench.inference import machine  # noqa: E402
-from dicom_node.phantom_series import write_phantom  # noqa: E402
+from dicom_node.testbed.phantom_series import write_phantom  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "crash.json"
 # Two hips, a knee and an ankle (small phantoms): the shipped weights segment each plausibly,

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.inference import FULL_SEED, machine
-from dicom_node.demo import run_demo
+from dicom_node.testbed.demo import run_demo
 
 RESULTS = Path(__file__).resolve().parent / "results" / "end_to_end.json"
 # Stages that count against the 20 s target: all but the completion wait and inference.

@@ -42,7 +42,7 @@ from hostile import NO_ANSWER, UNSENDABLE, Encoded, HostileSender, Spec  # noqa:
 from node_process import NodeProcess  # noqa: E402
 
 from bench.inference import machine  # noqa: E402
-from dicom_node.receive import MAX_INFLATED_BYTES  # noqa: E402
+from dicom_node.net.receive import MAX_INFLATED_BYTES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fuzz.json"
 RSS_EVERY = 25  # cases between memory samples

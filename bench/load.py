@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # NodeProcess: the real daemon, as the 
 from node_process import PEER_ENV, NodeProcess  # noqa: E402
 
 from bench.inference import machine  # noqa: E402
-from dicom_node.ct_series import PatientInfo, write_ct_series  # noqa: E402
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series  # noqa: E402
 from model.volume_io import Volume  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.json"

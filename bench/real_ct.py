@@ -223,7 +223,7 @@ def load_volume(case: Case) -> Volume:
     would, with no Body Part Examined rule (the issue's head phantom has it removed)."""
     if case.source.is_file():
         return read_volume(case.source)
-    from dicom_node.volume import (
+    from dicom_node.imaging.volume import (
         AssemblyPolicy,
         assemble_volume,
         choose_series,

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from pynetdicom import evt
 
-from dicom_node.config import NodeConfig
-from dicom_node.ct_series import PatientInfo, write_ct_series
-from dicom_node.demo import PEER_ENV, free_port
-from dicom_node.receive import build_ae
-from dicom_node.spool import Spool
+from dicom_node.app.config import NodeConfig
+from dicom_node.net.receive import build_ae
+from dicom_node.pipeline.spool import Spool
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.demo import PEER_ENV, free_port
 from model.volume_io import Volume
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reception.json"
@@ -94,7 +94,7 @@ def run_node(series: Path, work: Path, max_pdu: int) -> float:
         f'[node]\nport = {port}\ndata_dir = "data"\nmax_pdu_size = {max_pdu}\n'
         "[series]\ncomplete_after_s = 600\n"  # no selection during the transfer
     )
-    command = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)]
+    command = [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, process)

@@ -20,8 +20,8 @@ import psutil
 import pytest
 from pydicom import dcmread
 
-from dicom_node.config import Destination
-from dicom_node.demo import PEER_ENV, free_port
+from dicom_node.app.config import Destination
+from dicom_node.testbed.demo import PEER_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "dicom"
@@ -74,7 +74,7 @@ class NodeProcess:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dicom_node.cli", *args, "--config", str(self.config)],
+            [sys.executable, "-m", "dicom_node", *args, "--config", str(self.config)],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -84,7 +84,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,

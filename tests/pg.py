@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.demo import free_port
+from dicom_node.testbed.demo import free_port
 
 # Debian's layout: one directory per major version, none of it on PATH.
 BINARY_GLOB = "/usr/lib/postgresql/*/bin"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import ConfigError, load_config
+from dicom_node.app.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from dicom_node.ct_series import PatientInfo, StudyInfo, write_ct_series
+from dicom_node.testbed.ct_series import PatientInfo, StudyInfo, write_ct_series
 from model.volume_io import Volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

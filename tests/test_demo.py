@@ -26,7 +26,7 @@ def test_demo_gets_the_seg_back_from_the_pacs_and_reports(
         [
             sys.executable,
             "-m",
-            "dicom_node.cli",
+            "dicom_node",
             "demo",
             "--workdir",
             str(tmp_path),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from model.labels import Bone
 from model.volume_io import Volume, write_volume
 

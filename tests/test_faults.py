@@ -15,7 +15,7 @@ from node_process import NodeProcess, destination_toml, start_storescu, storescu
 from peers import OrthancProcess
 from pydicom import dcmread
 
-from dicom_node.phantom_series import write_phantom
+from dicom_node.testbed.phantom_series import write_phantom
 
 DELIVERY = {"backoff_initial_s": 0.5, "backoff_max_s": 1, "max_attempts": 1000}
 

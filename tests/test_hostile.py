@@ -27,8 +27,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.ct_series import PatientInfo, write_ct_series
-from dicom_node.receive import CANNOT_UNDERSTAND, MAX_INFLATED_BYTES, SUCCESS
+from dicom_node.net.receive import CANNOT_UNDERSTAND, MAX_INFLATED_BYTES, SUCCESS
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"  # little endian VR

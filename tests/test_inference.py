@@ -193,7 +193,7 @@ def test_segment_command_writes_labels_sided_map_and_sidecar(
         [
             sys.executable,
             "-m",
-            "dicom_node.cli",
+            "dicom_node",
             "segment",
             str(tmp_path / "ct.nii.gz"),
             "-o",
@@ -232,7 +232,7 @@ def test_segment_command_flags_bones_no_leg_can_have(tmp_path: Path, phantoms: d
     write_volume(Volume(stacked, ankle.spacing, ankle.origin), tmp_path / "ct.nii.gz")
     ct, out = tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz"
     run = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "segment", str(ct), "-o", str(out)],
+        [sys.executable, "-m", "dicom_node", "segment", str(ct), "-o", str(out)],
         capture_output=True,
         text=True,
     )
@@ -255,7 +255,7 @@ def test_segment_command_flags_bones_no_leg_can_have(tmp_path: Path, phantoms: d
 def test_segment_phantom_scores_what_the_node_would_send(tmp_path: Path) -> None:
     """`segment-phantom` scores the labels after the anatomy check; `--no-anatomy-check` the
     raw output. The two differ by exactly the pieces listed as dropped."""
-    from dicom_node.cli import main
+    from dicom_node.app.cli import main
 
     runs = {}
     for flag in ([], ["--no-anatomy-check"]):
@@ -281,7 +281,7 @@ def test_segment_command_rejects_a_missing_file(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "dicom_node.cli",
+            "dicom_node",
             "segment",
             str(tmp_path / "no.nii.gz"),
             "-o",

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from test_ct_series import assert_same_volume, read_series
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from model.volume_io import read_volume
 
 PHANTOM_ARGS = ["phantom", "--seed", "3", "--size", "small"]

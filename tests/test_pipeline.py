@@ -23,12 +23,12 @@ from node_process import ROOT, NodeProcess, destination_toml, require, storescu
 from peers import OrthancProcess
 from pydicom import dcmread
 
-from dicom_node.config import Config, DeliveryConfig, Destination
-from dicom_node.ct_series import PatientInfo, write_ct_series
-from dicom_node.deliver import backoff_s, next_attempt_at
-from dicom_node.phantom_series import write_phantom
-from dicom_node.segment import resolve_targets
-from dicom_node.state import Target, utcnow
+from dicom_node.app.config import Config, DeliveryConfig, Destination
+from dicom_node.pipeline.deliver import backoff_s, next_attempt_at
+from dicom_node.pipeline.segment import resolve_targets
+from dicom_node.pipeline.state import Target, utcnow
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import BONE_NAMES
 from model.volume_io import Volume, read_volume
 
@@ -224,7 +224,7 @@ def test_offline_segment_writes_a_valid_seg(tmp_path: Path, hip_phantom: dict[st
         [
             sys.executable,
             "-m",
-            "dicom_node.cli",
+            "dicom_node",
             "segment",
             str(hip_phantom["ct"]),
             "-o",

@@ -27,9 +27,9 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import create_engine, event, text
 
-from dicom_node.ct_series import PatientInfo, write_ct_series
-from dicom_node.spool import SpooledFile
-from dicom_node.state import NodeState, ReceivedInstance, Recorded
+from dicom_node.pipeline.spool import SpooledFile
+from dicom_node.pipeline.state import NodeState, ReceivedInstance, Recorded
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 
 PATIENT = PatientInfo(name="POSTGRES^TESTPATIENT", patient_id="PID-POSTGRES-0815")

@@ -40,7 +40,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 
 J2K = JPEG2000Lossless

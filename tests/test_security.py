@@ -27,14 +27,14 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.access import start_server
-from dicom_node.config import Destination, NodeConfig
-from dicom_node.ct_series import PatientInfo, write_ct_series
-from dicom_node.receive import build_ae
-from dicom_node.seg import AlgorithmInfo, SegWriter
-from dicom_node.send import send_files
-from dicom_node.tls import server_context
-from dicom_node.volume import assemble_volume
+from dicom_node.app.config import Destination, NodeConfig
+from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
+from dicom_node.imaging.volume import assemble_volume
+from dicom_node.net.access import start_server
+from dicom_node.net.receive import build_ae
+from dicom_node.net.send import send_files
+from dicom_node.net.tls import server_context
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 
 # Distinctive values that must never reach a log line.

@@ -25,9 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 
 from dicom_node import __version__
-from dicom_node.codes import BONE_CODES, SEGMENTS
-from dicom_node.phantom_series import write_phantom
-from dicom_node.seg import (
+from dicom_node.imaging.codes import BONE_CODES, SEGMENTS
+from dicom_node.imaging.seg import (
     AlgorithmInfo,
     SegError,
     SegWriter,
@@ -35,7 +34,8 @@ from dicom_node.seg import (
     save,
     seg_uids,
 )
-from dicom_node.volume import AssembledVolume, AssemblyPolicy, assemble_volume
+from dicom_node.imaging.volume import AssembledVolume, AssemblyPolicy, assemble_volume
+from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import Bone, Side, sided_label
 from model.volume_io import Volume, read_volume
 from model.weights import DEFAULT_WEIGHTS

@@ -22,9 +22,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 
-from dicom_node.config import Destination
-from dicom_node.ct_series import PatientInfo, write_ct_series
-from dicom_node.send import SUCCESS, UnreadableFileError, echo, send_files
+from dicom_node.app.config import Destination
+from dicom_node.net.send import SUCCESS, UnreadableFileError, echo, send_files
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 
 CALLING_AE = "BONESEG"

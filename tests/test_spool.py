@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.ct_series import PatientInfo, write_ct_series
-from dicom_node.receive import Reception
-from dicom_node.spool import LowDiskSpaceError, Spool, write_durably
-from dicom_node.state import NodeState, Recorded
+from dicom_node.net.receive import Reception
+from dicom_node.pipeline.spool import LowDiskSpaceError, Spool, write_durably
+from dicom_node.pipeline.state import NodeState, Recorded
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 
 
@@ -29,7 +29,7 @@ def test_watermark_refuses_before_writing_and_logs_once(
     spool = Spool(tmp_path / "spool")
     free = spool.free_bytes()
     spool.min_free_bytes = free + (1 << 30)  # more than the disk has: every write refused
-    with caplog.at_level(logging.INFO, logger="dicom_node.spool"):
+    with caplog.at_level(logging.INFO, logger="dicom_node.pipeline.spool"):
         for _ in range(3):
             with pytest.raises(LowDiskSpaceError) as refused:
                 spool.write([b"DICM"])

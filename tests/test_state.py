@@ -13,12 +13,11 @@ from pg import PostgresServer, running_postgres
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import select
 
-from dicom_node.config import RetentionConfig
-from dicom_node.ct_series import PatientInfo, write_ct_series
-from dicom_node.receive import Reception
-from dicom_node.retention import purge_expired
-from dicom_node.spool import Spool, SpooledFile
-from dicom_node.state import (
+from dicom_node.app.config import RetentionConfig
+from dicom_node.net.receive import Reception
+from dicom_node.pipeline.retention import purge_expired
+from dicom_node.pipeline.spool import Spool, SpooledFile
+from dicom_node.pipeline.state import (
     TRANSITIONS,
     Delivery,
     IllegalTransitionError,
@@ -32,6 +31,7 @@ from dicom_node.state import (
     _transition,
     utcnow,
 )
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 
 

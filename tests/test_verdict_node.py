@@ -20,8 +20,8 @@ from node_process import NodeProcess, destination_toml, require_data
 from peers import StoreSCP
 from pydicom import dcmread
 
-from dicom_node.config import Config
-from dicom_node.ct_series import PatientInfo, write_ct_series
+from dicom_node.app.config import Config
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.phantom import generate_phantom
 
 HEAD_SERIES = ("dcm_qa_ct/Philips/S21570/S2010", "dcm_qa_ct/Philips/S21610/S2010")

@@ -23,11 +23,10 @@ import pytest
 from node_process import ROOT, require_data
 from pydicom.dataset import Dataset
 
-from dicom_node.codes import SEGMENTS
-from dicom_node.config import Config
-from dicom_node.phantom_series import write_phantom
-from dicom_node.seg import AlgorithmInfo, SegWriter, labels_on_frames, save
-from dicom_node.volume import (
+from dicom_node.app.config import Config
+from dicom_node.imaging.codes import SEGMENTS
+from dicom_node.imaging.seg import AlgorithmInfo, SegWriter, labels_on_frames, save
+from dicom_node.imaging.volume import (
     AssembledVolume,
     AssemblyPolicy,
     assemble_volume,
@@ -35,7 +34,8 @@ from dicom_node.volume import (
     read_headers,
     survey_series,
 )
-from dicom_node.worker import build_segmenter, build_writer, save_seg, segment_series
+from dicom_node.pipeline.worker import build_segmenter, build_writer, save_seg, segment_series
+from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import Bone, Side, sided_label
 
 VIEWER = ROOT / "tests" / "viewer"

@@ -32,8 +32,8 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
-from dicom_node.cli import main
-from dicom_node.volume import (
+from dicom_node.app.cli import main
+from dicom_node.imaging.volume import (
     AssembledVolume,
     AssemblyError,
     AssemblyPolicy,
@@ -663,7 +663,7 @@ def test_zero_or_negative_slice_thickness_is_unknown(tmp_path: Path) -> None:
 
 
 def test_model_spacing_matches_the_network() -> None:
-    from dicom_node.volume import MODEL_SPACING_MM
+    from dicom_node.imaging.volume import MODEL_SPACING_MM
     from model.network import CascadeConfig
 
     assert CascadeConfig().spacing_mm == MODEL_SPACING_MM
@@ -692,7 +692,7 @@ def test_cli_assembles_the_qualifying_series(
 def test_cli_takes_the_policy_from_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dicom_node.config import Config
+    from dicom_node.app.config import Config
 
     if not hasattr(Config().series, "gantry_tilt"):
         pytest.skip("config.py's [series] section has no AssemblyPolicy keys yet")

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from model.labels import Bone, Side, sided_label, unsided_labels
 from model.network import CascadeConfig, CascadedVNet
 from model.postprocess import (

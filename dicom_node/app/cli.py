@@ -73,8 +73,8 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 
 def _segmenter(args: argparse.Namespace) -> Segmenter:
     """A Segmenter from the config's [inference] section, with command-line overrides."""
-    from dicom_node.config import InferenceConfig, load_config
-    from dicom_node.worker import build_segmenter
+    from dicom_node.app.config import InferenceConfig, load_config
+    from dicom_node.pipeline.worker import build_segmenter
 
     config = load_config(args.config).inference if args.config else InferenceConfig()
     overrides = {
@@ -112,7 +112,7 @@ def _add_phantom(sub: SubParsers) -> None:
 
 
 def _phantom(args: argparse.Namespace) -> int:
-    from dicom_node.phantom_series import write_phantom
+    from dicom_node.testbed.phantom_series import write_phantom
 
     spacing = tuple(args.spacing) if args.spacing else None
     paths = write_phantom(
@@ -277,9 +277,9 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     """The daemon's volume -> segment -> SEG path, offline, on one folder."""
     import json
 
-    from dicom_node.config import Config, UnsurePolicy, load_config
-    from dicom_node.volume import choose_series, read_headers, survey_series
-    from dicom_node.worker import build_writer, save_seg, segment_series
+    from dicom_node.app.config import Config, UnsurePolicy, load_config
+    from dicom_node.imaging.volume import choose_series, read_headers, survey_series
+    from dicom_node.pipeline.worker import build_writer, save_seg, segment_series
 
     config = load_config(args.config) if args.config else Config()
     survey = choose_series(survey_series(read_headers([args.input]), config.series), args.series)
@@ -404,8 +404,8 @@ def _add_assemble(sub: SubParsers) -> None:
 def _assemble(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from dicom_node.config import load_config
-    from dicom_node.volume import (
+    from dicom_node.app.config import load_config
+    from dicom_node.imaging.volume import (
         AssemblyPolicy,
         assemble_volume,
         choose_series,
@@ -452,8 +452,8 @@ def _add_serve(sub: SubParsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dicom_node.config import load_config
-    from dicom_node.daemon import serve
+    from dicom_node.app.config import load_config
+    from dicom_node.app.daemon import serve
 
     # pynetdicom's debug output dumps datasets: never below INFO, so no identifiers in logs.
     logging.getLogger("pynetdicom").setLevel(logging.INFO if args.verbose else logging.WARNING)
@@ -489,8 +489,8 @@ def _report(value: Any, as_json: bool, render: Callable[[Any], Any]) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dicom_node.config import load_config
-    from dicom_node.status import node_status, render
+    from dicom_node.app.config import load_config
+    from dicom_node.app.status import node_status, render
 
     return _report(node_status(load_config(args.config), args.limit), args.json, render)
 
@@ -508,8 +508,8 @@ def _add_jobs(sub: SubParsers) -> None:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from dicom_node.config import load_config
-    from dicom_node.status import recent_jobs, render_jobs
+    from dicom_node.app.config import load_config
+    from dicom_node.app.status import recent_jobs, render_jobs
 
     jobs = recent_jobs(load_config(args.config), args.limit)
     if args.state:
@@ -526,9 +526,9 @@ def _add_job(sub: SubParsers) -> None:
 
 
 def _job(args: argparse.Namespace) -> int:
-    from dicom_node.config import load_config
-    from dicom_node.state import NodeState
-    from dicom_node.status import job_report, render_job
+    from dicom_node.app.config import load_config
+    from dicom_node.app.status import job_report, render_job
+    from dicom_node.pipeline.state import NodeState
 
     with closing(NodeState(load_config(args.config).node.database_url)) as state:
         report = job_report(state, args.id)
@@ -575,8 +575,8 @@ def _add_job_commands(sub: SubParsers) -> None:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from dicom_node.config import load_config
-    from dicom_node.state import NodeState
+    from dicom_node.app.config import load_config
+    from dicom_node.pipeline.state import NodeState
 
     state = NodeState(load_config(args.config).node.database_url)
     try:
@@ -587,9 +587,9 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _release(args: argparse.Namespace) -> int:
-    from dicom_node.config import load_config
-    from dicom_node.segment import resolve_targets
-    from dicom_node.state import NodeState
+    from dicom_node.app.config import load_config
+    from dicom_node.pipeline.segment import resolve_targets
+    from dicom_node.pipeline.state import NodeState
 
     config = load_config(args.config)
     with closing(NodeState(config.node.database_url)) as state:
@@ -599,8 +599,8 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _reject(args: argparse.Namespace) -> int:
-    from dicom_node.config import load_config
-    from dicom_node.state import NodeState
+    from dicom_node.app.config import load_config
+    from dicom_node.pipeline.state import NodeState
 
     with closing(NodeState(load_config(args.config).node.database_url)) as state:
         print(f"job {args.id}: {state.reject(args.id)}")
@@ -615,8 +615,8 @@ def _add_echo(sub: SubParsers) -> None:
 
 
 def _echo(args: argparse.Namespace) -> int:
-    from dicom_node.config import load_config
-    from dicom_node.send import echo
+    from dicom_node.app.config import load_config
+    from dicom_node.net.send import echo
 
     config = load_config(args.config)
     destination = config.destination(args.destination)
@@ -661,7 +661,7 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from dicom_node.demo import run_demo
+    from dicom_node.testbed.demo import run_demo
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
     report = run_demo(workdir, args.seed, args.size, args.region, args.threads, args.pacs)

@@ -35,13 +35,13 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 
-from dicom_node.codes import SEGMENTS
-from dicom_node.config import Destination, load_config
-from dicom_node.phantom_series import write_phantom
-from dicom_node.send import send_files
-from dicom_node.state import NodeState
-from dicom_node.status import job_report
-from dicom_node.volume import assemble_volume
+from dicom_node.app.config import Destination, load_config
+from dicom_node.app.status import job_report
+from dicom_node.imaging.codes import SEGMENTS
+from dicom_node.imaging.volume import assemble_volume
+from dicom_node.net.send import send_files
+from dicom_node.pipeline.state import NodeState
+from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import BONE_NAMES, unsided_labels
 from model.metrics import dice
 from model.volume_io import read_volume
@@ -216,7 +216,7 @@ class NodeUnderDemo:
         )
         with (self.directory / "node.log").open("ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )

@@ -7,8 +7,8 @@ gantry-tilted or irregularly spaced series the volume's slices are not the sourc
 `SourceGeometry.resample_to_frames` does, without its SimpleITK call per frame).
 
 The SEG is BINARY (bit-packed frames, Explicit VR Little Endian: what every viewer reads), one
-segment per sided label present, coded by `dicom_node.codes`. Frames where a segment is empty
-are left out. Patient, study and frame of reference come from the source headers (highdicom
+segment per sided label present, coded by `dicom_node.imaging.codes`. Frames where a segment is
+empty are left out. Patient, study and frame of reference come from the source headers (highdicom
 copies them), so the SEG lands in the source study.
 
 UIDs are derived, not random (`seg_uids`): the same source series, model and generation give
@@ -41,8 +41,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, TM
 
 from dicom_node import __version__
-from dicom_node.codes import SEGMENTS, SegmentDefinition
-from dicom_node.volume import AssembledVolume, SourceGeometry
+from dicom_node.imaging.codes import SEGMENTS, SegmentDefinition
+from dicom_node.imaging.volume import AssembledVolume, SourceGeometry
 from model.postprocess import label_counts
 from model.volume_io import Volume
 

@@ -39,7 +39,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicom_node.config import Config, IPNetwork, NodeConfig
+from dicom_node.app.config import Config, IPNetwork, NodeConfig
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.config import NodeConfig
-from dicom_node.spool import LowDiskSpaceError, Spool, SpooledFile
-from dicom_node.state import NodeState, ReceivedInstance, Recorded
+from dicom_node.app.config import NodeConfig
+from dicom_node.pipeline.spool import LowDiskSpaceError, Spool, SpooledFile
+from dicom_node.pipeline.state import NodeState, ReceivedInstance, Recorded
 
 log = logging.getLogger(__name__)
 

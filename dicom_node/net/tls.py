@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ssl
 
-from dicom_node.config import ConfigError, Destination, NodeConfig
+from dicom_node.app.config import ConfigError, Destination, NodeConfig
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 

@@ -15,9 +15,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from dicom_node.config import Config
-from dicom_node.daemon import running_daemon
-from dicom_node.state import NodeState, Series, SeriesState
+from dicom_node.app.config import Config
+from dicom_node.app.daemon import running_daemon
+from dicom_node.pipeline.state import NodeState, Series, SeriesState
 from model.verdict import Verdict
 
 RECENT_SERIES = 20

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from apscheduler.schedulers.base import BaseScheduler
 
-from dicom_node.config import RetentionConfig
-from dicom_node.spool import Spool
-from dicom_node.state import NodeState, utcnow
+from dicom_node.app.config import RetentionConfig
+from dicom_node.pipeline.spool import Spool
+from dicom_node.pipeline.state import NodeState, utcnow
 
 log = logging.getLogger(__name__)
 

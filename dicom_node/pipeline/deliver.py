@@ -18,9 +18,9 @@ from pathlib import Path
 
 from apscheduler.schedulers.base import BaseScheduler
 
-from dicom_node.config import Config, DeliveryConfig, Destination
-from dicom_node.send import send_files
-from dicom_node.state import DeliveryJob, NodeState, utcnow
+from dicom_node.app.config import Config, DeliveryConfig, Destination
+from dicom_node.net.send import send_files
+from dicom_node.pipeline.state import DeliveryJob, NodeState, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from dicom_node.spool import SpooledFile
+from dicom_node.pipeline.spool import SpooledFile
 
 log = logging.getLogger(__name__)
 

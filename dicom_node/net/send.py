@@ -40,8 +40,8 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from dicom_node.config import Destination
-from dicom_node.tls import client_context
+from dicom_node.app.config import Destination
+from dicom_node.net.tls import client_context
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from dicom_node.config import Config, UnsurePolicy
-from dicom_node.spool import Spool
-from dicom_node.state import Job, NodeState, Target
-from dicom_node.worker import InferenceWorker, WorkerLostError, WorkOutcome, WorkRequest
+from dicom_node.app.config import Config, UnsurePolicy
+from dicom_node.pipeline.spool import Spool
+from dicom_node.pipeline.state import Job, NodeState, Target
+from dicom_node.pipeline.worker import InferenceWorker, WorkerLostError, WorkOutcome, WorkRequest
 
 log = logging.getLogger(__name__)
 

@@ -33,17 +33,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.access import check_permissions, start_server
-from dicom_node.config import Config
-from dicom_node.deliver import DeliveryStage
-from dicom_node.receive import Reception, build_ae, event_handlers
-from dicom_node.retention import schedule_retention
-from dicom_node.segment import SegmentationStage
-from dicom_node.series import SeriesCompletion
-from dicom_node.spool import Spool
-from dicom_node.state import NodeState
-from dicom_node.tls import server_context
-from dicom_node.worker import InferenceWorker
+from dicom_node.app.config import Config
+from dicom_node.net.access import check_permissions, start_server
+from dicom_node.net.receive import Reception, build_ae, event_handlers
+from dicom_node.net.tls import server_context
+from dicom_node.pipeline.completion import SeriesCompletion
+from dicom_node.pipeline.deliver import DeliveryStage
+from dicom_node.pipeline.retention import schedule_retention
+from dicom_node.pipeline.segment import SegmentationStage
+from dicom_node.pipeline.spool import Spool
+from dicom_node.pipeline.state import NodeState
+from dicom_node.pipeline.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ On completion the spooled headers go through `volume.select_series`: the series 
 with the reason (scout, secondary capture, too few slices, ...) or `queued` for segmentation.
 
 Instances arriving after completion reopen the series (back to `receiving`, a new idle window,
-`generation` + 1; see `dicom_node.state`). The earlier result is superseded: the next
+`generation` + 1; see `dicom_node.pipeline.state`). The earlier result is superseded: the next
 segmentation covers the whole series and its SEG gets a new SeriesInstanceUID. A selection
 made on an older generation is discarded rather than applied.
 """
@@ -28,10 +28,10 @@ from datetime import datetime, timedelta
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.config import SeriesConfig
-from dicom_node.spool import Spool
-from dicom_node.state import NodeState, Recorded, utcnow
-from dicom_node.volume import read_headers, select_series
+from dicom_node.app.config import SeriesConfig
+from dicom_node.imaging.volume import read_headers, select_series
+from dicom_node.pipeline.spool import Spool
+from dicom_node.pipeline.state import NodeState, Recorded, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import Any
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
-from dicom_node.config import Config, InferenceConfig, UnsurePolicy
-from dicom_node.seg import AlgorithmInfo, SegWriter
-from dicom_node.spool import write_durably
-from dicom_node.volume import AssemblyError, AssemblyPolicy, assemble_volume
+from dicom_node.app.config import Config, InferenceConfig, UnsurePolicy
+from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
+from dicom_node.imaging.volume import AssemblyError, AssemblyPolicy, assemble_volume
+from dicom_node.pipeline.spool import write_durably
 from model.verdict import Verdict
 from model.volume_io import Volume
 

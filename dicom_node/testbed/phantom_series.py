@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from dicom_node.ct_series import PatientInfo, StudyInfo, write_ct_series
+from dicom_node.testbed.ct_series import PatientInfo, StudyInfo, write_ct_series
 from model.phantom import Phantom, generate_phantom, write_phantom_nifti, write_phantom_truth
 
 PHANTOM_FORMATS = ("dicom", "nifti")

@@ -1,0 +1,1 @@
+"""The node's front ends and wiring: configuration, the daemon, status reporting and the CLI."""
