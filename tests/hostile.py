@@ -58,8 +58,9 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
-from dicom_node.net.receive import CANNOT_UNDERSTAND, SUCCESS, UID_PATTERN
+from dicom_node.net.receive import UID_PATTERN
 from dicom_node.net.send import prepare_requestor
+from dicom_node.net.statuses import CANNOT_UNDERSTAND, SUCCESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.net.receive import OUT_OF_RESOURCES, SUCCESS
+from dicom_node.net.statuses import OUT_OF_RESOURCES, SUCCESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 

@@ -27,7 +27,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.net.receive import CANNOT_UNDERSTAND, MAX_INFLATED_BYTES, SUCCESS
+from dicom_node.net.receive import MAX_INFLATED_BYTES
+from dicom_node.net.statuses import CANNOT_UNDERSTAND, SUCCESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 

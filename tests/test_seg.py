@@ -31,10 +31,10 @@ from dicom_node.imaging.seg import (
     SegError,
     SegWriter,
     labels_on_frames,
-    save,
     seg_uids,
 )
 from dicom_node.imaging.volume import AssembledVolume, AssemblyPolicy, assemble_volume
+from dicom_node.pipeline.inference import save_seg
 from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import Bone, Side, sided_label
 from model.volume_io import Volume, read_volume
@@ -80,7 +80,7 @@ def write_and_read(
 ) -> hd.seg.Segmentation:
     dataset = writer.write(case.assembled, case.sided, generation)
     assert dataset is not None
-    save(dataset, path)
+    save_seg(dataset, path)
     return hd.seg.segread(path)
 
 

@@ -23,7 +23,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 
 from dicom_node.app.config import Destination
-from dicom_node.net.send import SUCCESS, UnreadableFileError, echo, send_files
+from dicom_node.net.send import UnreadableFileError, echo, send_files
+from dicom_node.net.statuses import SUCCESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from model.volume_io import Volume
 

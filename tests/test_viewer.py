@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.app.config import Config
 from dicom_node.imaging.codes import SEGMENTS
-from dicom_node.imaging.seg import AlgorithmInfo, SegWriter, labels_on_frames, save
+from dicom_node.imaging.seg import AlgorithmInfo, SegWriter, labels_on_frames
 from dicom_node.imaging.volume import (
     AssembledVolume,
     AssemblyPolicy,
@@ -34,7 +34,7 @@ from dicom_node.imaging.volume import (
     read_headers,
     survey_series,
 )
-from dicom_node.pipeline.worker import build_segmenter, build_writer, save_seg, segment_series
+from dicom_node.pipeline.inference import build_segmenter, build_writer, save_seg, segment_series
 from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import Bone, Side, sided_label
 
@@ -168,7 +168,8 @@ def test_dcmjs_decodes_a_seg_of_a_tilted_irregular_real_series(tmp_path: Path) -
     writer = SegWriter(AlgorithmInfo("threshold", "1.0", hashlib.sha256(b"300 HU").hexdigest()))
     dataset = writer.write(assembled, labels)
     assert dataset is not None
-    path = save(dataset, tmp_path / "seg.dcm")
+    path = tmp_path / "seg.dcm"
+    save_seg(dataset, path)
     mask = labels_on_frames(labels, assembled.source_geometry)
     read = assert_dcmjs_decodes_the_node_mask(
         node, NodeSeg(path, ct_dir, dataset, source_uids(assembled), mask)

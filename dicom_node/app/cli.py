@@ -15,6 +15,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.logs import OneLineFormatter
+
 if TYPE_CHECKING:  # torch loads only when a command needs it: `--help` stays fast
     from model.inference import Segmenter
 
@@ -74,7 +76,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
 def _segmenter(args: argparse.Namespace) -> Segmenter:
     """A Segmenter from the config's [inference] section, with command-line overrides."""
     from dicom_node.app.config import InferenceConfig, load_config
-    from dicom_node.pipeline.worker import build_segmenter
+    from dicom_node.pipeline.inference import build_segmenter
 
     config = load_config(args.config).inference if args.config else InferenceConfig()
     overrides = {
@@ -279,7 +281,7 @@ def _segment_dicom(args: argparse.Namespace) -> int:
 
     from dicom_node.app.config import Config, UnsurePolicy, load_config
     from dicom_node.imaging.volume import choose_series, read_headers, survey_series
-    from dicom_node.pipeline.worker import build_writer, save_seg, segment_series
+    from dicom_node.pipeline.inference import build_writer, save_seg, segment_series
 
     config = load_config(args.config) if args.config else Config()
     survey = choose_series(survey_series(read_headers([args.input]), config.series), args.series)
@@ -691,15 +693,6 @@ def _demo(args: argparse.Namespace) -> int:
         "Synthetic phantom: these figures show the pipeline works, not clinical accuracy."
     )
     return 0
-
-
-class OneLineFormatter(logging.Formatter):
-    """Escapes control characters in messages: a value a peer sent (a UID with a newline,
-    quoted by pynetdicom) must not be able to forge a log line. Tracebacks stay multi-line."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
-        text = super().formatMessage(record)
-        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,6 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from highdicom import AlgorithmIdentificationSequence
@@ -479,10 +478,3 @@ class SegWriter:
         for index, ref in enumerate(refs):
             ordered[(ref.frame_number or 1) - 1] = frames[index]
         return [source], ordered
-
-
-def save(dataset: Dataset, path: str | Path) -> Path:
-    """Write `dataset` as a DICOM file (no fsync: the caller owns durability)."""
-    path = Path(path)
-    dataset.save_as(path, enforce_file_format=True)
-    return path

@@ -69,6 +69,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from dicom_node.logs import escape
 from model.resample import AIR_HU
 from model.volume_io import Volume
 
@@ -192,9 +193,7 @@ class AssemblyError(ValueError):
     hostile value cannot forge a log line."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(
-            "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in reason)
-        )
+        super().__init__(escape(reason))
 
 
 @dataclass(frozen=True)

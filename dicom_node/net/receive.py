@@ -41,15 +41,13 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.app.config import NodeConfig
+from dicom_node.logs import escape
+from dicom_node.net.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from dicom_node.pipeline.spool import LowDiskSpaceError, Spool, SpooledFile
 from dicom_node.pipeline.state import NodeState, ReceivedInstance, Recorded
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses (PS3.4 Table B.2-1).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # could not store: disk (or below node.min_free_mb), database
-CANNOT_UNDERSTAND = 0xC000  # could not make sense of the dataset
 # A UID as reception takes it: 1 to 64 printable ASCII characters other than space, '/' and
 # '\'. Looser than PS3.5 9.1 (digits and dots), because archives hold a few non-conformant
 # UIDs that are still unique; strict where it matters: no NUL, newline, escape sequence or
@@ -204,8 +202,7 @@ def _inflate_head(data: memoryview) -> BytesIO:
 def _describe(error: BaseException) -> str:
     """An exception for a log line: its type and message, control characters escaped and
     cut short (messages about hostile data quote it)."""
-    text = f"{type(error).__name__}: {error}"[:300]
-    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode() for c in text)
+    return escape(f"{type(error).__name__}: {error}", limit=300)
 
 
 def handle_store(event: Event, reception: Reception) -> int:

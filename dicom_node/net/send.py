@@ -41,11 +41,11 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from dicom_node.app.config import Destination
+from dicom_node.net.statuses import SUCCESS
 from dicom_node.net.tls import client_context
 
 log = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
 # PS3.8 9.3.2.2: presentation context IDs are the odd numbers 1..255.
 MAX_CONTEXTS = 128
 # A wait that took this share of its time-out is taken for the time-out having expired.

@@ -1,0 +1,137 @@
+"""Series files in, a SEG dataset (or "no findings", or a reason it failed) out.
+
+`segment_series` is the whole volume -> segment -> SEG stage as one function, with no process
+or queue around it: the offline `dicom-node segment DICOM_DIR -o seg.dcm` calls it directly, the
+daemon through `dicom_node.pipeline.worker`, which runs it in a process of its own.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+
+from dicom_node.app.config import Config, InferenceConfig
+from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
+from dicom_node.imaging.volume import AssemblyError, AssemblyPolicy, assemble_volume
+from dicom_node.pipeline.spool import write_durably
+from model.verdict import Verdict
+from model.volume_io import Volume
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    """What became of a series: a SEG (dataset) or none (no bone, or failed with a reason)."""
+
+    dataset: Dataset | None
+    reason: str | None  # why it failed; None for a SEG or no findings
+    summary: dict[str, Any] = field(default_factory=dict)  # segments, timings, notes
+    labels: Volume | None = None  # the sided labels the SEG encodes (misplaced pieces left out)
+
+    @property
+    def no_findings(self) -> str | None:
+        """Why there is no SEG of a series that did not fail."""
+        return self.summary.get("no_findings")
+
+    @property
+    def failed(self) -> bool:
+        return self.reason is not None
+
+
+def build_segmenter(config: InferenceConfig, anatomy_check: bool = True) -> Any:
+    """The cascade from the [inference] section (imported here: torch loads slowly); the CLI
+    can leave the anatomy check out to score the raw output."""
+    from model.inference import InferenceSettings, Segmenter
+    from model.weights import DEFAULT_WEIGHTS
+
+    settings = InferenceSettings(
+        strategy=config.strategy,
+        device=config.device,
+        precision=config.precision,
+        threads=config.threads or None,
+        anatomy_check=anatomy_check,
+    )
+    return Segmenter(Path(config.weights) if config.weights else DEFAULT_WEIGHTS, settings)
+
+
+def build_writer(config: Config, segmenter: Any) -> SegWriter:
+    """The SEG writer for this model (named by its weights' hash) and the [seg] section."""
+    return SegWriter(
+        AlgorithmInfo.from_metadata(segmenter.metadata),
+        series_number=config.seg.series_number,
+        series_description=config.seg.series_description,
+    )
+
+
+NO_BONE = "none of the six bones found"
+
+
+def segment_series(
+    paths: list[Path],
+    policy: AssemblyPolicy,
+    segmenter: Any,
+    writer: SegWriter,
+    generation: int = 1,
+    mark_unsure: bool = False,
+) -> SeriesResult:
+    """Assemble the series, segment it, write its SEG dataset (not yet to disk).
+
+    A series that cannot be assembled fails with the assembler's reason; a volume without any
+    of the six bones, or whose segmentation is implausible (`model.verdict`: bones where no
+    lower extremity has them, bones no adult has, a model unsure of much of it), is "no
+    findings" (no SEG), with the reason in the summary; a few misplaced bones are left out of
+    the SEG. `mark_unsure`: a SEG the verdict is unsure of says UNVERIFIED and why in its
+    Series Description and each segment's description.
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    try:
+        assembled = assemble_volume(paths, policy)
+    except AssemblyError as error:
+        return SeriesResult(None, f"cannot assemble: {error}")
+    timings["assemble_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # The segmentation comes checked for anatomical sense (`model.anatomy`): misplaced pieces
+    # are already left out of it, and an implausible one gets no SEG.
+    segmentation = segmenter.segment(assembled.volume)
+    timings["segment_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    assessment, sided = segmentation.assessment, segmentation.sided
+    dataset = None
+    if assessment.verdict is not Verdict.IMPLAUSIBLE:
+        unsure = mark_unsure and assessment.verdict is Verdict.UNSURE
+        notes = assessment.segment_notes() if unsure else None
+        dataset = writer.write(assembled, sided, generation, unverified=notes)
+    timings["seg_encode_s"] = time.perf_counter() - t
+    reported = ("segments", "dropped_as_misplaced", "implausible", "verdict")
+    summary = {
+        "series_instance_uid": assembled.series_instance_uid,
+        "frames": len(assembled.frames),
+        "notes": assembled.notes,
+        "segments": segmentation.summary["segments"],
+        # Pieces found where no lower extremity has them (model/anatomy.py): not in the SEG.
+        "dropped_as_misplaced": segmentation.summary["dropped_as_misplaced"],
+        # How far to trust it (model/verdict.py): what the node does with it follows.
+        "verdict": segmentation.summary["verdict"],
+        "inference": {k: v for k, v in segmentation.summary.items() if k not in reported},
+        "timings_s": {
+            **{k: round(v, 3) for k, v in timings.items()},
+            "inference_detail": segmentation.timings,
+        },
+    }
+    if dataset is None:
+        implausible = assessment.verdict is Verdict.IMPLAUSIBLE
+        summary["no_findings"] = assessment.headline() if implausible else NO_BONE
+    return SeriesResult(dataset, None, summary, sided if dataset is not None else None)
+
+
+def save_seg(dataset: Dataset, path: Path) -> int:
+    """Write a SEG durably (see `spool.write_durably`); returns its size in bytes."""
+    buffer = io.BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return write_durably(path, [buffer.getbuffer()])
