@@ -8,7 +8,9 @@ In the order a connection meets them:
 2. At association: the peer address allow-list (`PeerPolicy`, here), then the called AE title
    and the calling-AE allow-list (pynetdicom, configured in `receive.build_ae`). Every
    rejection is logged with the peer's address and AE titles, never anything from a dataset.
-3. At start: the config file and data_dir must not be world-writable (`check_permissions`).
+3. At start: a warning for each of the config file, data_dir and weights that anyone on the
+   machine can write, and for a TLS key anyone can read (`check_permissions`); the node still
+   starts, the operator decides.
 
 pynetdicom's own server needs two of these changes. It does the TLS handshake in the thread
 that accepts connections, without a time-out: one peer that connects to a TLS port and says
