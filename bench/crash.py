@@ -47,8 +47,7 @@ from dicom_node.testbed.phantom_series import write_phantom  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "crash.json"
 # Two hips, a knee and an ankle (small phantoms): the shipped weights segment each plausibly,
-# so every series should end `done` with a SEG at the PACS. (Session 3's weights ended most
-# knees and ankles `no_findings`, and the rounds sent only hips until session 10.)
+# so every series should end `done` with a SEG at the PACS.
 PHANTOM_SEEDS = (1003, 1004, 2010, 1001)
 FINAL = {"done", "no_findings", "failed", "skipped"}
 DELIVERY = {"backoff_initial_s": 0.5, "backoff_max_s": 2, "max_attempts": 1000}

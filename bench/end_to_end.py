@@ -2,10 +2,10 @@
 
     python -m bench.end_to_end [--seed 4242] [--out bench/results/end_to_end.json]
 
-Runs `make demo`'s pipeline (`dicom_node.demo.run_demo`: real node process, real Orthanc,
+Runs `make demo`'s pipeline (`dicom_node.testbed.demo.run_demo`: real node process, real Orthanc,
 C-STORE both ways) on the inference benchmark's phantom (whole legs at 0.8 mm, 512 x 512 x
 1442) and splits the time from the first instance sent to the SEG stored at the PACS by
-stage, from the node's own job timeline. The target (issue 4): everything except the
+stage, from the node's own job timeline. The target: everything except the
 completion wait and inference under 20 s.
 """
 

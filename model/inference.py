@@ -183,7 +183,7 @@ class ScaledInputs:
     def region(self, stage: int, box: Box) -> Tensor:
         """The stage's input over `box` (its own grid). Beyond the scan's end (the padding up to
         whole patches) the scan's last plane repeats, not air: cut through a hip, a wall of air
-        at the cut made the hip crops' labels worse (session 11, bench/README.md)."""
+        at the cut made the hip crops' labels worse (bench/README.md)."""
         f = self.config.factors[stage]
         hu = extract(self.hu, [b.start * f for b in box], [(b.stop - b.start) * f for b in box])
         x = torch.from_numpy(normalise_hu(hu, self.config.hu_window))
@@ -356,7 +356,7 @@ class Segmenter:
         size, stride = self.config.patch_sizes[0], self.paper_stride
         # No margin before the scan: with air there, as `fast` had after it, the hip crop
         # 2001's labels agreed with `fast`'s at 0.979 (femur) and 0.973 (hip bone) against
-        # 0.985 and 0.981 without (session 11).
+        # 0.985 and 0.981 without.
         starts = [window_starts(n, size, stride, self.config.factors[0]) for n in hu.shape]
         inputs = ScaledInputs(hu, self.config, tuple(axis[-1] + size for axis in starts))
         shape = inputs.shape(-1)

@@ -164,7 +164,7 @@ def remove_islands(labels: np.ndarray, min_voxels: int, hu: np.ndarray | None = 
 
 # A piece of one side's bone lying further than this from that bone's largest piece, and under
 # this share of its voxels, is something else the model called that bone. On the 45 phantom
-# crops 2001-2045 (session 12) every piece further than 14 mm from its bone was false, 20-105 mm
+# crops 2001-2045 every piece further than 14 mm from its bone was false, 20-105 mm
 # away (a cut sacrum called femur, 2.6 k voxels 74 mm from the femur; metal near a knee); the
 # one true piece beyond 5 mm was a hip bone's part cut off by the crop, 13.5 mm away. A bone
 # cut in two by the field of view, or a fracture, mostly leaves pieces closer or larger than

@@ -46,12 +46,12 @@ class TrainingSettings:
     # Samples that see a field of view cut around them (`model.sampling.field_of_view`).
     truncated_fraction: float = 0.3
     # Samples centred on dense tissue that is none of the six bones (`model.sampling`). Off by
-    # default: alone (0.15, session 6, model card) it mended the foot and knee but lost the
-    # femoral head on hip crops; the shipped weights' last run had 0.1 beside joint samples.
+    # default: alone (0.15, CHANGELOG.md) it mended the foot and knee but lost the femoral
+    # head on hip crops; the phantom-only weights' last run had 0.1 beside joint samples.
     distractor_fraction: float = 0.0
     # Samples centred where two bones nearly touch (`model.sampling.joint_surfaces`), to keep
-    # the femoral head the distractor run of session 6 lost; the shipped weights' last run had
-    # 0.15. Taken before `bone_fraction`: joint + bone + distractor + metal <= 1.
+    # the femoral head that distractor samples alone lost; the phantom-only weights' last run
+    # had 0.15. Taken before `bone_fraction`: joint + bone + distractor + metal <= 1.
     joint_fraction: float = 0.0
     # Samples centred on metal implants (`model.sampling.METAL_SAMPLE_HU`); a case without
     # metal gives its share to random voxels.

@@ -156,7 +156,7 @@ def test_scores_against_a_known_reference() -> None:
 
 CROPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct" / "sts_extremity"
 # Femur shafts (bench/real_ct.py EXPECTED, read off the montages), two of the smallest crops
-# (about 0.5 s each). The shipped weights (session 12) reach any-bone Dice 0.942 (STS_043) and
+# (about 0.5 s each). The shipped weights reach any-bone Dice 0.942 (STS_043) and
 # 0.920 (STS_009) against the threshold reference, in bfloat16 and float32 alike (within
 # 0.0003); each bound is that less 0.02.
 SHAFT_DICE_BOUNDS = {"STS_043": 0.92, "STS_009": 0.90}

@@ -8,7 +8,7 @@ the job re-reads the last arrival time from the state database, so a job that fi
 idle window from the restart: its senders could not send while the node was down, and resend
 when it is back. Resumed at its old deadline, a series cut off by a crash completed at once,
 was segmented in part, and the resent rest reopened it: two SEGs at the PACS, one of them of a
-partial series (the crash benchmark, 20 rounds, session 9).
+partial series (seen in the crash benchmark, `bench/crash.py`).
 
 On completion the spooled headers go through `volume.select_series`: the series is `skipped`
 with the reason (scout, secondary capture, too few slices, ...) or `queued` for segmentation.
