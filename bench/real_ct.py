@@ -223,13 +223,9 @@ def load_volume(case: Case) -> Volume:
     would, with no Body Part Examined rule (the issue's head phantom has it removed)."""
     if case.source.is_file():
         return read_volume(case.source)
-    from dicom_node.imaging.volume import (
-        AssemblyPolicy,
-        assemble_volume,
-        choose_series,
-        read_headers,
-        survey_series,
-    )
+    from dicom_node.imaging.volume.assemble import assemble_volume, choose_series, survey_series
+    from dicom_node.imaging.volume.headers import read_headers
+    from dicom_node.imaging.volume.policy import AssemblyPolicy
 
     policy = AssemblyPolicy(skip_body_parts=())
     with warnings.catch_warnings():  # the IBSI Study IDs are longer than SH allows: known

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,22 @@ def test_shipped_config_loads() -> None:
     assert config.inference.strategy == "fast"
     assert config.node.ae_title == "BONESEG" and config.node.allowed_calling_aets == ()
     assert config.series.complete_after_s == 20 and config.series.min_slices == 20
+
+
+def test_loading_the_config_does_not_import_simpleitk() -> None:
+    """The config takes the assembly policy from its own light module, not from the volume
+    assembly that needs SimpleITK; a fresh interpreter, since this one has imported it."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from dicom_node.app.config import load_config\n"
+        f"load_config(Path({str(ROOT / 'config.toml')!r}))\n"
+        "assert 'SimpleITK' not in sys.modules, 'loading the config imported SimpleITK'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_node_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:

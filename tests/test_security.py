@@ -29,7 +29,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.app.config import Destination, NodeConfig
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
-from dicom_node.imaging.volume import assemble_volume
+from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.net.access import start_server
 from dicom_node.net.receive import build_ae
 from dicom_node.net.send import send_files

@@ -33,7 +33,8 @@ from dicom_node.imaging.seg import (
     labels_on_frames,
     seg_uids,
 )
-from dicom_node.imaging.volume import AssembledVolume, AssemblyPolicy, assemble_volume
+from dicom_node.imaging.volume.assemble import AssembledVolume, assemble_volume
+from dicom_node.imaging.volume.policy import AssemblyPolicy
 from dicom_node.pipeline.inference import save_seg
 from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import Bone, Side, sided_label

@@ -26,14 +26,14 @@ from pydicom.dataset import Dataset
 from dicom_node.app.config import Config
 from dicom_node.imaging.codes import SEGMENTS
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter, labels_on_frames
-from dicom_node.imaging.volume import (
+from dicom_node.imaging.volume.assemble import (
     AssembledVolume,
-    AssemblyPolicy,
     assemble_volume,
     choose_series,
-    read_headers,
     survey_series,
 )
+from dicom_node.imaging.volume.headers import read_headers
+from dicom_node.imaging.volume.policy import AssemblyPolicy
 from dicom_node.pipeline.inference import build_segmenter, build_writer, save_seg, segment_series
 from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import Bone, Side, sided_label

@@ -33,15 +33,10 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from dicom_node.app.cli import main
-from dicom_node.imaging.volume import (
-    AssembledVolume,
-    AssemblyError,
-    AssemblyPolicy,
-    analyse_spacing,
-    assemble_volume,
-    read_headers,
-    select_series,
-)
+from dicom_node.imaging.volume.assemble import AssembledVolume, assemble_volume, select_series
+from dicom_node.imaging.volume.geometry import analyse_spacing
+from dicom_node.imaging.volume.headers import read_headers
+from dicom_node.imaging.volume.policy import AssemblyError, AssemblyPolicy
 from model.volume_io import Volume, read_volume
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
@@ -663,7 +658,7 @@ def test_zero_or_negative_slice_thickness_is_unknown(tmp_path: Path) -> None:
 
 
 def test_model_spacing_matches_the_network() -> None:
-    from dicom_node.imaging.volume import MODEL_SPACING_MM
+    from dicom_node.imaging.volume.policy import MODEL_SPACING_MM
     from model.network import CascadeConfig
 
     assert CascadeConfig().spacing_mm == MODEL_SPACING_MM

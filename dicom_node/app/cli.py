@@ -280,7 +280,8 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     import json
 
     from dicom_node.app.config import Config, UnsurePolicy, load_config
-    from dicom_node.imaging.volume import choose_series, read_headers, survey_series
+    from dicom_node.imaging.volume.assemble import choose_series, survey_series
+    from dicom_node.imaging.volume.headers import read_headers
     from dicom_node.pipeline.inference import build_writer, save_seg, segment_series
 
     config = load_config(args.config) if args.config else Config()
@@ -407,13 +408,9 @@ def _assemble(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from dicom_node.app.config import load_config
-    from dicom_node.imaging.volume import (
-        AssemblyPolicy,
-        assemble_volume,
-        choose_series,
-        read_headers,
-        survey_series,
-    )
+    from dicom_node.imaging.volume.assemble import assemble_volume, choose_series, survey_series
+    from dicom_node.imaging.volume.headers import read_headers
+    from dicom_node.imaging.volume.policy import AssemblyPolicy
     from model.volume_io import is_volume_file, write_volume
 
     if not is_volume_file(args.output):

@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dicom_node.imaging.volume import AssemblyPolicy
+from dicom_node.imaging.volume.policy import AssemblyPolicy
 
 
 class ConfigError(ValueError):

@@ -41,7 +41,8 @@ from pydicom.valuerep import DA, TM
 
 from dicom_node import __version__
 from dicom_node.imaging.codes import SEGMENTS, SegmentDefinition
-from dicom_node.imaging.volume import AssembledVolume, SourceGeometry
+from dicom_node.imaging.volume.assemble import AssembledVolume
+from dicom_node.imaging.volume.geometry import SourceGeometry
 from model.postprocess import label_counts
 from model.volume_io import Volume
 

@@ -29,7 +29,8 @@ from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.app.config import SeriesConfig
-from dicom_node.imaging.volume import read_headers, select_series
+from dicom_node.imaging.volume.assemble import select_series
+from dicom_node.imaging.volume.headers import read_headers
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import NodeState, Recorded, utcnow
 

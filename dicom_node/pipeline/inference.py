@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset
 
 from dicom_node.app.config import Config, InferenceConfig
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
-from dicom_node.imaging.volume import AssemblyError, AssemblyPolicy, assemble_volume
+from dicom_node.imaging.volume.assemble import assemble_volume
+from dicom_node.imaging.volume.policy import AssemblyError, AssemblyPolicy
 from dicom_node.pipeline.spool import write_durably
 from model.verdict import Verdict
 from model.volume_io import Volume

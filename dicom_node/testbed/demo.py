@@ -38,7 +38,7 @@ from pynetdicom.events import Event
 from dicom_node.app.config import Destination, load_config
 from dicom_node.app.status import job_report
 from dicom_node.imaging.codes import SEGMENTS
-from dicom_node.imaging.volume import assemble_volume
+from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.net.send import send_files
 from dicom_node.pipeline.state import NodeState
 from dicom_node.testbed.phantom_series import write_phantom
