@@ -1,13 +1,15 @@
-"""`dicom-node` command line: a thin layer over the library functions, one subcommand each.
+"""`dicom-node` command line: argument parsing and printing over the library, one subcommand each.
 
 Each subcommand is a pair: `_add_<name>(sub)` declares its arguments and `_<name>(args)` runs
-it, importing what it needs lazily so that `dicom-node --help` stays fast.
+it, importing what it needs lazily so that `dicom-node --help` stays fast. The model's commands
+(`phantom`, `train`, `segment` of a volume file, `segment-phantom`, `evaluate`) are declared in
+`model.cli` (also `dicom-node-model`); here they get the config file's [inference] section and
+the DICOM phantom series. Drawing lives with what reports: `app.status` and `testbed.demo`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -16,9 +18,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.logs import OneLineFormatter
+from model.cli import (
+    NIFTI_PHANTOM,
+    SEGMENT_FILE_DESCRIPTION,
+    PhantomFormat,
+    SegmenterSource,
+    add_evaluate,
+    add_inference_options,
+    add_phantom,
+    add_segment_phantom,
+    add_train,
+    run_command,
+    segment_volume_file,
+)
 
 if TYPE_CHECKING:  # torch loads only when a command needs it: `--help` stays fast
     from model.inference import Segmenter
+    from model.phantom import Phantom
 
 SubParsers = argparse._SubParsersAction
 Handler = Callable[[argparse.Namespace], int]
@@ -31,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands (keep this list in pipeline order).
-    _add_phantom(sub)
-    _add_train(sub)
+    add_phantom(sub, formats=(_DICOM_PHANTOM, NIFTI_PHANTOM))
+    add_train(sub)
     _add_segment(sub)
-    _add_segment_phantom(sub)
-    _add_evaluate(sub)
+    add_segment_phantom(sub, _INFERENCE)
+    add_evaluate(sub)
     _add_assemble(sub)
     _add_serve(sub)
     _add_status(sub)
@@ -47,193 +63,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_seeds(text: str) -> list[int]:
-    """'1-4,9' -> [1, 2, 3, 4, 9]."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        first, _, last = part.partition("-")
-        seeds.extend(range(int(first), int(last or first) + 1))
-    return seeds
-
-
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="config.toml ([inference] section)")
-    parser.add_argument("--strategy", choices=["fast", "paper"], help="overrides the config")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto; overrides the config")
-    parser.add_argument(
-        "--precision", choices=["auto", "float32", "mixed"], help="overrides the config"
-    )
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
-    parser.add_argument("--weights", type=Path, help="safetensors weights (default: shipped)")
-    parser.add_argument(
-        "--no-anatomy-check",
-        action="store_true",
-        help="keep bone pieces where no lower extremity has them (model/anatomy.py), e.g. to "
-        "score the model's raw output",
-    )
+    add_inference_options(parser, defaults="the config")
 
 
 def _segmenter(args: argparse.Namespace) -> Segmenter:
     """A Segmenter from the config's [inference] section, with command-line overrides."""
-    from dicom_node.app.config import InferenceConfig, load_config
+    from dicom_node.app.config import load_inference_config
     from dicom_node.pipeline.inference import build_segmenter
 
-    config = load_config(args.config).inference if args.config else InferenceConfig()
-    overrides = {
-        "strategy": args.strategy,
-        "device": args.device,
-        "precision": args.precision,
-        "threads": args.threads,
-        "weights": args.weights and str(args.weights),
-    }
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v})
+    config = load_inference_config(
+        args.config,
+        strategy=args.strategy,
+        device=args.device,
+        precision=args.precision,
+        threads=args.threads,
+        weights=args.weights and str(args.weights),
+    )
     return build_segmenter(config, anatomy_check=not args.no_anatomy_check)
 
 
-def _add_phantom(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "phantom",
-        help="generate a synthetic lower-extremity CT with its ground truth",
-        description="Generate the phantom of SEED. --format dicom writes OUT/ct/ (a CT series "
-        "with a synthetic patient; the same phantom is always the same study), "
-        "OUT/labels.nii.gz and OUT/geometry.json; --format nifti writes OUT/image.nii.gz, "
-        "OUT/labels.nii.gz and OUT/geometry.json. Prints one line per output.",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--size", choices=["small", "full"], default="full")
-    parser.add_argument("--format", choices=["dicom", "nifti"], default="dicom")
-    parser.add_argument(
-        "--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="mm (default: drawn)"
-    )
-    parser.add_argument(
-        "--region",
-        help="full: whole_legs, torso, lower_legs; small: hip, knee, ankle (default: drawn)",
-    )
-    parser.set_defaults(handler=_phantom)
+_INFERENCE = SegmenterSource(_add_inference_options, _segmenter)
 
 
-def _phantom(args: argparse.Namespace) -> int:
-    from dicom_node.testbed.phantom_series import write_phantom
+def _write_phantom_series(phantom: Phantom, out_dir: Path) -> dict[str, Path]:
+    from dicom_node.testbed.phantom_series import write_phantom_series
 
-    spacing = tuple(args.spacing) if args.spacing else None
-    paths = write_phantom(
-        args.out,
-        seed=args.seed,
-        size=args.size,
-        output_format=args.format,
-        spacing=spacing,
-        region=args.region,
-    )
-    print(*paths.values(), sep="\n")
-    return 0
+    return write_phantom_series(phantom, out_dir)
 
 
-def _add_train(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "train",
-        help="train the cascade on image/label volumes or generated phantoms",
-        description="Train the cascaded V-net. DATA folders hold <case>/image.* + labels.* "
-        "(NIfTI, NRRD or MHA; what `dicom-node phantom --format nifti` writes) or images*/ + "
-        "labels*/ with equal file names. --phantom-seeds generates phantoms instead of (or "
-        "besides) reading files. Every case is prepared once into OUT/cases (--case-cache) "
-        "and trained on from there, memory-mapped; a resumed run finds them there. Resumes "
-        "from OUT/checkpoint.safetensors if present.",
-    )
-    parser.add_argument("data", nargs="*", type=Path, metavar="DATA")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, weights)")
-    parser.add_argument("--phantom-seeds", type=_parse_seeds, default=[], help="e.g. 100-115")
-    parser.add_argument("--phantom-size", choices=["small", "full"], default="full")
-    parser.add_argument(
-        "--subject-seeds",
-        type=_parse_seeds,
-        default=[],
-        help="subject phantoms (real bone shapes; CT drawn afresh each step), e.g. 1-40",
-    )
-    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[128, 64, 32])
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--bone-fraction",
-        type=float,
-        default=0.67,
-        help="share of samples centred on a bone voxel, each bone equally often",
-    )
-    parser.add_argument(
-        "--distractor-fraction",
-        type=float,
-        default=0.0,
-        help="share of samples centred on dense tissue that is none of the six bones",
-    )
-    parser.add_argument(
-        "--joint-fraction",
-        type=float,
-        default=0.0,
-        help="share of samples centred where two bones nearly touch (hip, knee, ankle joints)",
-    )
-    parser.add_argument(
-        "--metal-fraction",
-        type=float,
-        default=0.0,
-        help="share of samples centred on metal implants (in cases that have one)",
-    )
-    parser.add_argument("--threads", type=int, help="torch threads for the network")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes generating phantoms and drawing batches (a GPU wants ~15)",
-    )
-    parser.add_argument(
-        "--init", type=Path, metavar="WEIGHTS", help="start a new run from these weights"
-    )
-    parser.add_argument(
-        "--case-cache",
-        type=Path,
-        metavar="DIR",
-        help="where prepared cases are kept and found again (default: OUT/cases; about 0.75 GB "
-        "a whole-leg phantom)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=_train)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from model.network import CascadeConfig
-    from model.training import TrainingSettings, load_cases, train
-
-    if not args.data and not args.phantom_seeds and not args.subject_seeds:
-        raise ValueError("give DATA folders, --phantom-seeds or --subject-seeds")
-    config = CascadeConfig(patch_sizes=tuple(args.patch_sizes))
-    cases, metadata = load_cases(
-        args.data,
-        args.phantom_seeds,
-        args.phantom_size,
-        config,
-        cache_dir=args.case_cache or args.out / "cases",
-        workers=args.workers,
-        subject_seeds=args.subject_seeds,
-    )
-    settings = TrainingSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        bone_fraction=args.bone_fraction,
-        distractor_fraction=args.distractor_fraction,
-        joint_fraction=args.joint_fraction,
-        metal_fraction=args.metal_fraction,
-        threads=args.threads,
-        device=args.device,
-        workers=args.workers,
-        init_weights=args.init,
-    )
-    weights = train(cases, args.out, config, settings, metadata, progress=not args.no_progress)
-    print(weights)
-    return 0
+_DICOM_PHANTOM = PhantomFormat(
+    "dicom",
+    "OUT/ct/ (a CT series with a synthetic patient; the same phantom is always the same "
+    "study), OUT/labels.nii.gz and OUT/geometry.json",
+    _write_phantom_series,
+)
 
 
 def _add_segment(sub: SubParsers) -> None:
@@ -242,10 +107,8 @@ def _add_segment(sub: SubParsers) -> None:
         help="segment a DICOM CT series folder into a DICOM SEG, or a volume file into labels",
         description="INPUT a folder of DICOM files: its qualifying CT series (the largest, or "
         "--series) is assembled as the node would ([series] of --config) and OUTPUT is a DICOM "
-        "SEG (one segment per bone and side found; none found: no file, exit 0). INPUT a "
-        "volume file of HU (NIfTI, NRRD, MHA): OUTPUT is a label map on the input's grid: 0 "
-        "background, 1 femur, 2 hip bone, 3 tibia, 4 fibula, 5 talus, 6 calcaneus; beside it "
-        "<stem>_sided.<ext> (1..6 right, 7..12 left) and <stem>.json naming the labels.",
+        "SEG (one segment per bone and side found; none found: no file, exit 0). "
+        + SEGMENT_FILE_DESCRIPTION,
     )
     parser.add_argument("input", type=Path, metavar="INPUT")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT")
@@ -257,22 +120,7 @@ def _add_segment(sub: SubParsers) -> None:
 def _segment(args: argparse.Namespace) -> int:
     if args.input.is_dir():
         return _segment_dicom(args)
-    from model.segment_files import segment_file
-    from model.verdict import Verdict
-
-    segmentation, paths = segment_file(args.input, args.output, _segmenter(args))
-    print(*paths.values(), sep="\n")
-    assessment = segmentation.assessment
-    if assessment.verdict is Verdict.IMPLAUSIBLE:
-        # Written so it can be looked at; the node would send no SEG for it.
-        print(
-            f"warning: {'; '.join(assessment.reasons)}: not the bones of a lower extremity as "
-            "segmented (the sidecar's 'verdict'); the node reports no findings for such a scan",
-            file=sys.stderr,
-        )
-    elif assessment.verdict is Verdict.UNSURE:
-        print(f"warning: {assessment.headline()} (the sidecar's 'verdict')", file=sys.stderr)
-    return 0
+    return segment_volume_file(_segmenter, args)
 
 
 def _segment_dicom(args: argparse.Namespace) -> int:
@@ -300,76 +148,6 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     print(args.output)
     reported = ("segments", "verdict", "timings_s")
     print(json.dumps({k: result.summary[k] for k in reported}, indent=2))
-    return 0
-
-
-def _add_segment_phantom(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "segment-phantom",
-        help="generate phantom CTs, segment them, print Dice/MASD/HD95 against their truth",
-    )
-    parser.add_argument("--seeds", type=_parse_seeds, default=[1001], help="e.g. 1001-1003")
-    parser.add_argument("--size", choices=["small", "full"], default="small")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the metrics as JSON")
-    _add_inference_options(parser)
-    parser.set_defaults(handler=_segment_phantom)
-
-
-def _segment_phantom(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from model.evaluation import format_table, write_json
-    from model.phantom_check import segment_phantoms
-
-    result = segment_phantoms(args.seeds, args.size, _segmenter(args))
-    console = Console()
-    console.print(format_table(result))
-    for case in result["cases"]:
-        console.print(f"{case['case']}: {case['shape']} voxels, {case['timings_s']}")
-    console.print(
-        "Scored "
-        + ("without" if args.no_anatomy_check else "after")
-        + " the anatomy check (misplaced pieces left out, as in the node's SEG)."
-    )
-    console.print("Phantom data: these figures show the engine works, not clinical accuracy.")
-    if args.json is not None:
-        write_json(result, args.json)
-    return 0
-
-
-def _add_evaluate(sub: SubParsers) -> None:
-    parser = sub.add_parser(
-        "evaluate",
-        help="compare predicted label maps with ground truth (Dice, MASD, HD95, HD)",
-        description=(
-            "Compare predicted bone label maps with ground truth using the paper's metrics: "
-            "Dice, symmetric mean absolute surface distance (MASD), 95th-percentile and "
-            "maximum Hausdorff distance (HD95, HD), in mm. PRED and TRUTH are two label "
-            "files (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd) or two folders. For folders, "
-            "every label file under PRED is paired with the file at the same relative path "
-            "under TRUTH (e.g. PRED/case1/labels.nii.gz with TRUTH/case1/labels.nii.gz); a "
-            "missing counterpart is an error, files only under TRUTH (such as CT images) are "
-            "ignored. Paired files must share one grid (shape, and spacing, origin and "
-            "direction within 1e-3). Exit status 2 on bad input."
-        ),
-    )
-    parser.add_argument("--pred", type=Path, required=True, metavar="PRED", help="predictions")
-    parser.add_argument("--truth", type=Path, required=True, metavar="TRUTH", help="ground truth")
-    parser.add_argument(
-        "--json", type=Path, metavar="FILE", help="write per-case and aggregate metrics as JSON"
-    )
-    parser.set_defaults(handler=_evaluate)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from model.evaluation import evaluate_paths, format_table, write_json
-
-    result = evaluate_paths(args.pred, args.truth)
-    Console().print(format_table(result))
-    if args.json is not None:
-        write_json(result, args.json)
     return 0
 
 
@@ -697,15 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    try:
-        return int(args.handler(args))
-    except (OSError, ValueError, RuntimeError, LookupError) as error:
-        # Bad input (missing file, bad config, wrong grid) is one line, not a traceback;
-        # --verbose shows where it came from.
-        if args.verbose:
-            raise
-        print(f"dicom-node {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(args, "dicom-node")
 
 
 if __name__ == "__main__":
