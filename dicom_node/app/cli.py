@@ -432,42 +432,14 @@ def _add_demo(sub: SubParsers) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import json
     import tempfile
+    from functools import partial
 
-    from rich.console import Console
-    from rich.table import Table
-
-    from dicom_node.testbed.demo import run_demo
+    from dicom_node.testbed.demo import render_report, run_demo
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
     report = run_demo(workdir, args.seed, args.size, args.region, args.threads, args.pacs)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    console = Console()
-    seg = report["seg"]
-    console.print(
-        f"SEG {seg['sop_instance_uid']} arrived at the PACS ({report['pacs']}): same study "
-        f"{seg['same_study']}, same patient {seg['same_patient']}"
-    )
-    table = Table(title="segments (Dice vs the phantom's truth, per bone)", title_justify="left")
-    for column in ("segment", "volume (ml)", "Dice"):
-        table.add_column(column)
-    dices = report["dice_vs_phantom_truth"]
-    for s in report["segments"]:
-        bone = s["segment"].split(" ", 1)[1]
-        table.add_row(s["segment"], f"{s['volume_ml']:.1f}", f"{dices.get(bone, 0):.3f}")
-    console.print(table)
-    console.print(f"any bone vs background: Dice {report['any_bone_dice']:.3f}")
-    console.print(
-        "timings (s): " + ", ".join(f"{k[:-2]} {v}" for k, v in report["timings_s"].items())
-    )
-    console.print(f"preview: {report['preview']}\nreport: {workdir / 'report.json'}")
-    console.print(
-        "Synthetic phantom: these figures show the pipeline works, not clinical accuracy."
-    )
-    return 0
+    return _report(report, args.json, partial(render_report, workdir=workdir))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
