@@ -183,20 +183,15 @@ def _add_assemble(sub: SubParsers) -> None:
 
 
 def _assemble(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from dicom_node.app.config import load_config
+    from dicom_node.app.config import load_assembly_policy
     from dicom_node.imaging.volume.assemble import assemble_volume, choose_series, survey_series
     from dicom_node.imaging.volume.headers import read_headers
-    from dicom_node.imaging.volume.policy import AssemblyPolicy
     from model.volume_io import is_volume_file, write_volume
 
     if not is_volume_file(args.output):
         raise ValueError(f"{args.output}: OUTPUT must end in .nii.gz, .nii, .nrrd or .mha")
-    section = load_config(args.config).series if args.config else None
-    policy = AssemblyPolicy.from_section(section) if section else AssemblyPolicy()
     overrides = {name: getattr(args, name) for _, name, _, _ in _POLICY_OPTIONS}
-    policy = replace(policy, **{k: v for k, v in overrides.items() if v is not None})
+    policy = load_assembly_policy(args.config, **overrides)
     headers = read_headers([args.series_dir])
     surveys = survey_series(headers, policy)
     chosen = choose_series(surveys, args.series)

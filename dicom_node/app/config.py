@@ -443,6 +443,13 @@ def load_inference_config(path: Path | None, **overrides: str | int | None) -> I
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v})
 
 
+def load_assembly_policy(path: Path | None, **overrides: Any) -> AssemblyPolicy:
+    """The series policy of the config file at `path` (the defaults without one) with the
+    command line's values over it; a value of None leaves the file's (0 is a value)."""
+    policy = AssemblyPolicy.from_section(load_config(path).series) if path else AssemblyPolicy()
+    return dataclasses.replace(policy, **{k: v for k, v in overrides.items() if v is not None})
+
+
 _Section = typing.TypeVar("_Section", NodeConfig, Destination)
 
 
