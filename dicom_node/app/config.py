@@ -427,7 +427,7 @@ def load_config(path: Path) -> Config:
     return dataclasses.replace(config, node=node, destinations=destinations)
 
 
-def load_inference_config(path: Path | None, **overrides: str | int | None) -> InferenceConfig:
+def load_inference_config(path: Path | None, **overrides: Any) -> InferenceConfig:
     """The [inference] section of the config file at `path` (the defaults without one) with the
     command line's values over it; a value of None, 0 or "" leaves the file's."""
     config = load_config(path).inference if path else InferenceConfig()
