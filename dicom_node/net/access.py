@@ -34,11 +34,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.events import Event
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.app.config import Config, IPNetwork, NodeConfig
@@ -158,17 +159,38 @@ class NodeServer(ThreadedAssociationServer):
     docstring): a socket time-out, the TLS handshake off the accepting thread, a cap on open
     connections."""
 
-    def __init__(self, *args: Any, max_connections: int, max_pdu_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[PresentationContext],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[EventHandlerType] | None = None,
+        *,
+        max_connections: int,
+        max_pdu_bytes: int,
+    ) -> None:
+        """As `AE.make_server` calls a server class, with the two bounds on top."""
         self.max_connections = max_connections
         self.max_pdu_bytes = max_pdu_bytes
         self._lock = threading.Lock()
         self._pending = 0  # accepted, association thread not started yet (TLS handshakes)
         self._refused = 0
         self._refusal_logged_at = -_REFUSALS_LOGGED_EVERY_S
-        super().__init__(*args, request_handler=NodeRequestHandler, **kwargs)
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            contexts,
+            ssl_context,
+            evt_handlers,
+            request_handler=NodeRequestHandler,
+        )
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept, without a handshake: here it would block every later connection."""
+        assert self.socket is not None, "the server binds its socket in __init__"
         client, address = self.socket.accept()
         # recv and send on this socket now fail after this long without progress, which ends
         # the association (pynetdicom's own idle time-out only runs between whole PDUs).
@@ -254,6 +276,8 @@ def start_server(
         max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
         max_pdu_bytes=(node.max_instance_mb << 20) + PDU_OVERHEAD_BYTES,
     )
+    # make_server returns an instance of server_class; its annotation adds the default class.
+    server = cast(NodeServer, server)
     ae._servers.append(server)  # as start_server does: server.shutdown() removes it again
     threading.Thread(target=server.serve_forever, name="dicom-node-server", daemon=True).start()
     return server

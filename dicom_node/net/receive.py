@@ -28,16 +28,18 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.app.config import NodeConfig
@@ -213,7 +215,11 @@ def handle_store(event: Event, reception: Reception) -> int:
         file_meta = event.file_meta  # from the request: SOP class and instance, syntax
         # Who sent it, kept in the file (PS3.10 Source AE Title) so a recovery can restore it.
         file_meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
-        header = _leading_elements(event.request.DataSet, event.context.transfer_syntax)
+        # pynetdicom types an event's request as any DIMSE primitive; EVT_C_STORE's is a C-STORE
+        # (pynetdicom casts it the same way).
+        stream = cast(C_STORE, event.request).DataSet
+        assert stream is not None, "pynetdicom triggers EVT_C_STORE once the dataset is in"
+        header = _leading_elements(stream, event.context.transfer_syntax)
         received = _instance(file_meta, header, event.assoc.requestor.address)
         # The file as received: preamble, file meta, then the encoded dataset without a copy.
         head = b"\0" * 128 + b"DICM" + encode_file_meta(file_meta)
@@ -222,7 +228,7 @@ def handle_store(event: Event, reception: Reception) -> int:
         log.warning("C-STORE of %s refused: %s", sop_class, _describe(error))
         return CANNOT_UNDERSTAND
     try:
-        with event.request.DataSet.getbuffer() as dataset:
+        with stream.getbuffer() as dataset:
             new = reception.store(received, (head, dataset))
     except LowDiskSpaceError as error:  # the spool logs when refusals start and end
         log.debug("C-STORE of %s refused: %s", received.sop_instance_uid, error)
@@ -252,6 +258,7 @@ class InstanceSizeCap:
         received = getattr(self._local, "received", 0)
         for item in event.pdu.presentation_data_value_items:
             value = item.presentation_data_value
+            assert value is not None, "a P-DATA item read off the wire carries its value"
             header = value[0]  # PS3.8 E.2: bit 0 command (else dataset), bit 1 last fragment
             if header & 0x01:
                 continue
@@ -283,6 +290,7 @@ def build_ae(node: NodeConfig) -> AE:
     ae = AE(ae_title=node.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None, "pynetdicom's storage contexts each have one"
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.require_calling_aet = list(node.allowed_calling_aets)
     ae.require_called_aet = True

@@ -22,7 +22,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,10 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
-from pynetdicom.events import Event
+from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from dicom_node.app.config import Destination
@@ -111,7 +111,7 @@ class _Watch:
 
     connected: bool = False
     abort: str = ""
-    handlers: list[tuple[evt.EventType, Callable[[Event], None]]] = field(default_factory=list)
+    handlers: list[EventHandlerType] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.handlers = [(evt.EVT_CONN_OPEN, self._open), (evt.EVT_PDU_RECV, self._pdu)]
@@ -231,9 +231,9 @@ def _convertible(syntax: UID) -> bool:
 
 def _contexts(files: Sequence[_File]) -> list[PresentationContext]:
     """One context per (SOP class, transfer syntax) sent, plus Implicit VR LE as fallback."""
-    wanted: dict[tuple[UID, UID], list[UID]] = {}
+    wanted: dict[tuple[UID, UID], list[str | UID]] = {}
     for f in files:
-        syntaxes = [f.transfer_syntax_uid]
+        syntaxes: list[str | UID] = [f.transfer_syntax_uid]
         if _convertible(f.transfer_syntax_uid) and f.transfer_syntax_uid != ImplicitVRLittleEndian:
             syntaxes.append(ImplicitVRLittleEndian)
         wanted.setdefault((f.sop_class_uid, f.transfer_syntax_uid), syntaxes)
@@ -308,7 +308,7 @@ def prepare_requestor(assoc: Association) -> None:
             return
         serve_request(message, context_id)
 
-    assoc._serve_request = serve_or_return  # type: ignore[method-assign]
+    assoc._serve_request = serve_or_return  # type: ignore[method-assign, assignment]
 
 
 def _why_no_association(
@@ -330,7 +330,15 @@ def _why_no_association(
         kind = {1: "permanent", 2: "transient"}.get(answer.result or 0, "")
         return f"association rejected by {peer}: {_sentence(answer.reason_str)} ({kind})"
     if answer is not None and answer.result == 0:  # accepted, but none of our contexts
-        offered = ", ".join(sorted({cx.abstract_syntax.name for cx in assoc.rejected_contexts}))
+        offered = ", ".join(
+            sorted(
+                {
+                    cx.abstract_syntax.name
+                    for cx in assoc.rejected_contexts
+                    if cx.abstract_syntax is not None  # every context offered names one
+                }
+            )
+        )
         return f"{peer} accepted no presentation context (offered: {offered})"
     if watch.abort:
         return f"association aborted by {peer} ({watch.abort})"
