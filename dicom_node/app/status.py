@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from rich.text import Text
 
 from dicom_node.app.config import Config
 from dicom_node.app.daemon import running_daemon
-from dicom_node.pipeline.state import NodeState, Series, SeriesState
+from dicom_node.pipeline.state import NodeState, SeriesRecord, SeriesState
 from model.verdict import Verdict
 
 RECENT_SERIES = 20
@@ -32,13 +33,13 @@ def _has_database(config: Config) -> bool:
     return bool(config.node.database) or (config.node.data_path / "node.db").exists()
 
 
-def _verdict(s: Series) -> dict[str, Any]:
+def _verdict(s: SeriesRecord) -> dict[str, Any]:
     """The series' verdict and its reasons (`model.verdict`), once it was segmented."""
     verdict = (json.loads(s.result) if s.result else {}).get("verdict") or {}
     return {"verdict": verdict.get("verdict"), "verdict_reasons": verdict.get("reasons", [])}
 
 
-def _series_summary(state: NodeState, s: Series) -> dict[str, Any]:
+def _series_summary(s: SeriesRecord) -> dict[str, Any]:
     """A series (a job) as `status`, `jobs` and `job` report it."""
     return {
         "id": s.id,
@@ -47,7 +48,7 @@ def _series_summary(state: NodeState, s: Series) -> dict[str, Any]:
         "modality": s.modality,
         "calling_ae": s.calling_ae,
         "instances": s.instance_count,
-        "state": s.state,
+        "state": s.state.value,
         "reason": s.reason,
         "generation": s.generation,
         "first_received_at": s.first_received_at.isoformat(),
@@ -55,20 +56,20 @@ def _series_summary(state: NodeState, s: Series) -> dict[str, Any]:
         "state_changed_at": s.state_changed_at.isoformat(),
         "seg_series_instance_uid": s.seg_series_instance_uid,
         "seg_sop_instance_uid": s.seg_sop_instance_uid,
-        "delivered_to": state.delivered_to(s),
+        "delivered_to": list(s.delivered_to),
         **_verdict(s),
     }
 
 
-def recent_jobs(config: Config, limit: int = RECENT_SERIES) -> list[dict[str, Any]]:
-    """The most recent jobs, newest first: the database only (no pid file, no disk walk)."""
+def recent_jobs(
+    config: Config, limit: int = RECENT_SERIES, state: SeriesState | None = None
+) -> list[dict[str, Any]]:
+    """The most recent jobs, newest first, only those in `state` if given: the database only
+    (no pid file, no disk walk), which also does the filtering and the limit."""
     if not _has_database(config):
         return []
-    state = NodeState(config.node.database_url)
-    try:
-        return [_series_summary(state, s) for s in state.recent_series(limit)]
-    finally:
-        state.close()
+    with closing(NodeState(config.node.database_url)) as store:
+        return [_series_summary(s) for s in store.jobs(state, limit)]
 
 
 def node_status(config: Config, limit: int = RECENT_SERIES) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def node_status(config: Config, limit: int = RECENT_SERIES) -> dict[str, Any]:
         state = NodeState(node.database_url)
         try:
             counts = state.counts()
-            series = [_series_summary(state, s) for s in state.recent_series(limit)]
+            series = [_series_summary(s) for s in state.jobs(limit=limit)]
         finally:
             state.close()
     status["counts"] = {s.value: counts.get(s.value, 0) for s in SeriesState}
@@ -160,8 +161,8 @@ def render(status: dict[str, Any]) -> Group:
 
 def job_report(state: NodeState, job_id: int) -> dict[str, Any]:
     """One job (a series) as a JSON-ready object: its state, result, timeline, deliveries."""
-    series, transitions, deliveries = state.job(job_id)
-    summary = _series_summary(state, series)
+    job = state.job(job_id)
+    series, summary = job.series, _series_summary(job.series)
     return {
         **summary,
         "attempts": series.attempts,
@@ -172,24 +173,24 @@ def job_report(state: NodeState, job_id: int) -> dict[str, Any]:
             {
                 "at": t.at.isoformat(),
                 "generation": t.generation,
-                "from": t.from_state,
-                "to": t.to_state,
+                "from": t.from_state.value if t.from_state else None,
+                "to": t.to_state.value,
                 "reason": t.reason,
             }
-            for t in transitions
+            for t in job.transitions
         ],
         "deliveries": [
             {
                 "destination": d.destination,
                 "peer": f"{d.ae_title}@{d.host}:{d.port}",
                 "generation": d.generation,
-                "state": d.state,
+                "state": d.state.value,
                 "attempts": d.attempts,
                 "last_error": d.last_error,
                 "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
                 "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
             }
-            for d in deliveries
+            for d in job.deliveries
         ],
     }
 

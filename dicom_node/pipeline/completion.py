@@ -2,13 +2,13 @@
 
 DICOM has no "end of series" message: a scanner or PACS sends instances, possibly over several
 associations, and stops. A series is therefore complete once `series.complete_after_s` passed
-without a new instance. One apscheduler date job per receiving series fires at that deadline;
-the job re-reads the last arrival time from the state database, so a job that fires early
-(more instances came) simply waits again. A restart gives every series still receiving a whole
-idle window from the restart: its senders could not send while the node was down, and resend
-when it is back. Resumed at its old deadline, a series cut off by a crash completed at once,
-was segmented in part, and the resent rest reopened it: two SEGs at the PACS, one of them of a
-partial series (seen in the crash benchmark, `bench/crash.py`).
+without a new instance. One idle timer (an apscheduler date trigger) per receiving series fires
+at that deadline; it re-reads the last arrival time from the state database, so a timer that
+fires early (more instances came) simply waits again. A restart gives every series still
+receiving a whole idle window from the restart: its senders could not send while the node was
+down, and resend when it is back. Resumed at its old deadline, a series cut off by a crash
+completed at once, was segmented in part, and the resent rest reopened it: two SEGs at the
+PACS, one of them of a partial series (seen in the crash benchmark, `bench/crash.py`).
 
 On completion the spooled headers go through `volume.select_series`: the series is `skipped`
 with the reason (scout, secondary capture, too few slices, ...) or `queued` for segmentation.
@@ -57,10 +57,10 @@ class SeriesCompletion:
     def received(self, recorded: Recorded) -> None:
         """An instance was recorded: make sure its series has an idle timer.
 
-        One job per series, not one per instance: the job checks the last arrival when it
+        One timer per series, not one per instance: the timer checks the last arrival when it
         fires and waits again if needed, so a 1000-slice series costs a few timer firings.
         """
-        if self.scheduler.get_job(_job_id(recorded.series_id)) is None:
+        if self.scheduler.get_job(_timer_id(recorded.series_id)) is None:
             self._schedule(recorded.series_id, self._deadline(recorded.last_received_at))
 
     def resume(self) -> None:
@@ -87,7 +87,7 @@ class SeriesCompletion:
             "date",
             run_date=at,
             args=[series_id],
-            id=_job_id(series_id),
+            id=_timer_id(series_id),
             replace_existing=True,
             misfire_grace_time=None,  # late is fine (a busy or restarted node): never drop it
         )
@@ -101,7 +101,7 @@ class SeriesCompletion:
             self.select(series_id)
         except (OSError, SQLAlchemyError) as error:
             # A full disk or a locked database fails the write; the series is still in the
-            # database as it was, so its timer is armed again instead of dying with the job
+            # database as it was, so its timer is armed again instead of dying with the task
             # (the series would stay `receiving` until the next restart).
             retry_at = self._deadline(utcnow())
             log.error(
@@ -120,7 +120,7 @@ class SeriesCompletion:
         paths = [self.spool.path(name) for name in files.file_names]
         try:
             reason = select_series(read_headers(paths), self.config)
-        except Exception as error:  # a job must not die silently: the series would stay put
+        except Exception as error:  # a timer must not die silently: the series would stay put
             log.exception("series %d: selection failed", series_id)
             self.state.mark_failed(series_id, files.generation, f"selection failed: {error}")
             return
@@ -131,5 +131,5 @@ class SeriesCompletion:
             self.state.mark_skipped(series_id, files.generation, reason)
 
 
-def _job_id(series_id: int) -> str:
+def _timer_id(series_id: int) -> str:
     return f"series-complete-{series_id}"

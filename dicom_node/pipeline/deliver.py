@@ -1,10 +1,10 @@
 """The delivery stage: SEG files to their destinations by C-STORE, with retries.
 
 The state database holds every delivery and when it is next due, so a retry survives a
-restart and `dicom-node retry` works by changing rows. An apscheduler interval job claims
-due deliveries and attempts them on a small thread pool; a failed attempt is due again after
-an exponential backoff with jitter (many nodes retrying a PACS that just came back should
-not arrive in lockstep), until `delivery.max_attempts` is spent.
+restart and `dicom-node retry` works by changing rows. A scheduled task (an apscheduler
+interval trigger) claims due deliveries and attempts them on a small thread pool; a failed
+attempt is due again after an exponential backoff with jitter (many nodes retrying a PACS that
+just came back should not arrive in lockstep), until `delivery.max_attempts` is spent.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from apscheduler.schedulers.base import BaseScheduler
 
 from dicom_node.app.config import Config, DeliveryConfig, Destination
 from dicom_node.net.send import send_files
-from dicom_node.pipeline.state import DeliveryJob, NodeState, utcnow
+from dicom_node.pipeline.state import DueDelivery, NodeState, utcnow
 
 log = logging.getLogger(__name__)
 
 DISPATCH_EVERY_S = 1.0
-_JOB_ID = "delivery-dispatch"
+_DISPATCH_TASK_ID = "delivery-dispatch"  # the scheduled task's id in apscheduler
 
 
 def backoff_s(attempt: int, config: DeliveryConfig, rng: random.Random) -> float:
@@ -62,7 +62,7 @@ class DeliveryStage:
             self.dispatch,
             "interval",
             seconds=DISPATCH_EVERY_S,
-            id=_JOB_ID,
+            id=_DISPATCH_TASK_ID,
             max_instances=1,
             coalesce=True,
             replace_existing=True,
@@ -70,17 +70,18 @@ class DeliveryStage:
 
     def wake(self) -> None:
         """A SEG is ready: dispatch now instead of at the next tick."""
-        self.scheduler.modify_job(_JOB_ID, next_run_time=utcnow())
+        self.scheduler.modify_job(_DISPATCH_TASK_ID, next_run_time=utcnow())
 
     def stop(self) -> None:
         # Attempts in flight are abandoned, not awaited: they stay claimed and become due
         # again at the next start (a SEG received twice is one instance at the PACS).
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _destination(self, job: DeliveryJob) -> Destination:
-        """Where the job goes (the target resolved when the SEG was made, e.g. the caller's
-        address for reply_to_caller) with the TLS settings of its [[destinations]] entry."""
-        target = job.target
+    def _destination(self, due: DueDelivery) -> Destination:
+        """Where the delivery goes (the target resolved when the SEG was made, e.g. the
+        caller's address for reply_to_caller) with the TLS settings of its [[destinations]]
+        entry."""
+        target = due.target
         for configured in self.config.destinations:
             if configured.name == target.name:
                 return dataclasses.replace(
@@ -90,21 +91,21 @@ class DeliveryStage:
         return Destination(target.name, target.ae_title, target.host, target.port)
 
     def dispatch(self) -> None:
-        for job in self.state.claim_due_deliveries():
-            self._pool.submit(self.attempt, job)
+        for due in self.state.claim_due_deliveries():
+            self._pool.submit(self.attempt, due)
 
-    def attempt(self, job: DeliveryJob) -> None:
-        destination = self._destination(job)
-        path = self.results_dir / job.seg_file
+    def attempt(self, due: DueDelivery) -> None:
+        destination = self._destination(due)
+        path = self.results_dir / due.seg_file
         try:
             result = send_files(
                 destination, [path], self.config.node.ae_title, self.config.delivery.timeout_s
             )
             error = None if result.delivered else result.reason
         except Exception as error_:  # e.g. the SEG file is gone: a reason, not a dead thread
-            log.exception("series %d: delivery attempt", job.series_id)
+            log.exception("series %d: delivery attempt", due.series_id)
             error = f"{type(error_).__name__}: {error_}"
         retry_at = None
         if error is not None:
-            retry_at = next_attempt_at(job.attempt, self.config.delivery, self._rng, utcnow())
-        self.state.record_delivery(job, error, retry_at)
+            retry_at = next_attempt_at(due.attempt, self.config.delivery, self._rng, utcnow())
+        self.state.record_delivery(due, error, retry_at)

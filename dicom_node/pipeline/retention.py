@@ -4,7 +4,7 @@ A series that is `done`, `no_findings` or `skipped` keeps its files for
 `retention.delete_after_h` hours (time to look at a result, or to resend it by hand), then
 its spooled instances and its SEG are deleted and the series is marked purged; its history
 stays in the database. `failed` series are kept until `dicom-node retry` or an operator
-deals with them. An apscheduler interval job runs the check.
+deals with them. A scheduled task (an apscheduler interval trigger) runs the check.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def schedule_retention(
     results_dir: Path,
     config: RetentionConfig,
 ) -> None:
+    """The retention check as a scheduled task: now, then every `retention.check_every_s`."""
     scheduler.add_job(
         purge_expired,
         "interval",

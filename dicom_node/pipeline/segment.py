@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dicom_node.app.config import Config, UnsurePolicy
 from dicom_node.pipeline.spool import Spool
-from dicom_node.pipeline.state import Job, NodeState, Target
+from dicom_node.pipeline.state import ClaimedSeries, NodeState, Target
 from dicom_node.pipeline.worker import InferenceWorker, WorkerLostError, WorkOutcome, WorkRequest
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 POLL_S = 2.0
 
 
-def seg_file_name(job: Job) -> str:
+def seg_file_name(claim: ClaimedSeries) -> str:
     """The SEG's file name under results/: chosen by the node, one per series generation."""
-    return f"{job.series_id}-{job.generation}.dcm"
+    return f"{claim.series_id}-{claim.generation}.dcm"
 
 
 def resolve_targets(config: Config, calling_ae: str, calling_host: str) -> list[Target]:
@@ -73,7 +73,7 @@ class SegmentationStage:
         self._wake.set()
 
     def stop(self) -> None:
-        """Stop taking work and end a job in flight (it is re-queued at the next start)."""
+        """Stop taking work and end the series in flight (it is re-queued at the next start)."""
         self._stop.set()
         self._wake.set()
         self.worker.shutdown()
@@ -82,29 +82,29 @@ class SegmentationStage:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                job = self.state.claim_next_queued()
-                if job is None:
+                claim = self.state.claim_next_queued()
+                if claim is None:
                     self._wake.wait(POLL_S)
                     self._wake.clear()
                     continue
-                self.process(job)
+                self.process(claim)
             except Exception:  # the stage must outlive any one series (or a database hiccup)
                 log.exception("segmentation stage")
                 self._stop.wait(POLL_S)
 
-    def process(self, job: Job) -> None:
+    def process(self, claim: ClaimedSeries) -> None:
         """Run one claimed series through the worker and record the outcome."""
         log.info(
             "series %d: segmenting %s (%d files, attempt %d)",
-            job.series_id,
-            job.series_instance_uid,
-            len(job.file_names),
-            job.attempt,
+            claim.series_id,
+            claim.series_instance_uid,
+            len(claim.file_names),
+            claim.attempt,
         )
-        seg_name = seg_file_name(job)
+        seg_name = seg_file_name(claim)
         request = WorkRequest(
-            paths=[str(self.spool.path(name)) for name in job.file_names],
-            generation=job.generation,
+            paths=[str(self.spool.path(name)) for name in claim.file_names],
+            generation=claim.generation,
             seg_path=str(self.results_dir / seg_name),
         )
         try:
@@ -112,31 +112,31 @@ class SegmentationStage:
         except WorkerLostError as error:
             if self._stop.is_set():
                 return  # still `segmenting`: the next start re-queues it
-            self._lost(job, str(error))
+            self._lost(claim, str(error))
             return
-        self._record(job, seg_name, outcome)
+        self._record(claim, seg_name, outcome)
 
-    def _lost(self, job: Job, reason: str) -> None:
+    def _lost(self, claim: ClaimedSeries, reason: str) -> None:
         retries = self.config.worker.retries
-        if job.attempt <= retries:
-            self.state.requeue(job, f"{reason}; retry {job.attempt} of {retries}")
+        if claim.attempt <= retries:
+            self.state.requeue(claim, f"{reason}; retry {claim.attempt} of {retries}")
         else:
-            self.state.mark_failed(job.series_id, job.generation, reason)
+            self.state.mark_failed(claim.series_id, claim.generation, reason)
 
-    def _record(self, job: Job, seg_name: str, outcome: WorkOutcome) -> None:
+    def _record(self, claim: ClaimedSeries, seg_name: str, outcome: WorkOutcome) -> None:
         summary = json.dumps(outcome.summary)
         if outcome.reason is not None:
-            self.state.mark_failed(job.series_id, job.generation, outcome.reason)
+            self.state.mark_failed(claim.series_id, claim.generation, outcome.reason)
         elif outcome.seg_uids is None:
-            self.state.mark_no_findings(job, summary, outcome.summary["no_findings"])
+            self.state.mark_no_findings(claim, summary, outcome.summary["no_findings"])
         elif outcome.unsure and self.config.verdict.policy == UnsurePolicy.HOLD:
             reason = outcome.summary["verdict"]["headline"]
-            if not self.state.mark_held(job, seg_name, outcome.seg_uids, summary, reason):
+            if not self.state.mark_held(claim, seg_name, outcome.seg_uids, summary, reason):
                 (self.results_dir / seg_name).unlink(missing_ok=True)  # superseded
         else:
-            calling_ae, calling_host = self.state.calling_peer(job.series_id)
+            calling_ae, calling_host = self.state.calling_peer(claim.series_id)
             targets = resolve_targets(self.config, calling_ae, calling_host)
-            if self.state.mark_segmented(job, seg_name, outcome.seg_uids, summary, targets):
+            if self.state.mark_segmented(claim, seg_name, outcome.seg_uids, summary, targets):
                 self.on_segmented()
             else:  # superseded while segmenting: this SEG is of an incomplete series
                 (self.results_dir / seg_name).unlink(missing_ok=True)

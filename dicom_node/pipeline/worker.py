@@ -3,8 +3,8 @@
 `InferenceWorker` runs `segment_series` in a separate process that loads the model once and
 keeps it warm. The process boundary is the point: a crash, an out-of-memory kill or a hang in
 assembly, decoding or inference takes down the worker, never reception. The supervisor sees
-the process die (or a job overrun `worker.timeout_s`), kills and restarts it, and reports the
-job as lost with the reason; the segmentation stage decides whether to retry.
+the process die (or a request overrun `worker.timeout_s`), kills and restarts it, and reports
+the series as lost with the reason; the segmentation stage decides whether to retry.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _serve(connection: Connection, config: Config) -> None:
             return
         try:
             outcome = _work(request, config, segmenter, writer)
-        except Exception as error:  # the job fails with the reason; the warm worker stays
+        except Exception as error:  # the request fails with the reason; the warm worker stays
             # Library messages may quote header values (a patient's name, a birth date): the
             # reason and the default log carry the error's type only, the details go to DEBUG.
             log.error("series processing failed: %s", type(error).__name__)
@@ -122,7 +122,7 @@ def _work(request: WorkRequest, config: Config, segmenter: Any, writer: SegWrite
 
 
 class InferenceWorker:
-    """Supervises one worker process: starts it, hands it jobs, replaces it when it is lost."""
+    """Supervises one worker process: starts it, hands it requests, replaces it when it is lost."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -159,7 +159,7 @@ class InferenceWorker:
 
     def run(self, request: WorkRequest) -> WorkOutcome:
         """Process one series; WorkerLostError if the process died or timed out (it is
-        restarted before the error is raised, so the next job finds a warm worker)."""
+        restarted before the error is raised, so the next series finds a warm worker)."""
         if self._process is None or not self._process.is_alive():
             self.start()
         assert self._connection is not None and self._process is not None
@@ -170,7 +170,7 @@ class InferenceWorker:
                 return self._connection.recv()
             reason = f"timed out after {timeout:g} s (worker.timeout_s)"
         except (EOFError, OSError):
-            if self._stopping:  # `shutdown` killed it: the job is re-queued at next start
+            if self._stopping:  # `shutdown` killed it: the series is re-queued at next start
                 raise WorkerLostError("node stopping") from None
             self._process.join(5)
             reason = f"worker died (exit {self._process.exitcode})"
@@ -180,12 +180,12 @@ class InferenceWorker:
         raise WorkerLostError(reason)
 
     def shutdown(self) -> None:
-        """For the daemon's stop, from another thread: a job in flight ends at once."""
+        """For the daemon's stop, from another thread: a request in flight ends at once."""
         self._stopping = True
         self.stop()
 
     def stop(self) -> None:
-        """Kill the process (a job in flight is lost: its series is re-queued at start)."""
+        """Kill the process (a request in flight is lost: its series is re-queued at start)."""
         if self._connection is not None:
             self._connection.close()
         if self._process is not None:

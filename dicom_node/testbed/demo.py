@@ -234,7 +234,7 @@ class NodeUnderDemo:
 
     def job(self, series_uid: str) -> dict[str, Any] | None:
         """The node's job for `series_uid`, from its state database (as `dicom-node job`)."""
-        match = [s.id for s in self.state.recent_series(100) if s.series_instance_uid == series_uid]
+        match = [s.id for s in self.state.jobs(limit=100) if s.series_instance_uid == series_uid]
         return job_report(self.state, match[0]) if match else None
 
     def stop(self) -> None:

@@ -1,0 +1,238 @@
+"""The store's work on rows inside one of its transactions: `transition`, the one code that
+moves a series (by the table of `machine`), locked lookups, the generation check (`current`),
+new rows, and ORM rows copied into the records that leave the store.
+
+Every function takes the `Session` that a `NodeState` method opened; none commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.pipeline.state.machine import (
+    TRANSITIONS,
+    DeliveryState,
+    IllegalTransitionError,
+    SeriesState,
+)
+from dicom_node.pipeline.state.records import (
+    DeliveryRecord,
+    JobRecord,
+    ReceivedInstance,
+    SeriesRecord,
+    Target,
+    TransitionRecord,
+)
+from dicom_node.pipeline.state.schema import Delivery, Instance, Series, Transition, utcnow
+
+# One logger for the whole store, named for the package, as its lines always were.
+log = logging.getLogger(__package__)
+
+
+def transition(
+    session: Session, series: Series, to: SeriesState, reason: str | None = None
+) -> None:
+    """The only code that changes Series.state: checks the table, stamps the time, keeps the
+    history (a new series starts in `receiving`, in `new_series`)."""
+    current = SeriesState(series.state)
+    if to not in TRANSITIONS[current]:
+        raise IllegalTransitionError(f"series {series.id}: {current} -> {to} is not allowed")
+    if to is SeriesState.RECEIVING:
+        series.generation += 1
+        series.attempts = 0
+    now = utcnow()
+    series.state, series.reason, series.state_changed_at = to, reason, now
+    session.add(
+        Transition(
+            series_id=series.id,
+            generation=series.generation,
+            from_state=current,
+            to_state=to,
+            reason=reason,
+            at=now,
+        )
+    )
+    # Logged once committed (see `NodeState._session`): a write the database refuses moved
+    # nothing.
+    session.info.setdefault("transitions", []).append(
+        f"series {series.id}: {current} -> {to}" + (f" ({reason})" if reason else "")
+    )
+
+
+def file_names(session: Session, series_id: int) -> list[str]:
+    """A series' spooled files, in the order they arrived."""
+    query = select(Instance.file_name).where(Instance.series_id == series_id)
+    return list(session.scalars(query.order_by(Instance.id)))
+
+
+def new_series(session: Session, received: ReceivedInstance, now: datetime) -> Series:
+    """A series for the first instance received of it: `receiving`, generation 1."""
+    series = Series(
+        series_instance_uid=received.series_instance_uid,
+        study_instance_uid=received.study_instance_uid,
+        modality=received.modality,
+        calling_ae=received.calling_ae,
+        calling_host=received.calling_host,
+        state=SeriesState.RECEIVING,
+        first_received_at=now,
+        last_received_at=now,
+        state_changed_at=now,
+    )
+    session.add(series)
+    session.flush()  # assigns series.id
+    session.add(
+        Transition(series_id=series.id, generation=1, to_state=SeriesState.RECEIVING, at=now)
+    )
+    log.info("series %d: new, from %s", series.id, received.calling_ae)
+    return series
+
+
+def current(session: Session, series_id: int, generation: int) -> Series | None:
+    """The generation check: the series (locked) if it is still at `generation`, else None.
+
+    Work and decisions carry the generation they were made on; once the series has reopened
+    they are about data that is no longer the whole series, and are discarded."""
+    series = session.get_one(Series, series_id, with_for_update=True)
+    if series.generation != generation:
+        log.info("series %d: generation %d superseded", series_id, generation)
+        return None
+    return series
+
+
+def start_sending(
+    session: Session, series: Series, targets: list[Target], reason: str | None = None
+) -> None:
+    """On to `sending` with a pending delivery per target (none: straight on to `done`)."""
+    transition(session, series, SeriesState.SENDING, reason)
+    add_deliveries(session, series, targets)
+    if not targets:
+        transition(session, series, SeriesState.DONE, "no destinations configured")
+
+
+def locked_in(session: Session, series_id: int, state: SeriesState, only: str) -> Series:
+    """Series `series_id`, locked, which must be in `state` (else the error says `only`
+    which jobs the command takes)."""
+    series = session.get(Series, series_id, with_for_update=True)
+    if series is None:
+        raise LookupError(f"no job {series_id}")
+    if series.state != state:
+        raise IllegalTransitionError(f"job {series_id} is {series.state}: only {only}")
+    return series
+
+
+def add_deliveries(session: Session, series: Series, targets: list[Target]) -> None:
+    """A pending delivery per target, due now."""
+    now = utcnow()
+    for target in targets:
+        session.add(
+            Delivery(
+                series_id=series.id,
+                generation=series.generation,
+                destination=target.name,
+                ae_title=target.ae_title,
+                host=target.host,
+                port=target.port,
+                state=DeliveryState.PENDING,
+                next_attempt_at=now,
+            )
+        )
+
+
+def deliveries(session: Session, series: Series) -> list[Delivery]:
+    """The deliveries of the series' current generation, in the order they were made."""
+    return list(
+        session.scalars(
+            select(Delivery)
+            .where(Delivery.series_id == series.id, Delivery.generation == series.generation)
+            .order_by(Delivery.id)
+        )
+    )
+
+
+def job_record(session: Session, series_id: int) -> JobRecord:
+    """A series with its whole timeline and every delivery (all generations)."""
+    series = session.get(Series, series_id)
+    if series is None:
+        raise LookupError(f"no job {series_id}")
+    timeline = session.scalars(
+        select(Transition).where(Transition.series_id == series_id).order_by(Transition.id)
+    )
+    every_delivery = session.scalars(
+        select(Delivery).where(Delivery.series_id == series_id).order_by(Delivery.id)
+    )
+    (record,) = series_records(session, [series])
+    return JobRecord(
+        record,
+        tuple(_transition_record(t) for t in timeline),
+        tuple(_delivery_record(d) for d in every_delivery),
+    )
+
+
+def series_records(session: Session, series_list: list[Series]) -> list[SeriesRecord]:
+    """Records of `series_list`, each with the destinations that hold its current SEG (one
+    query for all of them)."""
+    generations = {series.id: series.generation for series in series_list}
+    delivered: dict[int, list[str]] = {series_id: [] for series_id in generations}
+    delivered_rows = session.execute(
+        select(Delivery.series_id, Delivery.generation, Delivery.destination)
+        .where(Delivery.series_id.in_(generations), Delivery.state == DeliveryState.DELIVERED)
+        .order_by(Delivery.id)
+    )
+    for series_id, generation, destination in delivered_rows:
+        if generation == generations[series_id]:
+            delivered[series_id].append(destination)
+    return [_series_record(series, tuple(delivered[series.id])) for series in series_list]
+
+
+def _series_record(series: Series, delivered_to: tuple[str, ...]) -> SeriesRecord:
+    return SeriesRecord(
+        id=series.id,
+        series_instance_uid=series.series_instance_uid,
+        study_instance_uid=series.study_instance_uid,
+        modality=series.modality,
+        calling_ae=series.calling_ae,
+        calling_host=series.calling_host,
+        instance_count=series.instance_count,
+        state=SeriesState(series.state),
+        reason=series.reason,
+        generation=series.generation,
+        first_received_at=series.first_received_at,
+        last_received_at=series.last_received_at,
+        state_changed_at=series.state_changed_at,
+        attempts=series.attempts,
+        seg_file=series.seg_file,
+        seg_series_instance_uid=series.seg_series_instance_uid,
+        seg_sop_instance_uid=series.seg_sop_instance_uid,
+        result=series.result,
+        purged_at=series.purged_at,
+        delivered_to=delivered_to,
+    )
+
+
+def _transition_record(transition: Transition) -> TransitionRecord:
+    return TransitionRecord(
+        at=transition.at,
+        generation=transition.generation,
+        from_state=SeriesState(transition.from_state) if transition.from_state else None,
+        to_state=SeriesState(transition.to_state),
+        reason=transition.reason,
+    )
+
+
+def _delivery_record(delivery: Delivery) -> DeliveryRecord:
+    return DeliveryRecord(
+        destination=delivery.destination,
+        ae_title=delivery.ae_title,
+        host=delivery.host,
+        port=delivery.port,
+        generation=delivery.generation,
+        state=DeliveryState(delivery.state),
+        attempts=delivery.attempts,
+        last_error=delivery.last_error,
+        next_attempt_at=delivery.next_attempt_at,
+        delivered_at=delivery.delivered_at,
+    )

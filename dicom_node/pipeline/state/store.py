@@ -1,0 +1,488 @@
+"""The store: `NodeState`, the node's state database and every operation on it.
+
+Everything the node knows survives a restart because it lives in this database (SQLite in WAL
+mode under data_dir by default, or PostgreSQL). A C-STORE is acknowledged only after its
+instance is spooled and committed here, so the node never knows less than the sender was told
+(after a power cut, `Reception.recover` re-records spooled files a lost commit left out).
+
+Each method is one transaction (`rows` holds what they do on rows inside one). The ORM stays
+inside this package: callers give and get the plain records of `records`. Series move only
+through `rows.transition`, by the table of `machine`, which describes how they move.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.pipeline.spool import SpooledFile
+from dicom_node.pipeline.state import rows
+from dicom_node.pipeline.state.machine import DeliveryState, SeriesState
+from dicom_node.pipeline.state.records import (
+    ClaimedSeries,
+    DueDelivery,
+    JobRecord,
+    ReceivedInstance,
+    Recorded,
+    Resumed,
+    SeriesFiles,
+    SeriesRecord,
+    Target,
+)
+from dicom_node.pipeline.state.schema import (
+    Base,
+    Delivery,
+    Instance,
+    Series,
+    configure_sqlite,
+    utcnow,
+)
+
+# One logger for the whole store, named for the package, as its lines always were.
+log = logging.getLogger(__package__)
+
+_S = SeriesState
+
+
+class NodeState:
+    """The database and every operation on it; each method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite"):
+            self.engine = create_engine(url, connect_args={"timeout": 30})
+            configure_sqlite(self.engine)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+        for transition in session.info.pop("transitions", ()):
+            log.info("%s", transition)
+
+    # Reception -------------------------------------------------------------------------
+
+    def record_instance(self, received: ReceivedInstance, spooled: SpooledFile) -> Recorded:
+        """Record a spooled instance in its series (created, or reopened if it had moved on).
+
+        A SOP Instance UID seen before changes nothing (`duplicate`), also when two
+        associations deliver it at once: the unique index decides.
+        """
+        # Two attempts: with PostgreSQL two associations may create the same series at once
+        # (SQLite's BEGIN IMMEDIATE serialises them); the loser retries and finds it.
+        for attempt in (1, 2):
+            try:
+                return self._record(received, spooled)
+            except IntegrityError:
+                duplicate = self._duplicate(received.sop_instance_uid)
+                if duplicate is not None:
+                    return duplicate
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record(self, received: ReceivedInstance, spooled: SpooledFile) -> Recorded:
+        now = utcnow()
+        with self._session() as session:
+            series = session.scalar(
+                select(Series)
+                .where(Series.series_instance_uid == received.series_instance_uid)
+                .with_for_update()
+            )
+            if series is None:
+                series = rows.new_series(session, received, now)
+            instance = Instance(
+                sop_instance_uid=received.sop_instance_uid,
+                series_id=series.id,
+                file_name=spooled.name,
+                sop_class_uid=received.sop_class_uid,
+                transfer_syntax_uid=received.transfer_syntax_uid,
+                size_bytes=spooled.size_bytes,
+                generation=series.generation,
+                received_at=now,
+            )
+            session.add(instance)
+            # The unique index speaks first: a duplicate raises here, before a reopen is
+            # logged (and rolled back) for an instance that changes nothing.
+            session.flush()
+            if series.state != SeriesState.RECEIVING:
+                rows.transition(session, series, SeriesState.RECEIVING)
+                instance.generation = series.generation
+            series.instance_count += 1
+            series.last_received_at = now
+            return Recorded(series.id, False, now)
+
+    def _duplicate(self, sop_instance_uid: str) -> Recorded | None:
+        with self._session() as session:
+            instance = session.scalar(
+                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+            if instance is None:
+                return None
+            series = session.get_one(Series, instance.series_id)
+            return Recorded(series.id, True, series.last_received_at)
+
+    # Completion and selection ----------------------------------------------------------
+
+    def complete_if_idle(self, series_id: int, idle_s: float) -> datetime | None:
+        """Mark a receiving series complete once `idle_s` passed since its last instance.
+
+        Returns when it will be idle if that is still ahead (the caller waits until then),
+        None when it completed now or is not receiving (nothing to wait for).
+        """
+        with self._session() as session:
+            series = session.get(Series, series_id, with_for_update=True)
+            if series is None or series.state != SeriesState.RECEIVING:
+                return None
+            due = series.last_received_at + timedelta(seconds=idle_s)
+            if due > utcnow():
+                return due
+            rows.transition(session, series, SeriesState.COMPLETE)
+            return None
+
+    def complete_series_files(self, series_id: int) -> SeriesFiles | None:
+        """The spooled files of a complete series, or None if it is not complete (any more)."""
+        with self._session() as session:
+            series = session.get(Series, series_id)
+            if series is None or series.state != SeriesState.COMPLETE:
+                return None
+            return SeriesFiles(series_id, series.generation, rows.file_names(session, series_id))
+
+    def _move_if_current(
+        self, series_id: int, generation: int, to: SeriesState, reason: str | None = None
+    ) -> bool:
+        """Apply a decision made on `generation`; False (nothing done) if it was superseded."""
+        with self._session() as session:
+            series = rows.current(session, series_id, generation)
+            if series is None:
+                return False
+            rows.transition(session, series, to, reason)
+            return True
+
+    def mark_skipped(self, series_id: int, generation: int, reason: str) -> bool:
+        return self._move_if_current(series_id, generation, SeriesState.SKIPPED, reason)
+
+    def enqueue(self, series_id: int, generation: int) -> bool:
+        return self._move_if_current(series_id, generation, SeriesState.QUEUED)
+
+    def mark_failed(self, series_id: int, generation: int, reason: str) -> bool:
+        return self._move_if_current(series_id, generation, SeriesState.FAILED, reason)
+
+    # Segmentation ----------------------------------------------------------------------
+
+    def claim_next_queued(self) -> ClaimedSeries | None:
+        """The longest-queued series, moved to `segmenting` for the worker (None: no work)."""
+        with self._session() as session:
+            series = session.scalar(
+                select(Series)
+                .where(Series.state == SeriesState.QUEUED)
+                .order_by(Series.state_changed_at, Series.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            if series is None:
+                return None
+            series.attempts += 1
+            rows.transition(session, series, SeriesState.SEGMENTING, f"attempt {series.attempts}")
+            names = rows.file_names(session, series.id)
+            return ClaimedSeries(
+                series.id,
+                series.generation,
+                series.attempts,
+                series.series_instance_uid,
+                names,
+            )
+
+    def requeue(self, claim: ClaimedSeries, reason: str) -> bool:
+        """A worker crash or hang interrupted `claim`: queue it again (the caller checks
+        retries)."""
+        return self._move_if_current(claim.series_id, claim.generation, SeriesState.QUEUED, reason)
+
+    def mark_no_findings(self, claim: ClaimedSeries, result: str, reason: str) -> bool:
+        with self._session() as session:
+            series = rows.current(session, claim.series_id, claim.generation)
+            if series is None:
+                return False
+            series.result = result
+            rows.transition(session, series, SeriesState.NO_FINDINGS, reason)
+            return True
+
+    def mark_segmented(
+        self,
+        claim: ClaimedSeries,
+        seg_file: str,
+        seg_uids: tuple[str, str],
+        result: str,
+        targets: list[Target],
+    ) -> bool:
+        """The SEG is on disk: `sending`, with a pending delivery per target (none: `done`)."""
+        with self._session() as session:
+            series = self._with_seg(session, claim, seg_file, seg_uids, result)
+            if series is None:
+                return False
+            rows.start_sending(session, series, targets)
+            return True
+
+    def mark_held(
+        self,
+        claim: ClaimedSeries,
+        seg_file: str,
+        seg_uids: tuple[str, str],
+        result: str,
+        reason: str,
+    ) -> bool:
+        """The SEG is on disk but unsure, and the policy holds it: `review`, with the reason."""
+        with self._session() as session:
+            series = self._with_seg(session, claim, seg_file, seg_uids, result)
+            if series is None:
+                return False
+            rows.transition(session, series, SeriesState.REVIEW, reason)
+            return True
+
+    def _with_seg(
+        self,
+        session: Session,
+        claim: ClaimedSeries,
+        seg_file: str,
+        seg_uids: tuple[str, str],
+        result: str,
+    ) -> Series | None:
+        """The claimed series with its SEG recorded, or None if the claim was superseded."""
+        series = rows.current(session, claim.series_id, claim.generation)
+        if series is not None:
+            series.seg_file = seg_file
+            series.seg_series_instance_uid, series.seg_sop_instance_uid = seg_uids
+            series.result = result
+        return series
+
+    def release(self, series_id: int, targets: list[Target]) -> SeriesState:
+        """`dicom-node release`: a held SEG goes out to `targets` as it is. Returns the state
+        it moved to (`sending`, or `done` without destinations)."""
+        with self._session() as session:
+            series = rows.locked_in(
+                session, series_id, SeriesState.REVIEW, "jobs in review are released"
+            )
+            rows.start_sending(session, series, targets, "released after review")
+            return SeriesState(series.state)
+
+    def reject(self, series_id: int) -> SeriesState:
+        """`dicom-node reject`: a held SEG is never sent; the series ends `rejected`."""
+        with self._session() as session:
+            series = rows.locked_in(
+                session, series_id, SeriesState.REVIEW, "jobs in review are rejected"
+            )
+            rows.transition(session, series, SeriesState.REJECTED, "rejected after review")
+            return SeriesState.REJECTED
+
+    def calling_peer(self, series_id: int) -> tuple[str, str]:
+        """(calling AE title, host) of the series' sender, for reply_to_caller destinations."""
+        with self._session() as session:
+            series = session.get(Series, series_id)
+            if series is None:
+                raise LookupError(f"no job {series_id}")
+            return series.calling_ae, series.calling_host
+
+    # Delivery --------------------------------------------------------------------------
+
+    def claim_due_deliveries(self, limit: int = 8) -> list[DueDelivery]:
+        """Pending deliveries whose time has come, marked in flight (next_attempt_at None)."""
+        with self._session() as session:
+            claimed = session.execute(
+                select(Delivery, Series)
+                .join(Series, Series.id == Delivery.series_id)
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at <= utcnow(),
+                    Series.state == SeriesState.SENDING,
+                    Series.generation == Delivery.generation,
+                )
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            due = []
+            for delivery, series in claimed:
+                delivery.attempts += 1
+                delivery.next_attempt_at = None
+                target = Target(
+                    delivery.destination, delivery.ae_title, delivery.host, delivery.port
+                )
+                due.append(
+                    DueDelivery(
+                        delivery.id,
+                        series.id,
+                        delivery.generation,
+                        delivery.attempts,
+                        target,
+                        str(series.seg_file),
+                    )
+                )
+            return due
+
+    def record_delivery(
+        self, due: DueDelivery, error: str | None, retry_at: datetime | None
+    ) -> SeriesState | None:
+        """The outcome of one attempt: delivered (error None), retry at `retry_at`, or given
+        up (retry_at None). Settles the series once no delivery is pending; returns its new
+        state then, else None."""
+        with self._session() as session:
+            delivery = session.get_one(Delivery, due.delivery_id, with_for_update=True)
+            now = utcnow()
+            if error is None:
+                delivery.state, delivery.delivered_at, delivery.last_error = (
+                    DeliveryState.DELIVERED,
+                    now,
+                    None,
+                )
+                log.info("series %d: delivered to %s", due.series_id, delivery.destination)
+            else:
+                delivery.last_error = error
+                if retry_at is None:
+                    delivery.state = DeliveryState.FAILED
+                else:
+                    delivery.next_attempt_at = retry_at
+                log.warning(
+                    "series %d: delivery %d to %s failed: %s%s",
+                    due.series_id,
+                    due.attempt,
+                    delivery.destination,
+                    error,
+                    " (giving up)" if retry_at is None else f" (next at {retry_at:%H:%M:%S})",
+                )
+            series = rows.current(session, due.series_id, due.generation)
+            if series is None or series.state != SeriesState.SENDING:
+                return None
+            deliveries = rows.deliveries(session, series)
+            if any(d.state == DeliveryState.PENDING for d in deliveries):
+                return None
+            failed = [d for d in deliveries if d.state == DeliveryState.FAILED]
+            if not failed:
+                rows.transition(session, series, SeriesState.DONE)
+                return SeriesState.DONE
+            reason = "; ".join(
+                f"delivery to {d.destination} failed after {d.attempts} attempts: {d.last_error}"
+                for d in failed
+            )
+            rows.transition(session, series, SeriesState.FAILED, reason)
+            return SeriesState.FAILED
+
+    def retry(self, series_id: int) -> SeriesState:
+        """`dicom-node retry`: a failed series is delivered again if its SEG is on disk and
+        only delivery failed, else segmented again. Returns the state it moved to."""
+        with self._session() as session:
+            series = rows.locked_in(
+                session, series_id, SeriesState.FAILED, "failed jobs are retried"
+            )
+            failed = [
+                d for d in rows.deliveries(session, series) if d.state == DeliveryState.FAILED
+            ]
+            if series.seg_file and failed:
+                for delivery in failed:
+                    delivery.state, delivery.attempts = DeliveryState.PENDING, 0
+                    delivery.next_attempt_at = utcnow()
+                rows.transition(session, series, SeriesState.SENDING, "retry requested")
+                return SeriesState.SENDING
+            series.attempts = 0
+            rows.transition(session, series, SeriesState.QUEUED, "retry requested")
+            return SeriesState.QUEUED
+
+    # Retention -------------------------------------------------------------------------
+
+    def purgeable(self, older_than: datetime) -> list[tuple[int, list[str], str | None]]:
+        """(series id, spooled file names, SEG file) of series final before `older_than`
+        (failed ones are kept for `dicom-node retry`)."""
+        with self._session() as session:
+            series_list = session.scalars(
+                select(Series).where(
+                    Series.state.in_([_S.DONE, _S.NO_FINDINGS, _S.REJECTED, _S.SKIPPED]),
+                    Series.state_changed_at < older_than,
+                    Series.purged_at.is_(None),
+                )
+            ).all()
+            return [
+                (
+                    series.id,
+                    rows.file_names(session, series.id),
+                    series.seg_file,
+                )
+                for series in series_list
+            ]
+
+    def mark_purged(self, series_id: int) -> None:
+        """Files deleted: forget the instances too, so that a resend is received anew (it
+        reopens the series) instead of being taken for a duplicate of a deleted file."""
+        with self._session() as session:
+            series = session.get_one(Series, series_id, with_for_update=True)
+            for instance in session.scalars(
+                select(Instance).where(Instance.series_id == series_id)
+            ):
+                session.delete(instance)
+            series.purged_at, series.seg_file = utcnow(), None
+            log.info("series %d: files purged (retention)", series_id)
+
+    # Restart ---------------------------------------------------------------------------
+
+    def resume(self) -> Resumed:
+        """After a restart: re-queue interrupted segmentation, make deliveries that were in
+        flight due again, and say which series need their idle timer or selection again."""
+        with self._session() as session:
+            segmenting = select(Series).where(Series.state == SeriesState.SEGMENTING)
+            for series in session.scalars(segmenting):
+                rows.transition(session, series, SeriesState.QUEUED, "node restarted")
+            in_flight = select(Delivery).where(
+                Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at.is_(None)
+            )
+            for delivery in session.scalars(in_flight):
+                delivery.next_attempt_at = utcnow()
+            states = session.execute(select(Series.id, Series.state))
+            receiving: list[int] = []
+            complete: list[int] = []
+            requeued: list[int] = []
+            for series_id, state in states:
+                if state == SeriesState.RECEIVING:
+                    receiving.append(series_id)
+                elif state == SeriesState.COMPLETE:
+                    complete.append(series_id)
+                elif state == SeriesState.QUEUED:
+                    requeued.append(series_id)
+            return Resumed(receiving, complete, requeued)
+
+    def file_names(self) -> set[str]:
+        """Every spooled file the database knows (the rest of the spool is debris)."""
+        with self._session() as session:
+            return set(session.scalars(select(Instance.file_name)))
+
+    # Reporting -------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self._session() as session:
+            counted = session.execute(select(Series.state, func.count()).group_by(Series.state))
+            return {state: count for state, count in counted}
+
+    def jobs(self, state: SeriesState | None = None, limit: int = 20) -> list[SeriesRecord]:
+        """The newest series (by their last instance), newest first, only those in `state`
+        if given: filtered, ordered and limited by the database, so a few failed series are
+        found among any number of newer done ones."""
+        query = select(Series)
+        if state is not None:
+            query = query.where(Series.state == state)
+        query = query.order_by(Series.last_received_at.desc(), Series.id.desc()).limit(limit)
+        with self._session() as session:
+            return rows.series_records(session, list(session.scalars(query)))
+
+    def job(self, series_id: int) -> JobRecord:
+        """A series with its whole timeline and every delivery (all generations)."""
+        with self._session() as session:
+            return rows.job_record(session, series_id)
