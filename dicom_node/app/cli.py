@@ -268,13 +268,16 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _add_jobs(sub: SubParsers) -> None:
+    from dicom_node.pipeline.state import SeriesState  # without SQLAlchemy: --help stays fast
+
     parser = sub.add_parser(
         "jobs",
         help="the node's jobs (one per received series) with state, SEG and delivery",
     )
     parser.add_argument("--config", type=Path, default=Path("config.toml"))
-    parser.add_argument("--state", help="only jobs in this state, e.g. failed")
-    parser.add_argument("--limit", type=int, default=50, help="most recent first")
+    states = [state.value for state in SeriesState]
+    parser.add_argument("--state", choices=states, help="only jobs in this state")
+    parser.add_argument("--limit", type=int, default=50, help="the newest first")
     parser.add_argument("--json", action="store_true", help="a JSON list on stdout")
     parser.set_defaults(handler=_jobs)
 
@@ -282,10 +285,10 @@ def _add_jobs(sub: SubParsers) -> None:
 def _jobs(args: argparse.Namespace) -> int:
     from dicom_node.app.config import load_config
     from dicom_node.app.status import recent_jobs, render_jobs
+    from dicom_node.pipeline.state import SeriesState
 
-    jobs = recent_jobs(load_config(args.config), args.limit)
-    if args.state:
-        jobs = [job for job in jobs if job["state"] == args.state]
+    state = SeriesState(args.state) if args.state else None
+    jobs = recent_jobs(load_config(args.config), args.limit, state)
     return _report(jobs, args.json, render_jobs)
 
 
