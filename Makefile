@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the tests talk to: dciodvfy checks the DICOM the node writes; DCMTK
 # (storescu, echoscu, storescp) and Orthanc are the scanner and PACS the node receives from;
-# PostgreSQL is the node's other state database (tests/pg.py runs a throw-away server). Its
-# server binaries are not on PATH (/usr/lib/postgresql/<version>/bin); pg_ctlcluster, from
-# postgresql-common which the server package pulls in, is, so it stands for them here.
+# PostgreSQL is the node's other state database (dicom_node/testbed/postgres.py runs a
+# throw-away server). Its server binaries are not on PATH (/usr/lib/postgresql/<version>/bin);
+# pg_ctlcluster, from postgresql-common which the server package pulls in, is, so it stands
+# for them here.
 # Node.js and npm (for dcmjs, the OHIF viewer's SEG reader, tests/viewer) come with the
 # machine (NodeSource's build, which bundles npm: Debian's npm package would conflict with it).
 APT_PACKAGES := dicom3tools dcmtk orthanc postgresql

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -36,14 +35,15 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the real daemon and Orthanc, as the tests run them
-
-from node_process import NodeProcess, destination_toml, start_storescu, storescu  # noqa: E402
-from peers import OrthancProcess  # noqa: E402
-
-from bench.inference import machine  # noqa: E402
-from dicom_node.testbed.phantom_series import write_phantom  # noqa: E402
+from bench.inference import machine
+from dicom_node.testbed.node_process import (
+    NodeProcess,
+    destination_toml,
+    start_storescu,
+    storescu,
+)
+from dicom_node.testbed.peers import OrthancProcess
+from dicom_node.testbed.phantom_series import write_phantom
 
 RESULTS = Path(__file__).resolve().parent / "results" / "crash.json"
 # Two hips, a knee and an ankle (small phantoms): the shipped weights segment each plausibly,

@@ -2,7 +2,7 @@
 
     python -m bench.fuzz [--cases 5000] [--seed 0] [--out bench/results/fuzz.json]
 
-The cases of tests/test_hostile.py (built by tests/hostile.py: truncated and overwritten
+The cases of tests/test_hostile.py (built by tests/support/hostile/: truncated and overwritten
 datasets, wrong VRs, huge declared lengths, pixel data of the wrong size, absurd dimensions
 and geometry, path-like and over-long UIDs, missing mandatory attributes, non-images claiming
 CT, deep sequences, transfer syntax mismatches), drawn at random by Hypothesis from `--seed`,
@@ -34,15 +34,11 @@ import psutil
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the case builder and NodeProcess live with the tests
-
-import hostile  # noqa: E402
-from hostile import NO_ANSWER, UNSENDABLE, Encoded, HostileSender, Spec  # noqa: E402
-from node_process import NodeProcess  # noqa: E402
-
-from bench.inference import machine  # noqa: E402
-from dicom_node.net.receive import MAX_INFLATED_BYTES  # noqa: E402
+from bench.inference import machine
+from dicom_node.net.receive import MAX_INFLATED_BYTES
+from dicom_node.testbed.node_process import NodeProcess
+from tests.support import ROOT, hostile
+from tests.support.hostile import NO_ANSWER, UNSENDABLE, Encoded, HostileSender, Spec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fuzz.json"
 RSS_EVERY = 25  # cases between memory samples

@@ -41,14 +41,11 @@ import numpy as np
 import psutil
 from pydicom import dcmread
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # NodeProcess: the real daemon, as the tests run it
-
-from node_process import PEER_ENV, NodeProcess  # noqa: E402
-
-from bench.inference import machine  # noqa: E402
-from dicom_node.testbed.ct_series import PatientInfo, write_ct_series  # noqa: E402
-from model.volume_io import Volume  # noqa: E402
+from bench.inference import machine
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.node_process import NodeProcess
+from dicom_node.testbed.peers import PEER_ENV
+from model.volume_io import Volume
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.json"
 FINAL = {"skipped", "failed", "done", "no_findings"}

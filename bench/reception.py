@@ -34,7 +34,7 @@ from dicom_node.app.config import NodeConfig
 from dicom_node.net.receive import build_ae
 from dicom_node.pipeline.spool import Spool
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
-from dicom_node.testbed.demo import PEER_ENV, free_port
+from dicom_node.testbed.peers import PEER_ENV, free_port
 from model.volume_io import Volume
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reception.json"

@@ -10,31 +10,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
 
 from dicom_node.testbed.ct_series import PatientInfo, StudyInfo, write_ct_series
 from model.volume_io import Volume
+from tests.support.series import assert_same_volume, read_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PATIENT = PatientInfo(name="TEST^SERIES", patient_id="T1", sex="O")
-GEOMETRY_TOLERANCE = 1e-4
 _COS10, _SIN10 = math.cos(math.radians(10)), math.sin(math.radians(10))
 ROTATED_10_ABOUT_Z = (_COS10, -_SIN10, 0.0, _SIN10, _COS10, 0.0, 0.0, 0.0, 1.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-
-
-def read_series(directory: Path) -> Volume:
-    """Read a written series back the way a DICOM-consuming tool would: SimpleITK (GDCM)."""
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(directory)))
-    return Volume.from_sitk(reader.Execute())
-
-
-def assert_same_volume(actual: Volume, expected: Volume) -> None:
-    np.testing.assert_array_equal(actual.array, expected.array)
-    np.testing.assert_allclose(actual.spacing, expected.spacing, atol=GEOMETRY_TOLERANCE)
-    np.testing.assert_allclose(actual.origin, expected.origin, atol=GEOMETRY_TOLERANCE)
-    np.testing.assert_allclose(actual.direction, expected.direction, atol=GEOMETRY_TOLERANCE)
 
 
 def _volume(low: int, high: int, direction: tuple[float, ...] = IDENTITY) -> Volume:

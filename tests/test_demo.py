@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from node_process import ROOT
+
+from tests.support import ROOT
 
 BONE_MASK_DICE = 0.85  # what the shipped weights reach on any bone (see test_inference.py)
 

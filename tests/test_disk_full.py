@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from node_process import AE_TITLE, NodeProcess
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.net.statuses import OUT_OF_RESOURCES, SUCCESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.node_process import AE_TITLE, NodeProcess
 from model.volume_io import Volume
 
 MIB = 1 << 20

@@ -11,16 +11,18 @@ import random
 import time
 from pathlib import Path
 
-from node_process import NodeProcess, destination_toml, start_storescu, storescu
-from peers import OrthancProcess
 from pydicom import dcmread
 
-from dicom_node.testbed.phantom_series import write_phantom
+from dicom_node.testbed.node_process import NodeProcess, destination_toml, start_storescu, storescu
+from dicom_node.testbed.peers import OrthancProcess
+from tests.support import PhantomSeries
 
 DELIVERY = {"backoff_initial_s": 0.5, "backoff_max_s": 1, "max_attempts": 1000}
 
 
-def test_sigkill_at_any_stage_loses_nothing_and_delivers_each_seg_once(tmp_path: Path) -> None:
+def test_sigkill_at_any_stage_loses_nothing_and_delivers_each_seg_once(
+    tmp_path: Path, phantom_series: PhantomSeries
+) -> None:
     rng = random.Random(20261124)
     pacs = OrthancProcess(tmp_path / "orthanc").start()
     destination = pacs.destination()
@@ -28,7 +30,7 @@ def test_sigkill_at_any_stage_loses_nothing_and_delivers_each_seg_once(tmp_path:
     series_uids: dict[str, int] = {}  # -> instances sent
     try:
         for seed, phase in ((1003, "transfer"), (1001, "inference"), (1002, "delivery")):
-            ct = write_phantom(tmp_path / f"phantom-{seed}", seed=seed, size="small")["ct"]
+            ct = phantom_series(seed)["ct"]
             files = sorted(ct.iterdir())
             uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
             series_uids[uid] = len(files)

@@ -1,7 +1,7 @@
 """Hostile input over real associations: truncated and overwritten datasets, wrong VRs, huge
 declared lengths, pixel data of the wrong size, absurd rows/columns/frames, UIDs that look like
 paths or log lines, missing mandatory attributes, non-images claiming CT, deep sequences,
-transfer syntax mismatches and a deflate bomb (tests/hostile.py builds them).
+transfer syntax mismatches and a deflate bomb (tests/support/hostile/ builds them).
 
 One real node (`dicom-node serve`) takes a few hundred cases drawn by Hypothesis, each sent
 as its raw bytes. The node must answer every C-STORE with a status (success, or refusal
@@ -16,13 +16,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import hostile
 import numpy as np
 import psutil
 import pytest
-from hostile import UNSENDABLE, Case, HostileSender, Spec
 from hypothesis import HealthCheck, Phase, example, given, settings
-from node_process import AE_TITLE, ROOT, NodeProcess
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -30,7 +27,10 @@ from pynetdicom.sop_class import CTImageStorage
 from dicom_node.net.receive import MAX_INFLATED_BYTES
 from dicom_node.net.statuses import CANNOT_UNDERSTAND, SUCCESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.node_process import AE_TITLE, NodeProcess
 from model.volume_io import Volume
+from tests.support import ROOT, hostile
+from tests.support.hostile import UNSENDABLE, Case, HostileSender, Spec
 
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"  # little endian VR
 CASES = 280  # plus EXAMPLES; about a minute on the 2 shared cores of the development machine

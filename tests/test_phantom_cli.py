@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from test_ct_series import assert_same_volume, read_series
 
 from dicom_node.app.cli import main
 from model.volume_io import read_volume
+from tests.support.series import assert_same_volume, read_series
 
 PHANTOM_ARGS = ["phantom", "--seed", "3", "--size", "small"]
 

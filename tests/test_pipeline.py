@@ -12,15 +12,12 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pytest
-from node_process import ROOT, NodeProcess, destination_toml, require, storescu
-from peers import OrthancProcess
 from pydicom import dcmread
 
 from dicom_node.app.config import Config, DeliveryConfig, Destination
@@ -28,9 +25,11 @@ from dicom_node.pipeline.deliver import backoff_s, next_attempt_at
 from dicom_node.pipeline.segment import resolve_targets
 from dicom_node.pipeline.state import Target, utcnow
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
-from dicom_node.testbed.phantom_series import write_phantom
+from dicom_node.testbed.node_process import NodeProcess, destination_toml, storescu
+from dicom_node.testbed.peers import OrthancProcess
 from model.labels import BONE_NAMES
 from model.volume_io import Volume, read_volume
+from tests.support import ROOT, PhantomSeries, require
 
 # What the shipped (phantom-trained, under-trained) weights reach on any bone vs background;
 # the SEG must carry that mask onto the source frames, so the same bound applies.
@@ -39,15 +38,9 @@ PROCESSED = {"done", "no_findings", "failed"}
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
-    with OrthancProcess(tmp_path_factory.mktemp("orthanc")) as pacs:
-        yield pacs
-
-
-@pytest.fixture(scope="module")
-def hip_phantom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def hip_phantom(phantom_series: PhantomSeries) -> dict[str, Path]:
     """A small hip CT series (femur and hip bone of one side) and its truth."""
-    return write_phantom(tmp_path_factory.mktemp("phantom"), seed=1003, size="small")
+    return phantom_series(1003)
 
 
 def _no_bone_series(directory: Path) -> Path:

@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
 from pathlib import Path
@@ -21,8 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from node_process import PEER_ENV, NodeProcess, require, storescu, storescu_command
-from pg import PostgresServer, running_postgres
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import create_engine, event, text
@@ -30,16 +27,14 @@ from sqlalchemy import create_engine, event, text
 from dicom_node.pipeline.spool import SpooledFile
 from dicom_node.pipeline.state import NodeState, ReceivedInstance, Recorded
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.node_process import NodeProcess, storescu, storescu_command
+from dicom_node.testbed.peers import PEER_ENV
+from dicom_node.testbed.postgres import PostgresServer
 from model.volume_io import Volume
+from tests.support import require
 
 PATIENT = PatientInfo(name="POSTGRES^TESTPATIENT", patient_id="PID-POSTGRES-0815")
 MIN_SLICES = 20  # the node's default series.min_slices: every series here has fewer
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with running_postgres() as server:
-        yield server
 
 
 def _database(server: PostgresServer) -> str:
@@ -106,10 +101,10 @@ def test_two_associations_create_the_same_series_at_once(
             b: Recorded = recording_second.result(timeout=30)
         assert not a.duplicate and b.series_id == a.series_id
         assert b.duplicate == (second_sop == "1.1")
-        (series,) = second.jobs()
+        (series,) = second.recent_series()
         assert series.instance_count == (1 if b.duplicate else 2)
         assert second.file_names() == ({"a.dcm"} if b.duplicate else {"a.dcm", "b.dcm"})
-        transitions = second.job(series.id).transitions
+        _, transitions, _ = second.job(series.id)
         assert [(t.from_state, t.to_state) for t in transitions] == [(None, "receiving")]
     finally:
         go_on.set()
@@ -124,7 +119,7 @@ def test_times_come_back_in_utc_whatever_the_session_time_zone(postgres: Postgre
     state = NodeState(url)
     try:
         state.record_instance(_instance("1.1"), SpooledFile("a.dcm", 10))
-        (series,) = state.jobs()
+        (series,) = state.recent_series()
         assert series.last_received_at.tzinfo is UTC
         assert series.last_received_at.isoformat().endswith("+00:00")  # as `status` shows it
     finally:

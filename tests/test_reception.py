@@ -1,34 +1,22 @@
 """Reception against real peers over real sockets: DCMTK storescu/echoscu and Orthanc.
 
 Each test runs `dicom-node serve` as a subprocess on a free loopback port with its own
-data_dir (tests/node_process.py) and stops it with SIGTERM, as an operator would.
+data_dir (dicom_node/testbed/node_process.py) and stops it with SIGTERM, as an operator would.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
-from node_process import (
-    PEER_ENV,
-    NodeProcess,
-    free_port,
-    require,
-    require_data,
-    start_storescu,
-    storescu,
-)
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
@@ -41,7 +29,10 @@ from pydicom.uid import (
 )
 
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.node_process import NodeProcess, start_storescu, storescu
+from dicom_node.testbed.peers import PEER_ENV, OrthancProcess
 from model.volume_io import Volume
+from tests.support import require, require_data
 
 J2K = JPEG2000Lossless
 PATIENT = PatientInfo(name="RECEPTION^TESTPATIENT", patient_id="PID-RECEPTION-4711")
@@ -84,13 +75,6 @@ def _instances(folder: Path, fixed: Path) -> dict[Path, Any]:
                 ds = dcmread(path, stop_before_pixels=True)
             found[path] = ds
     return found
-
-
-@pytest.fixture
-def node(tmp_path: Path):
-    node = NodeProcess(tmp_path).start()
-    yield node
-    assert node.stop() == 0, node.log.read_text()
 
 
 def test_storescu_real_studies_grouped_by_series(node: NodeProcess, tmp_path: Path) -> None:
@@ -172,52 +156,14 @@ def test_duplicates_are_idempotent_and_a_late_instance_reopens(
     assert PATIENT.name not in log and PATIENT.patient_id not in log
 
 
-def test_orthanc_routes_a_study_to_the_node(node: NodeProcess, tmp_path: Path) -> None:
-    orthanc = require("Orthanc")
+def test_orthanc_routes_a_study_to_the_node(
+    node: NodeProcess, orthanc: OrthancProcess, tmp_path: Path
+) -> None:
     paths = _series(tmp_path / "ct", 10, 64, "orthanc")
-    http_port = free_port()
-    config = {
-        "Name": "TEST-PACS",
-        "StorageDirectory": str(tmp_path / "orthanc"),
-        "IndexDirectory": str(tmp_path / "orthanc"),
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomAet": "ORTHANC",
-        "DicomPort": free_port(),
-        "DicomCheckCalledAet": False,
-        "DicomModalities": {"node": {"AET": "BONESEG", "Host": "127.0.0.1", "Port": node.port}},
-        "SaveJobs": False,
-        "DicomAssociationCloseDelay": 0,
-    }
-    (tmp_path / "orthanc.json").write_text(json.dumps(config))
-    url = f"http://127.0.0.1:{http_port}"
-
-    def post(path: str, body: bytes, content_type: str) -> dict[str, Any]:
-        request = urllib.request.Request(url + path, body, {"Content-Type": content_type})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
-
-    with (tmp_path / "orthanc.log").open("wb") as log:
-        process = subprocess.Popen(
-            [orthanc, "--no-jobs", str(tmp_path / "orthanc.json")], stderr=log, env=PEER_ENV
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(url + "/system", timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "orthanc.log").read_text()
-                time.sleep(0.1)
-        uploads = [post("/instances", p.read_bytes(), "application/dicom") for p in paths]
-        studies = {upload["ParentStudy"] for upload in uploads}
-        body = json.dumps({"Resources": sorted(studies), "Synchronous": True}).encode()
-        result = post("/modalities/node/store", body, "application/json")
-    finally:
-        process.kill()  # a test PACS: SIGTERM takes seconds and keeps nothing we need
-        process.wait(timeout=10)
+    orthanc.add_modality("node", "BONESEG", "127.0.0.1", node.port)
+    uploads = [orthanc.upload(p) for p in paths]
+    studies = {upload["ParentStudy"] for upload in uploads}
+    result = orthanc.store_to("node", sorted(studies))
     assert result["InstancesCount"] == 10 and result["FailedInstancesCount"] == 0
     assert set(node.db_instances()) == {str(dcmread(p).SOPInstanceUID) for p in paths}
     assert next(iter(node.series().values()))["calling_ae"] == "ORTHANC"

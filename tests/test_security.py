@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from node_process import PEER_ENV, NodeProcess, free_port, require, storescu
-from peers import StoreSCP
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -35,7 +33,10 @@ from dicom_node.net.receive import build_ae
 from dicom_node.net.send import send_files
 from dicom_node.net.tls import server_context
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.node_process import NodeProcess, storescu
+from dicom_node.testbed.peers import PEER_ENV, StoreSCP, free_port
 from model.volume_io import Volume
+from tests.support import require
 
 # Distinctive values that must never reach a log line.
 PATIENT = PatientInfo(

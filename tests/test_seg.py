@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from highdicom.color import CIELabColor
 from highdicom.legacy import LegacyConvertedEnhancedCTImage
-from node_process import require_data
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
@@ -36,10 +35,10 @@ from dicom_node.imaging.seg import (
 from dicom_node.imaging.volume.assemble import AssembledVolume, assemble_volume
 from dicom_node.imaging.volume.policy import AssemblyPolicy
 from dicom_node.pipeline.inference import save_seg
-from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import Bone, Side, sided_label
 from model.volume_io import Volume, read_volume
 from model.weights import DEFAULT_WEIGHTS
+from tests.support import PhantomSeries, require_data
 
 SHA = "85ab5176e0dca350f83dacf8d9769291e9dbba57c1e1e58bd21d004c0b67cce5"
 ALGORITHM = AlgorithmInfo("cascaded-vnet-lower-extremity", "1.0", SHA)
@@ -138,10 +137,10 @@ def writer() -> SegWriter:
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> Case:
+def phantom(phantom_series: PhantomSeries) -> Case:
     """A small hip phantom as a CT series; its truth split into sides at the image centre:
     femur and hip bone of both sides (labels 1, 2, 7, 8: not consecutive, so renumbered)."""
-    paths = write_phantom(tmp_path_factory.mktemp("phantom"), seed=2, size="small")
+    paths = phantom_series(2)
     assembled = assemble_volume([paths["ct"]])
     truth = read_volume(paths["labels"]).array.astype(np.uint8)
     assert truth.shape == assembled.volume.array.shape

@@ -13,8 +13,6 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pytest
-from node_process import free_port
-from peers import OrthancProcess, PynetdicomSCP
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.sr.codedict import codes
@@ -26,6 +24,7 @@ from dicom_node.app.config import Destination
 from dicom_node.net.send import UnreadableFileError, echo, send_files
 from dicom_node.net.statuses import SUCCESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.peers import OrthancProcess, PynetdicomSCP, free_port
 from model.volume_io import Volume
 
 CALLING_AE = "BONESEG"
@@ -33,13 +32,6 @@ SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 N_SLICES = 4
 PATIENT = PatientInfo(name="TEST^SEND", patient_id="SEND1", sex="O")
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory):
-    # Checks the called AE title, so one Orthanc serves the rejection test too.
-    with OrthancProcess(tmp_path_factory.mktemp("orthanc"), check_called_aet=True) as peer:
-        yield peer
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from node_process import NodeProcess, destination_toml, require_data
-from peers import StoreSCP
 from pydicom import dcmread
 
 from dicom_node.app.config import Config
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.node_process import NodeProcess, destination_toml
+from dicom_node.testbed.peers import StoreSCP
 from model.phantom import generate_phantom
+from tests.support import require_data
 
 HEAD_SERIES = ("dcm_qa_ct/Philips/S21570/S2010", "dcm_qa_ct/Philips/S21610/S2010")
 PROCESSED = {"done", "no_findings", "failed", "review"}

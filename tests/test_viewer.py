@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from node_process import ROOT, require_data
 from pydicom.dataset import Dataset
 
 from dicom_node.app.config import Config
@@ -35,8 +34,8 @@ from dicom_node.imaging.volume.assemble import (
 from dicom_node.imaging.volume.headers import read_headers
 from dicom_node.imaging.volume.policy import AssemblyPolicy
 from dicom_node.pipeline.inference import build_segmenter, build_writer, save_seg, segment_series
-from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import Bone, Side, sided_label
+from tests.support import ROOT, PhantomSeries, require_data
 
 VIEWER = ROOT / "tests" / "viewer"
 READ_SEG = VIEWER / "read_seg.js"
@@ -118,11 +117,11 @@ def source_uids(assembled: AssembledVolume) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def phantom_seg(tmp_path_factory: pytest.TempPathFactory) -> NodeSeg:
+def phantom_seg(tmp_path_factory: pytest.TempPathFactory, phantom_series: PhantomSeries) -> NodeSeg:
     """The node's SEG of a small hip phantom by the path of `dicom-node segment DIR -o`."""
     require_dcmjs()  # before the inference this fixture spends most of its time in
-    out = tmp_path_factory.mktemp("phantom")
-    ct_dir = write_phantom(out, seed=PHANTOM_SEED, size="small")["ct"]
+    out = tmp_path_factory.mktemp("phantom-seg")
+    ct_dir = phantom_series(PHANTOM_SEED)["ct"]
     config = Config()
     paths = choose_series(survey_series(read_headers([ct_dir]), config.series), None).paths
     segmenter = build_segmenter(config.inference)

@@ -14,16 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,9 +23,6 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.events import Event
 from rich.console import Group
 from rich.table import Table
 
@@ -43,6 +32,9 @@ from dicom_node.imaging.codes import SEGMENTS
 from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.net.send import send_files
 from dicom_node.pipeline.state import NodeState
+from dicom_node.testbed.node_process import AE_TITLE as NODE_AE
+from dicom_node.testbed.node_process import NodeProcess, destination_toml
+from dicom_node.testbed.peers import OrthancProcess, PynetdicomSCP
 from dicom_node.testbed.phantom_series import write_phantom
 from model.labels import BONE_NAMES, unsided_labels
 from model.metrics import dice
@@ -50,202 +42,47 @@ from model.volume_io import read_volume
 
 log = logging.getLogger(__name__)
 
-NODE_AE = "BONESEG"
 PACS_AE = "DEMOPACS"
 SCANNER_AE = "DEMO_CT"
-# DCMTK and Orthanc from Debian leave Nagle on: every round trip waits ~40 ms without this.
-PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+PACS_NAMES = {"orthanc": "Orthanc", "scp": "pynetdicom storage SCP"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def start_pacs(kind: str, directory: Path) -> OrthancProcess | PynetdicomSCP:
+    """The receiving PACS: Orthanc ("orthanc") or an in-process storage SCP ("scp") that
+    keeps what it receives in `directory`."""
+    if kind == "orthanc":
+        orthanc = OrthancProcess(directory, ae_title=PACS_AE, config={"Name": "DICOM-NODE-DEMO"})
+        return orthanc.start()
+    return PynetdicomSCP(PACS_AE, directory=directory).start()
 
 
-def orthanc_config(directory: Path, dicom_port: int, http_port: int, ae_title: str) -> dict:
-    """An Orthanc 1.10 configuration for a throw-away local PACS in `directory`.
-
-    Orthanc 1.10 cannot bind to loopback only; RemoteAccessAllowed false keeps its REST API
-    to local clients, and C-STORE is accepted from anyone (it is a demo/test PACS)."""
-    return {
-        "Name": "DICOM-NODE-DEMO",
-        "StorageDirectory": str(directory / "db"),
-        "IndexDirectory": str(directory / "db"),
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomAet": ae_title,
-        "DicomPort": dicom_port,
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowStore": True,
-        "DicomModalities": {},
-        "SaveJobs": False,
-        "DicomAssociationCloseDelay": 0,
-    }
-
-
-class OrthancPacs:
-    """Orthanc as the receiving PACS; SEGs are found through its REST API."""
-
-    name = "Orthanc"
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port, self.http_port = free_port(), free_port()
-        directory.mkdir(parents=True, exist_ok=True)
-        config = directory / "orthanc.json"
-        config.write_text(json.dumps(orthanc_config(directory, self.port, self.http_port, PACS_AE)))
-        with (directory / "orthanc.log").open("ab") as log_file:
-            self.process = subprocess.Popen(
-                [str(shutil.which("Orthanc")), "--no-jobs", str(config)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=PEER_ENV,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self._rest("GET", "/system")
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"Orthanc did not start; see {directory}") from None
-                time.sleep(0.1)
-        _wait_for_port(self.port)
-
-    @property
-    def destination(self) -> Destination:
-        return Destination("pacs", PACS_AE, "127.0.0.1", self.port)
-
-    def _rest(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            content = response.read()
-            if response.headers.get("Content-Type", "").startswith("application/json"):
-                return json.loads(content)
-            return content
-
-    def seg_files(self, study_uid: str, out_dir: Path) -> list[Path]:
-        """The SEG instances in `study_uid`, downloaded into `out_dir`."""
-        query = {"Modality": "SEG", "StudyInstanceUID": study_uid}
-        found = self._rest("POST", "/tools/find", {"Level": "Instance", "Query": query})
+def seg_files(pacs: OrthancProcess | PynetdicomSCP, study_uid: str, out_dir: Path) -> list[Path]:
+    """The SEG instances in `study_uid` the PACS holds, as files (Orthanc's downloaded into
+    `out_dir`)."""
+    if isinstance(pacs, OrthancProcess):
         paths = []
-        for instance_id in found:
+        for instance_id in pacs.find_instances(Modality="SEG", StudyInstanceUID=study_uid):
             path = out_dir / f"seg-{instance_id}.dcm"
-            path.write_bytes(self._rest("GET", f"/instances/{instance_id}/file"))
+            path.write_bytes(pacs.download(instance_id))
             paths.append(path)
         return paths
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)  # SIGTERM takes Orthanc seconds
-            self.process.wait(10)
+    headers = [(path, dcmread(path, stop_before_pixels=True)) for path in pacs.files()]
+    return [p for p, ds in headers if ds.StudyInstanceUID == study_uid and ds.Modality == "SEG"]
 
 
-class ScpPacs:
-    """A minimal storage SCP (pynetdicom) as the PACS when Orthanc is not installed."""
+class NodeJobs:
+    """The node's jobs, read from its state database as `dicom-node job` reads them."""
 
-    name = "pynetdicom storage SCP"
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self._lock = threading.Lock()
-        self._received: list[tuple[str, Path]] = []  # (study UID, file)
-        ae = AE(ae_title=PACS_AE)
-        ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
-        )
-
-    @property
-    def destination(self) -> Destination:
-        return Destination("pacs", PACS_AE, "127.0.0.1", self.port)
-
-    def _store(self, event: Event) -> int:
-        dataset: Dataset = event.dataset
-        dataset.file_meta = event.file_meta
-        path = self.directory / f"{len(self._received):06d}.dcm"
-        dataset.save_as(path, enforce_file_format=True)
-        with self._lock:
-            self._received.append((str(dataset.get("StudyInstanceUID", "")), path))
-        return 0x0000
-
-    def seg_files(self, study_uid: str, out_dir: Path) -> list[Path]:
-        with self._lock:
-            paths = [p for uid, p in self._received if uid == study_uid]
-        return [p for p in paths if dcmread(p, stop_before_pixels=True).Modality == "SEG"]
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
-def _wait_for_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f} s")
-
-
-@dataclass
-class NodeUnderDemo:
-    """`dicom-node serve` as a process with its own config and data folder."""
-
-    directory: Path
-    pacs: Destination
-    threads: int
-
-    def __post_init__(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.config = self.directory / "config.toml"
-        self.config.write_text(
-            f'[node]\nae_title = "{NODE_AE}"\nport = {self.port}\ndata_dir = "data"\n'
-            f"[series]\ncomplete_after_s = 2\n"
-            f"[inference]\nthreads = {self.threads}\n"
-            f'[[destinations]]\nname = "{self.pacs.name}"\nae_title = "{self.pacs.ae_title}"\n'
-            f'host = "{self.pacs.host}"\nport = {self.pacs.port}\n'
-        )
-        with (self.directory / "node.log").open("ab") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        pid_file = self.directory / "data" / "node.pid"
-        deadline = time.monotonic() + 120
-        while not pid_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the node did not start; see {self.directory / 'node.log'}")
-            time.sleep(0.1)
-
-        self.state = NodeState(load_config(self.config).node.database_url)
+    def __init__(self, node: NodeProcess) -> None:
+        self.state = NodeState(load_config(node.config).node.database_url)
 
     def job(self, series_uid: str) -> dict[str, Any] | None:
         """The node's job for `series_uid`, from its state database (as `dicom-node job`)."""
         match = [s.id for s in self.state.jobs(limit=100) if s.series_instance_uid == series_uid]
         return job_report(self.state, match[0]) if match else None
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        if hasattr(self, "state"):  # not when the node failed to start
-            self.state.close()
+    def close(self) -> None:
+        self.state.close()
 
 
 def seg_sided_labels(seg_path: Path, source_uids: list[str]) -> np.ndarray:
@@ -350,12 +187,16 @@ def run_demo(
     first = dcmread(ct_files[0], stop_before_pixels=True)
     study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
 
-    pacs: OrthancPacs | ScpPacs = (
-        OrthancPacs(workdir / "pacs") if pacs_kind == "orthanc" else ScpPacs(workdir / "pacs")
-    )
-    node = None
+    pacs = start_pacs(pacs_kind, workdir / "pacs")
+    node = jobs = None
     try:
-        node = NodeUnderDemo(workdir / "node", pacs.destination, threads)
+        node = NodeProcess(
+            workdir / "node",
+            complete_after_s=2,
+            extra_config=destination_toml(pacs.destination("pacs")),
+            threads=threads,
+        ).start(timeout_s=120)
+        jobs = NodeJobs(node)
         target = Destination("node", NODE_AE, "127.0.0.1", node.port)
         sent_at = time.perf_counter()
         sent = send_files(target, ct_files, SCANNER_AE, timeout_s=60)
@@ -363,22 +204,25 @@ def run_demo(
         if not sent.delivered:
             raise RuntimeError(f"sending the series to the node failed: {sent.reason}")
         deadline = time.monotonic() + 3600
-        while not (segs := pacs.seg_files(study_uid, workdir)):
-            job = node.job(series_uid)
+        while not (segs := seg_files(pacs, study_uid, workdir)):
+            job = jobs.job(series_uid)
             if job is not None and job["state"] in ("failed", "no_findings", "skipped"):
                 raise RuntimeError(f"the node ended the series as {job['state']}: {job['reason']}")
-            if time.monotonic() > deadline or node.process.poll() is not None:
-                raise RuntimeError(f"no SEG at the PACS; see {node.directory / 'node.log'}")
+            exited = node.process is None or node.process.poll() is not None
+            if time.monotonic() > deadline or exited:
+                raise RuntimeError(f"no SEG at the PACS; see {node.log}")
             time.sleep(0.2)
         arrived_at = time.perf_counter()
-        job = node.job(series_uid)
+        job = jobs.job(series_uid)
         assert job is not None
         while job["state"] != "done":  # the PACS answered; the node records it a moment later
             time.sleep(0.1)
-            job = node.job(series_uid) or job
+            job = jobs.job(series_uid) or job
     finally:
         if node is not None:
             node.stop()
+        if jobs is not None:
+            jobs.close()
         pacs.stop()
 
     (seg_path,) = segs
@@ -393,7 +237,7 @@ def run_demo(
     bones = unsided_labels(sided)
     report = {
         "phantom": {"seed": seed, "size": size, "region": region, "slices": len(ct_files)},
-        "pacs": pacs.name,
+        "pacs": PACS_NAMES[pacs_kind],
         "seg": {
             "file": str(seg_copy),
             "sop_instance_uid": str(seg.SOPInstanceUID),

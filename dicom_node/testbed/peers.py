@@ -1,15 +1,19 @@
-"""Real DICOM peers for tests, on loopback: Orthanc (a PACS), DCMTK storescp, and a small
-in-process pynetdicom SCP whose answers a test chooses.
+"""Real DICOM peers on loopback: Orthanc (a PACS), DCMTK storescp, and a small in-process
+pynetdicom SCP whose answers a caller chooses. The demo, the tests and the benchmarks start
+their peers from here.
 
-Each runs on free ports in a temporary folder and is stopped by its own handle (PID or
-server object). Recipes and quirks: shared/docs/dicom-peers.md. Orthanc and storescp skip
-the test when not installed (`make system-deps`).
+Each runs on free ports in a folder of its own and is stopped by its own handle (PID or
+server object). Recipes and quirks: shared/docs/dicom-peers.md. A peer that is not installed
+raises `PeerNotInstalledError` (the tests turn it into a skip; `make system-deps` installs them).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -19,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node_process import PEER_ENV, free_port, require
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
@@ -28,6 +31,33 @@ from pynetdicom.sop_class import Verification
 from dicom_node.app.config import Destination
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+# DCMTK and Orthanc from Debian leave Nagle on: every round trip waits ~40 ms without this.
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class PeerNotInstalledError(RuntimeError):
+    """A peer's program (Orthanc, a DCMTK tool, PostgreSQL) is not on this machine."""
+
+
+class PeerDidNotStartError(RuntimeError):
+    """A peer (or the node) exited or did not listen in time; the message ends with its log."""
+
+
+def find_binary(binary: str) -> str:
+    """The path of a peer's program; PeerNotInstalledError if it is not on PATH."""
+    path = shutil.which(binary)
+    if path is None:
+        raise PeerNotInstalledError(
+            f"{binary} not installed (make system-deps installs dcmtk and orthanc)"
+        )
+    return path
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -49,7 +79,7 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, what
     deadline = time.monotonic() + 20
     while not _listening(port):
         if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not start on port {port}:\n{_tail(log)}")
+            raise PeerDidNotStartError(f"{what} did not start on port {port}:\n{_tail(log)}")
         time.sleep(0.02)
 
 
@@ -130,7 +160,7 @@ class OrthancProcess:
         return Destination(name, ae_title or self.ae_title, "127.0.0.1", self.dicom_port)
 
     def start(self) -> OrthancProcess:
-        binary = require("Orthanc")
+        binary = find_binary("Orthanc")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.settings, indent=2))
         with self.log.open("ab") as log:
@@ -149,7 +179,9 @@ class OrthancProcess:
             except (OSError, OrthancError):
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise AssertionError(f"Orthanc did not start:\n{_tail(self.log)}") from None
+                    raise PeerDidNotStartError(
+                        f"Orthanc did not start:\n{_tail(self.log)}"
+                    ) from None
                 time.sleep(0.05)
         _wait_listening(self.dicom_port, self.process, self.log, "Orthanc's DICOM server")
         return self
@@ -203,6 +235,10 @@ class OrthancProcess:
         if modality is not None:
             query = {"Modality": modality, **query}
         return self.post("/tools/find", {"Level": "Series", "Query": query, "Expand": True})
+
+    def find_instances(self, **query: str) -> list[str]:
+        """Orthanc ids of the instances matching DICOM keywords (e.g. Modality="SEG")."""
+        return self.post("/tools/find", {"Level": "Instance", "Query": query})
 
     def wait_for_series(
         self, modality: str | None = "SEG", timeout_s: float = 30, count: int = 1, **query: str
@@ -269,7 +305,7 @@ class StoreSCP:
         return Destination(name, self.ae_title, "127.0.0.1", self.port)
 
     def start(self) -> StoreSCP:
-        binary = require("storescp")
+        binary = find_binary("storescp")
         self.out.mkdir(parents=True, exist_ok=True)
         command = [binary, "-v", "-aet", self.ae_title, "-od", str(self.out), "+xa"]
         command += ["-fe", ".dcm", *self.options, str(self.port)]
@@ -296,10 +332,11 @@ class StoreSCP:
 
 
 class PynetdicomSCP:
-    """An in-process storage SCP whose behaviour a test sets: the C-STORE status it answers
+    """An in-process storage SCP whose behaviour a caller sets: the C-STORE status it answers
     (e.g. 0xA700), a delay before answering, an abort instead of an answer, a rejection of any
     called AE title but its own, or fewer SOP classes and transfer syntaxes than every one.
-    Listens on a port the OS picks (no race)."""
+    With a `directory` it also keeps what it receives there, as sent (the demo's PACS when
+    Orthanc is not installed). Listens on a port the OS picks (no race)."""
 
     def __init__(
         self,
@@ -311,8 +348,11 @@ class PynetdicomSCP:
         require_called_aet: bool = False,
         sop_classes: Sequence[str] | None = None,
         transfer_syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES,
+        directory: Path | None = None,
     ) -> None:
         self.ae_title = ae_title
+        self.directory = directory
+        self._files: list[Path] = []
         self.status = status
         self.delay_s = delay_s
         self.abort = abort
@@ -336,13 +376,24 @@ class PynetdicomSCP:
         with self._lock:
             self.received.append(str(event.request.AffectedSOPInstanceUID))
             self.received_syntaxes.append(str(event.context.transfer_syntax))
+            if self.directory is not None:
+                path = self.directory / f"{len(self._files):06d}.dcm"
+                path.write_bytes(event.encoded_dataset(include_meta=True))
+                self._files.append(path)
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.abort:
             event.assoc.abort()
         return self.status
 
+    def files(self) -> list[Path]:
+        """The files received so far, in order (only with a `directory`)."""
+        with self._lock:
+            return list(self._files)
+
     def start(self) -> PynetdicomSCP:
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
         for sop_class in self.sop_classes:

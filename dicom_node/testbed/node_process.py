@@ -1,4 +1,5 @@
-"""Run `dicom-node serve` as a real subprocess on a free loopback port, for the network tests.
+"""`dicom-node serve` as a real subprocess on a free loopback port, for the demo, the tests
+and the benchmarks.
 
 The node is started and stopped the way an operator would (its CLI, SIGTERM), and peers talk
 to it over real sockets; only the config and data_dir are temporary.
@@ -7,7 +8,6 @@ to it over real sockets; only the config and data_dir are temporary.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,29 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 from pydicom import dcmread
 
+import dicom_node
 from dicom_node.app.config import Destination
-from dicom_node.testbed.demo import PEER_ENV, free_port
+from dicom_node.testbed.peers import PEER_ENV, PeerDidNotStartError, find_binary, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "dicom"
+# The folder holding the dicom_node package this process imported: the node subprocess runs
+# from there, so that it runs the same code (a checkout's, not some other installed copy).
+PACKAGE_PARENT = Path(dicom_node.__file__).resolve().parents[1]
 AE_TITLE = "BONESEG"
-
-
-def require(binary: str) -> str:
-    """The peer's path, or skip: CI installs the peers (Makefile system-deps)."""
-    path = shutil.which(binary)
-    if path is None:
-        pytest.skip(f"{binary} not installed (make system-deps installs dcmtk and orthanc)")
-    return path
-
-
-def require_data() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"real DICOM test data not found at {DATA} (shared/ beside the checkout)")
-    return DATA
 
 
 def _toml(value: Any) -> str:
@@ -55,9 +42,12 @@ class NodeProcess:
         complete_after_s: float = 1.0,
         extra_config: str = "",
         series: dict[str, Any] | None = None,
+        threads: int = 2,
         **node: Any,
     ) -> None:
-        """`node` and `series`: keys of those config sections; `extra_config`: more sections."""
+        """`node` and `series`: keys of those config sections; `extra_config`: more sections;
+        `threads`: [inference] threads (the tests' two: they share one or two cores with other
+        work; 0 lets the node use every core)."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -67,8 +57,8 @@ class NodeProcess:
         lines = ["[node]", *(f"{k} = {_toml(v)}" for k, v in settings.items())]
         lines += ["[series]", f"complete_after_s = {complete_after_s}"]
         lines += [f"{k} = {_toml(v)}" for k, v in (series or {}).items()]
-        # Tests run the pipeline on one or two cores next to other work.
-        self.config.write_text("\n".join(lines) + "\n[inference]\nthreads = 2\n" + extra_config)
+        lines += ["[inference]", f"threads = {threads}"]
+        self.config.write_text("\n".join(lines) + "\n" + extra_config)
         self.process: subprocess.Popen[bytes] | None = None
         self.log = directory / "node.log"
 
@@ -77,23 +67,25 @@ class NodeProcess:
             [sys.executable, "-m", "dicom_node", *args, "--config", str(self.config)],
             capture_output=True,
             text=True,
-            cwd=ROOT,
+            cwd=PACKAGE_PARENT,
             timeout=60,
         )
 
-    def start(self) -> NodeProcess:
+    def start(self, timeout_s: float = 90) -> NodeProcess:
+        """Start `dicom-node serve`; returns once it listens (its pid file names it). The
+        inference worker loads its model first, hence the long `timeout_s`."""
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=PACKAGE_PARENT,
             )
-        deadline = time.monotonic() + 90  # the inference worker loads its model first
+        deadline = time.monotonic() + timeout_s
         while self._pid_in_file() != self.process.pid:  # written once it listens
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise AssertionError(f"node did not start:\n{self.log.read_text()}")
+                raise PeerDidNotStartError(f"node did not start:\n{self.log.read_text()}")
             time.sleep(0.05)
         return self
 
@@ -211,7 +203,7 @@ def storescu_command(
     extra: tuple[str, ...] = (),
 ) -> list[str]:
     """The DCMTK storescu command line that sends files to the node (one association)."""
-    command = [require("storescu"), "-aet", aet, "-aec", AE_TITLE, *extra]
+    command = [find_binary("storescu"), "-aet", aet, "-aec", AE_TITLE, *extra]
     if verbose:
         command.append("-v")
     return [*command, "127.0.0.1", str(port), *map(str, files_or_dirs)]

@@ -1,4 +1,4 @@
-"""A throw-away PostgreSQL server for the tests that run the node's state on PostgreSQL.
+"""A throw-away PostgreSQL server, for the tests that run the node's state on PostgreSQL.
 
 The server is the real one Debian ships (`postgresql`, installed by `make system-deps`), run
 from its binaries under /usr/lib/postgresql/*/bin with a data directory of its own: it
@@ -18,9 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
-from dicom_node.testbed.demo import free_port
+from dicom_node.testbed.peers import PeerNotInstalledError, free_port
 
 # Debian's layout: one directory per major version, none of it on PATH.
 BINARY_GLOB = "/usr/lib/postgresql/*/bin"
@@ -52,8 +50,9 @@ def find_binaries() -> Path | None:
 
 
 class PostgresServer:
-    """One PostgreSQL server in a temporary directory; `start` skips the test if PostgreSQL
-    or psycopg (the driver the node's postgresql+psycopg:// URLs name) is not installed."""
+    """One PostgreSQL server in a temporary directory; `start` raises PeerNotInstalledError (a
+    skip, in the tests) if PostgreSQL or psycopg (the driver the node's postgresql+psycopg://
+    URLs name) is not installed."""
 
     def __init__(self) -> None:
         self.bin_dir: Path | None = None
@@ -83,9 +82,11 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         self.bin_dir = find_binaries()
         if self.bin_dir is None:
-            pytest.skip(f"PostgreSQL not installed (no {BINARY_GLOB}/initdb; make system-deps)")
+            raise PeerNotInstalledError(
+                f"PostgreSQL not installed (no {BINARY_GLOB}/initdb; make system-deps)"
+            )
         if importlib.util.find_spec("psycopg") is None:
-            pytest.skip("psycopg not installed (pip install -e '.[dev]')")
+            raise PeerNotInstalledError("psycopg not installed (pip install -e '.[dev]')")
         # Not pytest's tmp_path: it is private to root, and the server runs as postgres.
         self.directory = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
         if os.geteuid() == 0:
@@ -127,7 +128,7 @@ class PostgresServer:
 
     def create_database(self, name: str) -> str:
         """A new, empty database; returns its URL."""
-        import psycopg  # only here: without it the tests skip in `start`
+        import psycopg  # only here: without it `start` has already refused
         from psycopg import sql
 
         conninfo = f"host=127.0.0.1 port={self.port} user={USER} dbname=postgres"

@@ -1,0 +1,32 @@
+"""What the tests share beyond `conftest.py`'s fixtures: skipping a test whose tool or data is
+not on this machine (`require`, `require_data`), and the hostile-input machinery (`hostile`).
+The peers themselves (Orthanc, storage SCPs, the node as a process, PostgreSQL) are in
+`dicom_node.testbed`, which the demo and the benchmarks use too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dicom_node.testbed.peers import PeerNotInstalledError, find_binary
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
+DATA = ROOT.parent / "shared" / "data" / "dicom"
+# conftest's `phantom_series` fixture: seed -> write_phantom's paths ("ct", "labels", ...).
+PhantomSeries = Callable[[int], dict[str, Path]]
+
+
+def require(binary: str) -> str:
+    """The peer's path, or skip: CI installs the peers (Makefile system-deps)."""
+    try:
+        return find_binary(binary)
+    except PeerNotInstalledError as missing:
+        pytest.skip(str(missing))
+
+
+def require_data() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"real DICOM test data not found at {DATA} (shared/ beside the checkout)")
+    return DATA
