@@ -254,7 +254,10 @@ def false_bone_share(labels: np.ndarray, reference: BoneReference) -> float | No
 def ellipsoid(radii: tuple[int, int, int]) -> np.ndarray:
     """A boolean ellipsoid structuring element with these radii in voxels (z, y, x)."""
     grids = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
-    return sum((g / max(r, 1)) ** 2 for g, r in zip(grids, radii, strict=True)) <= 1.0
+    distance = sum(
+        ((g / max(r, 1)) ** 2 for g, r in zip(grids, radii, strict=True)), start=np.zeros(())
+    )
+    return distance <= 1.0
 
 
 def majority_label(labels: np.ndarray, region: np.ndarray) -> tuple[int, float]:

@@ -166,7 +166,7 @@ def field_of_view(
 
 def extract(
     array: np.ndarray,
-    start: Sequence[int],
+    start: Sequence[int] | np.ndarray,
     size: int | Sequence[int],
     bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
@@ -242,7 +242,7 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 def rotated_regions(
     arrays: Sequence[np.ndarray],
-    start: Sequence[int],
+    start: Sequence[int] | np.ndarray,
     size: int,
     centre: np.ndarray,
     rotation: np.ndarray,

@@ -431,7 +431,10 @@ def assess(
                     implausible=True,
                 )
             )
-        implausible = {f.sided_label for f in findings if f.implausible}
+        # Every finding in `findings` is a segment's (series findings go to `series`).
+        implausible = {
+            f.sided_label for f in findings if f.implausible and f.sided_label is not None
+        }
         share = sum(by_label[label].volume_ml for label in implausible) / total_ml
         if share > MAX_IMPLAUSIBLE_SHARE:
             series.append(

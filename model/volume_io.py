@@ -39,8 +39,8 @@ class Volume:
             )
         return cls(
             array=sitk.GetArrayFromImage(image),
-            spacing=tuple(image.GetSpacing()),  # type: ignore[arg-type]
-            origin=tuple(image.GetOrigin()),  # type: ignore[arg-type]
+            spacing=tuple(image.GetSpacing()),
+            origin=tuple(image.GetOrigin()),
             direction=tuple(image.GetDirection()),
         )
 

@@ -87,8 +87,11 @@ def generate_phantom(
     hu, labels = Renderer(anatomy, grid, app).run()
     image = Volume(hu, grid.spacing, grid.origin)
     counts = sum(  # in slabs: bincount casts to int64, 8x the memory of the labels
-        np.bincount(labels[z : z + 64].ravel(), minlength=len(Bone) + 1)
-        for z in range(0, labels.shape[0], 64)
+        (
+            np.bincount(labels[z : z + 64].ravel(), minlength=len(Bone) + 1)
+            for z in range(0, labels.shape[0], 64)
+        ),
+        start=np.zeros(len(Bone) + 1, dtype=np.int64),
     )
     lo, hi = np.asarray(grid.origin), np.asarray(grid.origin) + np.asarray(sp) * grid.shape[::-1]
     in_view = sorted(

@@ -497,7 +497,7 @@ def _foot(prm: _Params, leg: _Leg, tibia: Sdf, fibula: Sdf) -> tuple[Sdf, Sdf, l
     f = leg.foot
     g = prm.gaps
     rot = np.stack([f.lat, f.ant, f.up])
-    talus = Union(
+    talus: Sdf = Union(
         [
             Cylinder(f.o, 17.0 * f.s, 14.0 * f.s, np.stack([f.ant, f.up, f.lat])),
             f.capsule((0, 5, -5), (-4, 28, -9), 13, 11),
@@ -507,7 +507,7 @@ def _foot(prm: _Params, leg: _Leg, tibia: Sdf, fibula: Sdf) -> tuple[Sdf, Sdf, l
         smooth=5.0 * f.s,
     )
     talus = Clear(talus, [tibia, fibula], g["ankle"])
-    calcaneus = Union(
+    calcaneus: Sdf = Union(
         [
             f.capsule((4, -40, -36), (10, 28, -33), 17, 14),
             Ellipsoid(f.p(4, -48, -42), f.s * vec(15, 14, 20), rot),

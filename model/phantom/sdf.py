@@ -95,7 +95,7 @@ def _local(b: Block, centre: Vec, rot: np.ndarray | None) -> tuple[ArrayF, Array
     if rot is None:
         return dx, dy, dz
     r = rot.astype(np.float32)
-    return tuple(r[i, 0] * dx + r[i, 1] * dy + r[i, 2] * dz for i in range(3))  # type: ignore[return-value]
+    return tuple(r[i, 0] * dx + r[i, 1] * dy + r[i, 2] * dz for i in range(3))
 
 
 def _rotated_extent(rot: np.ndarray | None, half: Vec) -> Vec:

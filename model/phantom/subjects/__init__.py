@@ -150,12 +150,11 @@ def generate_subject_phantom(
         "landmarks": {k: [round(float(x), 2) for x in v] for k, v in skeleton.landmarks.items()},
         **skeleton.geometry,
     }
-    origin = tuple(float(v) for v in grid.origin)
-    spacing = (SPACING_MM,) * 3
+    origin_x, origin_y, origin_z = (float(v) for v in grid.origin)
+    origin = (origin_x, origin_y, origin_z)
+    spacing = (SPACING_MM, SPACING_MM, SPACING_MM)
     return SubjectPhantom(
-        Volume(tissues, spacing, origin),
-        Volume(labels, spacing, origin),
-        geometry,  # type: ignore[arg-type]
+        Volume(tissues, spacing, origin), Volume(labels, spacing, origin), geometry
     )
 
 

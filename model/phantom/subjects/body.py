@@ -139,7 +139,7 @@ def body_depth(
                     part.mesh.faces,
                     lo,
                     coarse_spacing,
-                    tuple(b.stop - b.start for b in box),  # type: ignore[arg-type]
+                    tuple(b.stop - b.start for b in box),
                 )
     if foot.any():
         distance = ndimage.distance_transform_edt(~foot, sampling=grid.spacing * COARSE)
@@ -389,7 +389,7 @@ def paint_bone(
         return None
     lo = grid.origin + spacing * np.array([b.start for b in box][::-1])
     shape = tuple(b.stop - b.start for b in box)
-    inside = voxelise(part.mesh.vertices, part.mesh.faces, lo, spacing, shape)  # type: ignore[arg-type]
+    inside = voxelise(part.mesh.vertices, part.mesh.faces, lo, spacing, shape)
     # The LLP26 surfaces are facetted (6 samples per element edge): smooth the mask a little.
     inside = ndimage.gaussian_filter(inside.astype(np.float32), 0.8) > 0.5
     if not inside.any():

@@ -134,7 +134,7 @@ def build_skeleton(
     model = llp26()
     if subject is not None:
         scores = [model.scores_of(subject)] * 3
-        source = {"subject": int(subject)}
+        source: dict[str, object] = {"subject": int(subject)}
     else:
         scores = [_draw_scores(rng, model) for _ in range(3)]
         source = {"subject": None, "scores_sd": [list(np.round(s / model.sd, 2)) for s in scores]}
@@ -152,7 +152,9 @@ def build_skeleton(
         BonePart("hip_bone_right", pelvis["hip_right"], Bone.HIP_BONE, "flat"),
     ]
     landmarks: dict[str, np.ndarray] = {}
-    feet = feet or tuple(str(rng.choice(["VHM", "VHF"])) for _ in SIDES)  # type: ignore[assignment]
+    if not feet:
+        left_foot, right_foot = (str(rng.choice(["VHM", "VHF"])) for _ in SIDES)
+        feet = (left_foot, right_foot)
     poses = poses or (LegPose.draw(rng), LegPose.draw(rng))
     pelvis_centre = np.array([midline, *pelvis["sacrum"].vertices[:, 1:].mean(axis=0)])
     legs = []
