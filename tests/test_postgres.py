@@ -101,10 +101,10 @@ def test_two_associations_create_the_same_series_at_once(
             b: Recorded = recording_second.result(timeout=30)
         assert not a.duplicate and b.series_id == a.series_id
         assert b.duplicate == (second_sop == "1.1")
-        (series,) = second.recent_series()
+        (series,) = second.jobs()
         assert series.instance_count == (1 if b.duplicate else 2)
         assert second.file_names() == ({"a.dcm"} if b.duplicate else {"a.dcm", "b.dcm"})
-        _, transitions, _ = second.job(series.id)
+        transitions = second.job(series.id).transitions
         assert [(t.from_state, t.to_state) for t in transitions] == [(None, "receiving")]
     finally:
         go_on.set()
@@ -119,7 +119,7 @@ def test_times_come_back_in_utc_whatever_the_session_time_zone(postgres: Postgre
     state = NodeState(url)
     try:
         state.record_instance(_instance("1.1"), SpooledFile("a.dcm", 10))
-        (series,) = state.recent_series()
+        (series,) = state.jobs()
         assert series.last_received_at.tzinfo is UTC
         assert series.last_received_at.isoformat().endswith("+00:00")  # as `status` shows it
     finally:

@@ -18,18 +18,17 @@ from dicom_node.pipeline.retention import purge_expired
 from dicom_node.pipeline.spool import Spool, SpooledFile
 from dicom_node.pipeline.state import (
     TRANSITIONS,
-    Delivery,
+    ClaimedSeries,
     IllegalTransitionError,
-    Job,
     NodeState,
     ReceivedInstance,
     Recorded,
-    Series,
     SeriesState,
     Target,
-    _transition,
     utcnow,
 )
+from dicom_node.pipeline.state.rows import transition
+from dicom_node.pipeline.state.schema import Delivery, Series
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.postgres import PostgresServer
 from model.volume_io import Volume
@@ -60,7 +59,7 @@ def _force(state: NodeState, series_id: int, *path: SeriesState) -> None:
     with state._session() as session:
         series = session.get_one(Series, series_id)
         for to in path:
-            _transition(session, series, to)
+            transition(session, series, to)
 
 
 def test_every_state_has_its_moves_and_can_reopen() -> None:
@@ -84,7 +83,7 @@ def test_instances_group_by_series_and_duplicates_change_nothing(state: NodeStat
     assert _receive(state, "2.1", series="9.9") != first
     again = state.record_instance(_instance("1.1"), SpooledFile("other.dcm", 10))
     assert again.duplicate and again.series_id == first
-    (series,) = [s for s in state.recent_series() if s.id == first]
+    (series,) = [s for s in state.jobs() if s.id == first]
     assert series.instance_count == 2 and series.state == SeriesState.RECEIVING
 
 
@@ -105,12 +104,12 @@ def test_late_instance_reopens_and_supersedes_an_older_decision(state: NodeState
     assert files is not None
     _receive(state, "1.2")  # arrives while selection runs: reopens, generation 2
     assert not state.mark_skipped(series_id, files.generation, "too few slices")
-    (series,) = state.recent_series()
+    (series,) = state.jobs()
     assert series.state == SeriesState.RECEIVING and series.generation == 2
     state.complete_if_idle(series_id, idle_s=0)
     assert state.mark_skipped(series_id, 2, "too few slices")
     _receive(state, "1.3")  # after a decision too
-    (series,) = state.recent_series()
+    (series,) = state.jobs()
     assert (series.state, series.generation, series.instance_count) == ("receiving", 3, 3)
 
 
@@ -124,7 +123,7 @@ PACS = Target("pacs", "ORTHANC", "127.0.0.1", 4242)
 BACKUP = Target("backup", "ARCHIVE", "127.0.0.1", 4243)
 
 
-def _segmented(state: NodeState, targets: list[Target]) -> Job:
+def _segmented(state: NodeState, targets: list[Target]) -> ClaimedSeries:
     job = state.claim_next_queued()
     assert job is not None
     assert state.mark_segmented(job, f"{job.series_id}.dcm", ("9.1", "9.2"), "{}", targets)
@@ -164,15 +163,15 @@ def test_series_is_done_when_every_destination_has_its_seg(state: NodeState) -> 
     retry_at = utcnow() + timedelta(hours=1)
     assert state.record_delivery(second, "connection refused", retry_at) is None
     assert state.claim_due_deliveries() == []  # not due before retry_at
-    (series,) = state.recent_series()
-    assert series.state == SeriesState.SENDING and state.delivered_to(series) == ["pacs"]
+    (series,) = state.jobs()
+    assert series.state == SeriesState.SENDING and series.delivered_to == ("pacs",)
     with state._session() as session:
         session.get_one(Delivery, second.delivery_id).next_attempt_at = utcnow()
     (third,) = state.claim_due_deliveries()
     assert third.attempt == 2 and third.target == BACKUP
     assert state.record_delivery(third, None, None) == SeriesState.DONE
-    (series,) = state.recent_series()
-    assert sorted(state.delivered_to(series)) == ["backup", "pacs"]
+    (series,) = state.jobs()
+    assert sorted(series.delivered_to) == ["backup", "pacs"]
     assert series.seg_sop_instance_uid == "9.2" and job.attempt == 1
 
 
@@ -181,7 +180,7 @@ def test_given_up_delivery_fails_the_series_and_retry_only_redelivers(state: Nod
     _segmented(state, [PACS])
     (attempt,) = state.claim_due_deliveries()
     assert state.record_delivery(attempt, "C-STORE failed: 0xA700", None) == SeriesState.FAILED
-    (series,) = state.recent_series()
+    (series,) = state.jobs()
     assert "delivery to pacs failed after 1 attempts: C-STORE failed: 0xA700" in str(series.reason)
     assert state.retry(series_id) == SeriesState.SENDING
     (again,) = state.claim_due_deliveries()
@@ -214,7 +213,7 @@ def test_a_held_seg_waits_in_review_until_released_or_rejected(state: NodeState)
     assert state.record_delivery(delivery, None, None) == SeriesState.DONE
     assert state.reject(rejected) == SeriesState.REJECTED
     assert state.claim_due_deliveries() == []
-    series = {s.id: s for s in state.recent_series()}
+    series = {s.id: s for s in state.jobs()}
     assert series[rejected].state == SeriesState.REJECTED
     assert series[rejected].reason == "rejected after review"
     assert [p[0] for p in state.purgeable(utcnow() + timedelta(seconds=1))] == [
@@ -253,7 +252,7 @@ def test_work_on_a_superseded_generation_is_discarded(state: NodeState) -> None:
     _receive(state, "1.2", series="1")  # a late instance reopens the series
     assert not state.mark_segmented(job, "1.dcm", ("9.1", "9.2"), "{}", [PACS])
     assert not state.mark_no_findings(job, "{}", "none of the six bones found")
-    (series,) = state.recent_series()
+    (series,) = state.jobs()
     assert series.state == SeriesState.RECEIVING and series.seg_file is None
 
 
@@ -267,7 +266,7 @@ def test_purge_forgets_instances_so_a_resend_reopens(state: NodeState) -> None:
     assert state.file_names() == set()
     again = state.record_instance(_instance("1.1", "1"), SpooledFile("new.dcm", 10))
     assert not again.duplicate
-    (series,) = state.recent_series()
+    (series,) = state.jobs()
     assert series.state == SeriesState.RECEIVING and series.generation == 2
 
 
@@ -290,7 +289,7 @@ def test_recover_records_spooled_files_the_database_lost(tmp_path: Path, state: 
     told: list[Recorded] = []
     assert Reception(spool, state, told.append).recover() == 3
     assert spool.names() == names == state.file_names()
-    (series,) = state.recent_series()
+    (series,) = state.jobs()
     assert series.instance_count == 3 and len(told) == 3
 
 
