@@ -27,7 +27,7 @@ A series moves through these states; `TRANSITIONS` lists every legal move and
   later. The series' `generation` then goes up by one: whatever a previous generation
   produced is superseded (the next SEG gets a new SeriesInstanceUID), and results of work
   started on an older generation are discarded rather than applied (see the store's
-  generation check, `NodeState._current`).
+  generation check, `rows.current`).
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ def transition(
 ) -> None:
     """The only code that changes Series.state: checks the table, stamps the time, keeps the
     history (a new series starts in `receiving`, in `new_series`)."""
-    current = SeriesState(series.state)
-    if to not in TRANSITIONS[current]:
-        raise IllegalTransitionError(f"series {series.id}: {current} -> {to} is not allowed")
+    from_state = SeriesState(series.state)
+    if to not in TRANSITIONS[from_state]:
+        raise IllegalTransitionError(f"series {series.id}: {from_state} -> {to} is not allowed")
     if to is SeriesState.RECEIVING:
         series.generation += 1
         series.attempts = 0
@@ -50,7 +50,7 @@ def transition(
         Transition(
             series_id=series.id,
             generation=series.generation,
-            from_state=current,
+            from_state=from_state,
             to_state=to,
             reason=reason,
             at=now,
@@ -59,7 +59,7 @@ def transition(
     # Logged once committed (see `NodeState._session`): a write the database refuses moved
     # nothing.
     session.info.setdefault("transitions", []).append(
-        f"series {series.id}: {current} -> {to}" + (f" ({reason})" if reason else "")
+        f"series {series.id}: {from_state} -> {to}" + (f" ({reason})" if reason else "")
     )
 
 
