@@ -21,6 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model.settings import Device, Precision, Strategy
+
 if TYPE_CHECKING:  # torch loads only when a command needs it
     from model.inference import Segmenter
     from model.phantom import Phantom
@@ -58,9 +60,11 @@ def add_inference_options(parser: argparse.ArgumentParser, defaults: str = "") -
     def default(value: str) -> str:
         return f"overrides {defaults}" if defaults else f"default: {value}"
 
-    parser.add_argument("--strategy", choices=["fast", "paper"], help=default("fast"))
-    parser.add_argument("--device", help=f"cpu, cuda, cuda:N or auto; {default('auto')}")
-    parser.add_argument("--precision", choices=["auto", "float32", "mixed"], help=default("auto"))
+    # Choices as plain strings: argparse names them by repr in its error message.
+    strategies, precisions = [s.value for s in Strategy], [p.value for p in Precision]
+    parser.add_argument("--strategy", choices=strategies, help=default(Strategy.FAST))
+    parser.add_argument("--device", help=f"cpu, cuda, cuda:N or auto; {default(Device.AUTO)}")
+    parser.add_argument("--precision", choices=precisions, help=default(Precision.AUTO))
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--weights", type=Path, help="safetensors weights (default: shipped)")
     parser.add_argument(

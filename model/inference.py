@@ -23,7 +23,7 @@ import copy
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,6 @@ from model.anatomy import AnatomyCheck, check_anatomy, without_misplaced
 from model.labels import N_CLASSES, unsided_labels
 from model.metrics import bounding_box
 from model.network import (
-    PRECISIONS,
     CascadeConfig,
     CascadedVNet,
     autocast_dtype,
@@ -55,13 +54,13 @@ from model.postprocess import (
 )
 from model.resample import image_to_model_grid, labels_to_grid
 from model.sampling import extract, normalise_hu
+from model.settings import Device, Precision, Strategy
 from model.verdict import Assessment, assess, measure_segments
 from model.volume_io import Volume
 from model.weights import DEFAULT_WEIGHTS, load_weights
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("fast", "paper")
 # paper: patches in one network call, which bounds its memory (a window's 64 finest patches
 # were one call while patches tiled).
 PAPER_BATCH = 64
@@ -69,12 +68,18 @@ Box = tuple[slice, slice, slice]
 Stats = dict[str, dict[str, float]]
 
 
+def as_box(slices: Iterable[slice]) -> Box:
+    """Three slices, one per axis of a 3-D grid, as a Box."""
+    z, y, x = slices
+    return z, y, x
+
+
 @dataclass
 class InferenceSettings:
-    strategy: str = "fast"
-    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
-    # "float32", "mixed" (float16 on CUDA, bfloat16 on CPU) or "auto": see autocast_dtype
-    precision: str = "auto"
+    strategy: Strategy = Strategy.FAST
+    device: str = Device.AUTO  # a Device or cuda:N
+    # float32, mixed (float16 on CUDA, bfloat16 on CPU) or auto: see autocast_dtype
+    precision: Precision = Precision.AUTO
     threads: int | None = None
     # fast: context around a box core, in the stage's own voxels. 8, not 16: on the whole-leg
     # phantom 108.5 s against 145.3 s in one run, labels agreeing at Dice >= 0.993 per bone,
@@ -101,10 +106,14 @@ class InferenceSettings:
     paper_overlap: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in tuple(Strategy):
+            choices = tuple(s.value for s in Strategy)
+            raise ValueError(f"strategy: expected one of {choices}, got {self.strategy!r}")
+        if self.precision not in tuple(Precision):
+            choices = tuple(p.value for p in Precision)
+            raise ValueError(f"precision: expected one of {choices}, got {self.precision!r}")
+        # Given as strings (the command line, benches, tests): the members from here on.
+        self.strategy, self.precision = Strategy(self.strategy), Precision(self.precision)
         if not 0 <= self.paper_overlap < 1:
             raise ValueError(f"paper_overlap: expected 0 <= overlap < 1, got {self.paper_overlap}")
 
@@ -142,17 +151,24 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             and isinstance(child[1], nn.BatchNorm3d)
         ):
             conv, bn = child[0], child[1]
+            assert bn.running_mean is not None and bn.running_var is not None, (
+                "the cascade's BatchNorm3d layers track running statistics"
+            )
+            assert bn.bias is not None, "the cascade's BatchNorm3d layers are affine"
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            # torch types Conv3d's kernel_size, stride and padding attributes tuple[int, ...] and
+            # its constructor's tuple[int, int, int]: they are the 3-tuples it was built with.
             fused = nn.Conv3d(
                 conv.in_channels,
                 conv.out_channels,
-                conv.kernel_size,
-                conv.stride,
-                conv.padding,
+                conv.kernel_size,  # type: ignore[arg-type]
+                conv.stride,  # type: ignore[arg-type]
+                conv.padding,  # type: ignore[arg-type]
                 bias=True,
             )
             fused.weight.data = conv.weight.data * scale.view(-1, 1, 1, 1, 1)
             bias = conv.bias.data if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            assert fused.bias is not None, "built with bias=True"
             fused.bias.data = (bias - bn.running_mean) * scale + bn.bias.data
             setattr(module, child_name, nn.Sequential(fused, *list(child)[2:]))
         else:
@@ -215,7 +231,8 @@ class Segmenter:
         self.memory_format = (
             torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
         )
-        self.model = fold_batchnorm(copy.deepcopy(model).eval()).to(
+        # Module.to takes memory_format (torch documents it); its type stubs leave it out.
+        self.model = fold_batchnorm(copy.deepcopy(model).eval()).to(  # type: ignore[call-overload]
             self.device, memory_format=self.memory_format
         )
         self.stages = list(self.model.stages)
@@ -300,7 +317,7 @@ class Segmenter:
         timings["total_s"] = time.perf_counter() - t0
 
         summary = {
-            "strategy": self.settings.strategy,
+            "strategy": self.settings.strategy.value,
             "device": str(self.device),
             "precision": str(self.autocast or torch.float32).removeprefix("torch."),
             "model": self.metadata.get("name"),
@@ -332,8 +349,9 @@ class Segmenter:
         strategy, the fraction of each stage's grid that needed refining and the fraction it
         computed (the boxes around it, with their halos)."""
         shape = hu.shape
+        stats: Stats
         with torch.inference_mode():
-            if self.settings.strategy == "paper":
+            if self.settings.strategy == Strategy.PAPER:
                 labels, confidence, stats = *self._paper(np.asarray(hu)), {}
             else:
                 labels, confidence, stats = self._fast(np.asarray(hu))
@@ -462,7 +480,7 @@ class Segmenter:
         """The first stage over its whole grid, box by box with a halo (bounded memory)."""
         shape = inputs.shape(0)
         out = torch.empty((N_CLASSES, *shape), dtype=torch.float16)
-        whole = tuple(slice(0, n) for n in shape)
+        whole = as_box(slice(0, n) for n in shape)
         for core, region in self._with_halo(split_box(whole, self.settings.max_box_voxels), shape):
             p = self._run(0, inputs.region(0, region)[None, None])[0]
             out[(slice(None), *core)] = p[(slice(None), *inner(core, region))].to(out.dtype)
@@ -472,11 +490,11 @@ class Segmenter:
         """(core, input region): the core grown by the halo, to a multiple of 8, inside `shape`."""
         halo = self.settings.halo
         for core in cores:
-            region = tuple(
+            region = as_box(
                 slice(*fit_multiple(max(0, c.start - halo), min(n, c.stop + halo), n, 8))
                 for c, n in zip(core, shape, strict=True)
             )
-            yield core, region  # type: ignore[misc]
+            yield core, region
 
     def _boxes(
         self, refine: Tensor, ratio: int, fine_shape: tuple[int, ...]
@@ -488,7 +506,7 @@ class Segmenter:
             return int(np.prod([ceil_to((b.stop - b.start) * ratio + 2 * halo, 8) for b in box]))
 
         for box in cover_boxes(refine.numpy(), region_voxels):
-            core = tuple(slice(b.start * ratio, b.stop * ratio) for b in box)
+            core = as_box(slice(b.start * ratio, b.stop * ratio) for b in box)
             yield from self._with_halo(split_box(core, self.settings.max_box_voxels), fine_shape)
 
 
@@ -565,7 +583,7 @@ def cover_boxes(mask: np.ndarray, cost: Callable[[Box], int]) -> list[Box]:
     boxes around each slab's connected band.
     """
     whole = bounding_box(mask)
-    return [] if whole is None else _cover(mask, whole, cost)
+    return [] if whole is None else _cover(mask, as_box(whole), cost)
 
 
 def _cover(mask: np.ndarray, box: Box, cost: Callable[[Box], int]) -> list[Box]:
@@ -578,7 +596,7 @@ def _cover(mask: np.ndarray, box: Box, cost: Callable[[Box], int]) -> list[Box]:
     for fraction in (0.25, 0.5, 0.75):
         cut = box[axis].start + round(lengths[axis] * fraction)
         parts = [
-            part
+            as_box(part)
             for side in (slice(box[axis].start, cut), slice(cut, box[axis].stop))
             if (part := bounding_box(mask, (*box[:axis], side, *box[axis + 1 :]))) is not None
         ]
@@ -598,9 +616,9 @@ def on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
 
 def inner(core: Box, region: Box) -> Box:
     """The core's position inside its input region."""
-    return tuple(
+    return as_box(
         slice(c.start - r.start, c.stop - r.start) for c, r in zip(core, region, strict=True)
-    )  # type: ignore[return-value]
+    )
 
 
 def split_box(box: Box, max_voxels: int) -> list[Box]:
@@ -613,7 +631,7 @@ def split_box(box: Box, max_voxels: int) -> list[Box]:
     middle = box[axis].start + lengths[axis] // 2
     halves = []
     for part in (slice(box[axis].start, middle), slice(middle, box[axis].stop)):
-        halves += split_box(tuple(part if a == axis else b for a, b in enumerate(box)), max_voxels)
+        halves += split_box(as_box(part if a == axis else b for a, b in enumerate(box)), max_voxels)
     return halves
 
 

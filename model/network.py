@@ -14,19 +14,21 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.labels import N_CLASSES
+from model.settings import Device, Precision
 
 LEVELS = 4
 
 
 def pick_device(name: str) -> torch.device:
     """The torch device for `name`: cpu, cuda, cuda:N, or auto (CUDA when there is one)."""
-    if name == "auto":
+    if name == Device.AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -34,10 +36,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-PRECISIONS = ("auto", "float32", "mixed")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
     """The dtype convolutions run in under autocast for `precision` on `device`; None: float32.
 
     "mixed" is float16 on CUDA and bfloat16 on CPU. "auto" is mixed on CUDA and on CPUs with
@@ -47,14 +46,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     1.8x on AVX-512 without BF16 (oneDNN restricted to each), so "mixed" is refused there
     rather than left to crawl.
     """
-    if precision == "float32":
+    if precision == Precision.FLOAT32:
         return None
     if device.type == "cuda":
         return torch.float16
     units = torch.cpu.get_capabilities()
     if units.get("amx_bf16"):
         return torch.bfloat16
-    if precision == "auto":
+    if precision == Precision.AUTO:
         return None
     if units.get("avx512_bf16"):
         return torch.bfloat16
@@ -155,14 +154,15 @@ class CascadeConfig:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> CascadeConfig:
+    def from_json(cls, data: dict[str, Any]) -> CascadeConfig:
+        hu_low, hu_high = (float(v) for v in data["hu_window"])
         return cls(
-            patch_sizes=tuple(int(s) for s in data["patch_sizes"]),  # type: ignore[union-attr]
-            n_classes=int(data["n_classes"]),  # type: ignore[arg-type]
-            base_channels=int(data["base_channels"]),  # type: ignore[arg-type]
-            spacing_mm=float(data["spacing_mm"]),  # type: ignore[arg-type]
-            hu_window=tuple(float(v) for v in data["hu_window"]),  # type: ignore[arg-type,union-attr]
-            extra=dict(data.get("extra", {})),  # type: ignore[call-overload]
+            patch_sizes=tuple(int(s) for s in data["patch_sizes"]),
+            n_classes=int(data["n_classes"]),
+            base_channels=int(data["base_channels"]),
+            spacing_mm=float(data["spacing_mm"]),
+            hu_window=(hu_low, hu_high),
+            extra=dict(data.get("extra", {})),
         )
 
 

@@ -26,6 +26,7 @@ from model.network import CascadeConfig, CascadedVNet, pick_device
 from model.postprocess import BODY_HU
 from model.resample import image_to_model_grid, labels_to_model_grid
 from model.sampling import TrainingCase, augment, draw_sample
+from model.settings import Device
 from model.volume_io import is_volume_file, read_volume
 from model.weights import load_checkpoint, load_weights, save_checkpoint, save_weights
 
@@ -57,7 +58,7 @@ class TrainingSettings:
     # metal gives its share to random voxels.
     metal_fraction: float = 0.0
     threads: int | None = None
-    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"; CUDA trains in bfloat16 autocast
+    device: str = Device.CPU  # a Device or cuda:N; CUDA trains in bfloat16 autocast
     # Processes drawing batches while the network trains: sampling (about 45 ms a sample on one
     # core) is what limits a GPU, which needs ~15 workers to stay busy; one suits 2 CPU cores.
     workers: int = 1
@@ -409,7 +410,7 @@ def batches_from(
         num_workers=settings.workers,
         multiprocessing_context="fork" if settings.workers else None,
         prefetch_factor=4 if settings.workers else None,
-        pin_memory=settings.device != "cpu" and torch.cuda.is_available(),
+        pin_memory=settings.device != Device.CPU and torch.cuda.is_available(),
     )
 
 

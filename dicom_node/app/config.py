@@ -18,33 +18,41 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.imaging.volume.policy import AssemblyPolicy
+from model.settings import Device, Precision, Strategy, is_device
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key in its message."""
 
 
+def _alternatives(choices: list[str]) -> str:
+    """'a, b or c'."""
+    *rest, last = choices
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
-    strategy: str = "fast"  # "fast" or "paper"
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
-    precision: str = "auto"  # "auto", "float32", "mixed" (model.network.autocast_dtype)
+    strategy: Strategy = Strategy.FAST
+    device: str = Device.AUTO  # a Device or cuda:N
+    precision: Precision = Precision.AUTO  # model.network.autocast_dtype
     threads: int = 0  # 0: torch's default (all cores)
     weights: str = ""  # "": the weights shipped in the package
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("fast", "paper"):
-            raise ConfigError(
-                f"inference.strategy: expected 'fast' or 'paper', got {self.strategy!r}"
-            )
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(
-                f"inference.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}"
-            )
-        if self.precision not in ("auto", "float32", "mixed"):
-            raise ConfigError(
-                f"inference.precision: expected auto, float32 or mixed, got {self.precision!r}"
-            )
+        if self.strategy not in tuple(Strategy):
+            expected = _alternatives([repr(s.value) for s in Strategy])
+            raise ConfigError(f"inference.strategy: expected {expected}, got {self.strategy!r}")
+        if not is_device(self.device):
+            expected = _alternatives([*Device, f"{Device.CUDA}:N"])
+            raise ConfigError(f"inference.device: expected {expected}, got {self.device!r}")
+        if self.precision not in tuple(Precision):
+            expected = _alternatives(list(Precision))
+            raise ConfigError(f"inference.precision: expected {expected}, got {self.precision!r}")
+        # The file and the command line give strings: the members from here on (frozen, so
+        # through object.__setattr__, as dataclasses' own __init__ does).
+        object.__setattr__(self, "strategy", Strategy(self.strategy))
+        object.__setattr__(self, "precision", Precision(self.precision))
         if self.threads < 0:
             raise ConfigError(f"inference.threads: must be >= 0, got {self.threads}")
 
@@ -370,6 +378,8 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
         return tuple(_check_type(key, item, item_type) for item in value)
     if expected is float and type(value) is int:
         return float(value)
+    if isinstance(expected, type) and issubclass(expected, StrEnum) and type(value) is str:
+        return value  # the section's __post_init__ checks it is one, naming the choices
     if type(value) is expected:
         return value
     raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
@@ -447,7 +457,7 @@ _Section = typing.TypeVar("_Section", NodeConfig, Destination)
 def _with_files(section: _Section, prefix: str, keys: tuple[str, ...], base: Path) -> _Section:
     """`keys` (file paths) made absolute against the config file's folder, and checked to
     exist now: a missing certificate fails the start, not the first association."""
-    paths = {}
+    paths: dict[str, Any] = {}  # field name: the resolved path
     for key in keys:
         value = getattr(section, key)
         if value:
