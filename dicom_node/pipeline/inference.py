@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
@@ -23,6 +24,19 @@ from dicom_node.imaging.volume.policy import AssemblyError, AssemblyPolicy
 from dicom_node.pipeline.spool import write_durably
 from model.verdict import Verdict
 from model.volume_io import Volume
+
+if TYPE_CHECKING:  # torch loads slowly: model.inference is imported where a model is built
+    from model.inference import Segmentation, Segmenter
+
+
+class VolumeSegmenter(Protocol):
+    """What the node needs of a segmenter: the weights' metadata for the SEG's algorithm
+    identification, and a volume's segmentation. `model.inference.Segmenter` is one."""
+
+    @property
+    def metadata(self) -> Mapping[str, object]: ...
+
+    def segment(self, volume: Volume) -> Segmentation: ...
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ class SeriesResult:
         return self.reason is not None
 
 
-def build_segmenter(config: InferenceConfig, anatomy_check: bool = True) -> Any:
+def build_segmenter(config: InferenceConfig, anatomy_check: bool = True) -> Segmenter:
     """The cascade from the [inference] section (imported here: torch loads slowly); the CLI
     can leave the anatomy check out to score the raw output."""
     from model.inference import InferenceSettings, Segmenter
@@ -60,7 +74,7 @@ def build_segmenter(config: InferenceConfig, anatomy_check: bool = True) -> Any:
     return Segmenter(Path(config.weights) if config.weights else DEFAULT_WEIGHTS, settings)
 
 
-def build_writer(config: Config, segmenter: Any) -> SegWriter:
+def build_writer(config: Config, segmenter: VolumeSegmenter) -> SegWriter:
     """The SEG writer for this model (named by its weights' hash) and the [seg] section."""
     return SegWriter(
         AlgorithmInfo.from_metadata(segmenter.metadata),
@@ -75,7 +89,7 @@ NO_BONE = "none of the six bones found"
 def segment_series(
     paths: list[Path],
     policy: AssemblyPolicy,
-    segmenter: Any,
+    segmenter: VolumeSegmenter,
     writer: SegWriter,
     generation: int = 1,
     mark_unsure: bool = False,
