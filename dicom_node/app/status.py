@@ -197,7 +197,7 @@ def job_report(state: NodeState, job_id: int) -> dict[str, Any]:
 
 def render_job(job: dict[str, Any]) -> Group:
     """A job for a terminal: what it is, its outcome, segments, timeline and deliveries."""
-    lines = [
+    lines: list[Text | Table] = [
         Text(f"job {job['id']}: series {job['series_instance_uid']}", style="bold"),
         Text(
             f"state: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""),

@@ -21,12 +21,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from dicom_node.app.config import Destination
 
@@ -358,7 +359,7 @@ class PynetdicomSCP:
         self.abort = abort
         self.require_called_aet = require_called_aet
         self.sop_classes = (
-            [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+            [cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax]
             if sop_classes is None
             else list(sop_classes)
         )
@@ -374,7 +375,9 @@ class PynetdicomSCP:
 
     def _on_store(self, event: Event) -> int | Dataset:
         with self._lock:
-            self.received.append(str(event.request.AffectedSOPInstanceUID))
+            # pynetdicom types the request as any DIMSE primitive; EVT_C_STORE's is a C-STORE.
+            request = cast(C_STORE, event.request)
+            self.received.append(str(request.AffectedSOPInstanceUID))
             self.received_syntaxes.append(str(event.context.transfer_syntax))
             if self.directory is not None:
                 path = self.directory / f"{len(self._files):06d}.dcm"
