@@ -81,4 +81,4 @@ segment-phantom: install
 	$(BIN)/dicom-node segment-phantom --seeds 1001-1003 --size small
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
