@@ -8,7 +8,9 @@ Every function takes the `Session` that a `NodeState` method opened; none commit
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -30,6 +32,11 @@ from dicom_node.pipeline.state.records import (
 from dicom_node.pipeline.state.schema import Delivery, Instance, Series, Transition, utcnow
 
 # One logger for the whole store, named for the package, as its lines always were.
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_R = TypeVar("_R", bound="DataclassInstance")
+
 log = logging.getLogger(__package__)
 
 
@@ -188,51 +195,26 @@ def series_records(session: Session, series_list: list[Series]) -> list[SeriesRe
     return [_series_record(series, tuple(delivered[series.id])) for series in series_list]
 
 
+def _record(cls: type[_R], row: object, **given: Any) -> _R:
+    """A `cls` record of an ORM row: each field not `given` is the row's attribute of that name
+    (the records name their fields after the columns)."""
+    copied = {f.name: getattr(row, f.name) for f in fields(cls) if f.name not in given}
+    return cls(**copied, **given)
+
+
 def _series_record(series: Series, delivered_to: tuple[str, ...]) -> SeriesRecord:
-    return SeriesRecord(
-        id=series.id,
-        series_instance_uid=series.series_instance_uid,
-        study_instance_uid=series.study_instance_uid,
-        modality=series.modality,
-        calling_ae=series.calling_ae,
-        calling_host=series.calling_host,
-        instance_count=series.instance_count,
-        state=SeriesState(series.state),
-        reason=series.reason,
-        generation=series.generation,
-        first_received_at=series.first_received_at,
-        last_received_at=series.last_received_at,
-        state_changed_at=series.state_changed_at,
-        attempts=series.attempts,
-        seg_file=series.seg_file,
-        seg_series_instance_uid=series.seg_series_instance_uid,
-        seg_sop_instance_uid=series.seg_sop_instance_uid,
-        result=series.result,
-        purged_at=series.purged_at,
-        delivered_to=delivered_to,
-    )
+    return _record(SeriesRecord, series, state=SeriesState(series.state), delivered_to=delivered_to)
 
 
 def _transition_record(transition: Transition) -> TransitionRecord:
-    return TransitionRecord(
-        at=transition.at,
-        generation=transition.generation,
-        from_state=SeriesState(transition.from_state) if transition.from_state else None,
+    from_state = SeriesState(transition.from_state) if transition.from_state else None
+    return _record(
+        TransitionRecord,
+        transition,
+        from_state=from_state,
         to_state=SeriesState(transition.to_state),
-        reason=transition.reason,
     )
 
 
 def _delivery_record(delivery: Delivery) -> DeliveryRecord:
-    return DeliveryRecord(
-        destination=delivery.destination,
-        ae_title=delivery.ae_title,
-        host=delivery.host,
-        port=delivery.port,
-        generation=delivery.generation,
-        state=DeliveryState(delivery.state),
-        attempts=delivery.attempts,
-        last_error=delivery.last_error,
-        next_attempt_at=delivery.next_attempt_at,
-        delivered_at=delivery.delivered_at,
-    )
+    return _record(DeliveryRecord, delivery, state=DeliveryState(delivery.state))
