@@ -14,10 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from model.anatomy import AnatomyCheck, check_anatomy
-from model.inference import (
-    InferenceSettings,
+from model.inference import InferenceSettings, Segmenter
+from model.labels import BONE_NAMES
+from model.metrics import dice
+from model.network import CascadeConfig, autocast_dtype
+from model.phantom import generate_phantom
+from model.sampling import normalise_hu
+from model.tiling import (
     ScaledInputs,
-    Segmenter,
     cover_boxes,
     crop_upsampled,
     fit_multiple,
@@ -27,11 +31,6 @@ from model.inference import (
     window_starts,
     window_weight,
 )
-from model.labels import BONE_NAMES
-from model.metrics import dice
-from model.network import CascadeConfig, autocast_dtype
-from model.phantom import generate_phantom
-from model.sampling import normalise_hu
 from model.volume_io import Volume, read_volume, write_volume
 
 # Small phantoms (one joint region each) from seeds never used in training (model/MODEL_CARD.md).
