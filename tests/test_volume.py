@@ -3,6 +3,9 @@
 Geometry is checked in patient coordinates: synthetic series sample a known function of the
 patient position, so the assembled volume must give that function back at its own voxels'
 positions, whatever tilt and gaps the slices had.
+
+One file for one module's public behaviour (`dicom_node.imaging.volume`): its rules share the
+synthetic-series builders at the top, which a split would have to import back and forth.
 """
 
 from __future__ import annotations

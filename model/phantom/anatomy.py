@@ -11,6 +11,10 @@ Distractors (label 0, bone-like): patella, sacrum, coccyx, L4 and L5, navicular,
 cuneiforms, metatarsals and phalanges. Metal implants (label 0) appear in about 12% of seeds:
 a hip prosthesis (ball, stem, cup; femoral head resected), a total knee (femoral shell, tibial
 tray and keel) or a distal tibial plate with screws.
+
+It is one module past 500 lines on purpose: `build_anatomy` builds the bones in one order, each
+cleared against the bones it articulates with, and each builder reads the skeleton's private
+parameters; kept together, the order and the clearances read top-down.
 """
 
 from __future__ import annotations
