@@ -27,7 +27,7 @@ from model.ct_statistics import tissue_statistics
 from model.phantom.subjects import generate_subject_phantom
 from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
 from model.phantom_check import scan_with_slices
-from model.synthesis import DEFAULT_CHAIN, InPlaneResolution, ThickSlices, synthesise
+from model.synthesis import DEFAULT_CHAIN, CtNoise, InPlaneResolution, ThickSlices, synthesise
 from model.volume_io import Volume, read_volume
 
 SHOWN_REAL = ("STS_001", "STS_013", "STS_029")
@@ -46,8 +46,10 @@ def phantom_scans(n: int) -> dict[str, Volume]:
         subject = HELD_OUT_SUBJECTS[i % len(HELD_OUT_SUBJECTS)]
         region = REGIONS[i % len(REGIONS)]
         phantom = generate_subject_phantom(50_000 + i, region=region, subject=subject)
-        hu = synthesise(phantom.tissues.array, np.random.default_rng(i), chain)
-        scan, _ = scan_with_slices(phantom.tissues.with_array(hu), phantom.labels, SLICE_MM)
+        rng = np.random.default_rng(i)
+        hu = synthesise(phantom.tissues.array, rng, chain)
+        image = phantom.tissues.with_array(hu)
+        scan, _ = scan_with_slices(image, phantom.labels, SLICE_MM, CtNoise(), rng)
         out[f"subject {subject} {region}"] = scan
     return out
 

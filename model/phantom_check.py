@@ -15,6 +15,7 @@ from model.evaluation import aggregate_cases
 from model.inference import Segmenter
 from model.metrics import evaluate_labels
 from model.phantom import generate_phantom
+from model.synthesis import CtNoise
 from model.volume_io import Volume
 
 
@@ -58,20 +59,31 @@ SLICE_THICKNESSES_MM = (0.8, 1.5, 3.0, 5.0)
 SUBJECT_REGIONS = ("hip", "knee", "ankle")
 
 
-def scan_with_slices(image: Volume, labels: Volume, thickness_mm: float) -> tuple[Volume, Volume]:
+def scan_with_slices(
+    image: Volume,
+    labels: Volume,
+    thickness_mm: float,
+    noise: CtNoise | None = None,
+    rng: np.random.Generator | None = None,
+) -> tuple[Volume, Volume]:
     """The 0.8 mm phantom as a scanner would reconstruct it with slices ``thickness_mm`` thick
-    and as far apart: each slice the mean over its thickness, the labels those of the voxel at
-    its centre."""
+    and as far apart: each slice the mean over its thickness plus, given ``noise``, the
+    scanner's noise drawn on the slices themselves (`model.synthesis.ThickSlices` says why);
+    the labels those of the voxel at its centre."""
     step = max(1, round(thickness_mm / image.spacing[2]))
-    if step == 1:
-        return image, labels
-    hu = ndimage.uniform_filter1d(image.array.astype(np.float32), step, axis=0, mode="nearest")
+    hu = image.array.astype(np.float32)
+    if step > 1:
+        hu = ndimage.uniform_filter1d(hu, step, axis=0, mode="nearest")
     first = step // 2
     spacing = (image.spacing[0], image.spacing[1], image.spacing[2] * step)
     origin = (image.origin[0], image.origin[1], image.origin[2] + first * image.spacing[2])
     slices = slice(first, None, step)
+    hu = hu[slices]
+    if noise is not None:
+        hu = hu + noise.field(hu.shape, rng or np.random.default_rng(0))
+    hu = np.clip(np.rint(hu), -1024, 3071)
     return (
-        Volume(np.rint(hu[slices]).astype(np.int16), spacing, origin, image.direction),
+        Volume(hu.astype(np.int16), spacing, origin, image.direction),
         Volume(np.ascontiguousarray(labels.array[slices]), spacing, origin, labels.direction),
     )
 
@@ -87,7 +99,8 @@ def segment_subject_phantoms(
     from model.phantom.subjects import generate_subject_phantom
     from model.synthesis import DEFAULT_CHAIN, InPlaneResolution, ThickSlices, synthesise
 
-    # The scan's own slices are made by `scan_with_slices`; the chain draws the rest.
+    # The scan's own slices, with their noise, are made by `scan_with_slices`; the chain draws
+    # the rest.
     chain = [t for t in DEFAULT_CHAIN if not isinstance(t, ThickSlices | InPlaneResolution)]
     thicknesses = list(thicknesses_mm)
     cases: list[dict] = []
@@ -99,7 +112,7 @@ def segment_subject_phantoms(
             hu = synthesise(phantom.tissues.array, rng, chain).astype(np.int16)
             image = phantom.tissues.with_array(hu)
             for thickness in thicknesses:
-                scan, truth = scan_with_slices(image, phantom.labels, thickness)
+                scan, truth = scan_with_slices(image, phantom.labels, thickness, CtNoise(), rng)
                 segmentation = segmenter.segment(scan)
                 metrics = evaluate_labels(segmentation.labels.array, truth.array, scan.spacing)
                 cases.append(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from model.synthesis import (
+    DEFAULT_CHAIN,
     HU_RANGE,
     CtNoise,
     Quantise,
@@ -43,7 +44,7 @@ def test_thick_slices_spread_an_edge_along_z_only() -> None:
     hu = np.zeros((64, 8, 8), np.float32)
     hu[32:] = 1000.0
     rng = np.random.default_rng(3)
-    out = ThickSlices(thickness_mm=(4.0, 4.0))(hu, np.zeros(hu.shape, np.uint8), rng)
+    out = ThickSlices(thickness_mm=(4.0, 4.0), noise=None)(hu, np.zeros(hu.shape, np.uint8), rng)
     profile = out[:, 4, 4]
     ramp = np.nonzero((profile > 50) & (profile < 950))[0]
     # A 4 mm slice profile sampled every 2-4 mm and interpolated back: the edge spreads over
@@ -51,6 +52,26 @@ def test_thick_slices_spread_an_edge_along_z_only() -> None:
     assert 3 <= len(ramp) <= 10
     assert np.allclose(out, out[:, :1, :1])
     assert profile[:20].max() < 1e-3 and profile[-20:].min() > 1000 - 1e-3
+
+
+def test_thick_slices_are_as_noisy_as_the_scanner_makes_each_slice() -> None:
+    """The noise is drawn on the reconstructed slices, so averaging over a slice's thickness
+    does not quieten it: only the interpolation back to 0.8 mm does, by at most a factor of
+    sqrt(1/2) between two slices (noise drawn before the averaging over 4 voxels: 0.5x)."""
+    hu = np.zeros((96, 48, 48), np.float32)
+    tissues = np.zeros(hu.shape, np.uint8)
+    noise = CtNoise(sigma_hu=(20.0, 20.0))
+    sds = []
+    for seed in range(6):
+        thick = ThickSlices(thickness_mm=(3.2, 3.2), noise=noise)
+        sds.append(float(thick(hu, tissues, np.random.default_rng(seed)).std()))
+    assert min(sds) >= 0.7 * 20.0 and max(sds) <= 1.05 * 20.0
+
+
+def test_synthesis_draws_noise_in_the_slices_not_before_them() -> None:
+    assert not any(isinstance(t, CtNoise) for t in DEFAULT_CHAIN)
+    thick = [t for t in DEFAULT_CHAIN if isinstance(t, ThickSlices)]
+    assert len(thick) == 1 and isinstance(thick[0].noise, CtNoise)
 
 
 def test_ct_noise_has_the_sigma_it_draws_within_its_range() -> None:
