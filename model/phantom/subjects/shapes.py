@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The sphere fit lives with the measurements that use it on label maps (issue 19).
+from model.measure.geometry import fit_sphere
+
 SHAPES_ENV = "DICOM_NODE_SHAPES"
 LLP26_BONES = ("sacrum", "hip_left", "hip_right", "femur", "patella", "tibia", "fibula")
 LLP26_SUBJECTS = 26
@@ -133,15 +136,6 @@ def foot(subject: str, side: str) -> dict[str, Mesh]:
             faces = faces[:, ::-1]
         out[bone] = Mesh(vertices, np.ascontiguousarray(faces))
     return out
-
-
-def fit_sphere(points: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least-squares sphere through ``points`` (N, 3): centre and radius."""
-    a = np.hstack([2 * points, np.ones((len(points), 1))])
-    b = (points**2).sum(axis=1)
-    solution = np.linalg.lstsq(a, b, rcond=None)[0]
-    centre = solution[:3]
-    return centre, float(np.sqrt(solution[3] + centre @ centre))
 
 
 def femoral_head(femur: Mesh, hip: Mesh) -> tuple[np.ndarray, float]:

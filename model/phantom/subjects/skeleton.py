@@ -7,7 +7,9 @@ each tibia (the talar dome 2 mm below the tibial plafond, between the malleoli),
 is scaled to the body's size. Each leg is then posed: ankle flexion, knee flexion and
 varus/valgus, hip flexion, abduction and rotation, each about its joint centre, distal joints
 first. Landmarks (joint centres, femoral head radius) go through the same transforms, so the
-phantom knows its geometry.
+phantom knows its geometry; the knee centres (femoral and tibial, apart once the knee is
+posed), the ankle centre and the posterior condyles are then found on the posed bones
+(:func:`.truth.joint_landmarks`, the definitions of :mod:`model.measure.geometry`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from model.phantom.subjects.shapes import (
     foot,
     llp26,
 )
+from model.phantom.subjects.truth import joint_landmarks
 
 SIDES = ("left", "right")
 LONG_BONES = ("femur", "tibia", "fibula")
@@ -210,6 +213,9 @@ def build_skeleton(
         landmarks[key] = (
             point * factor if "radius" in key else (point - pelvis_centre) * factor + pelvis_centre
         )
+    # Knee and ankle centres on the posed bones, as the measurement defines them (no draws).
+    for side in SIDES:
+        landmarks.update(joint_landmarks(parts, landmarks[f"hip_{side}"], side))
     geometry = {
         "shape_source": source,
         "scale": factor,

@@ -1,0 +1,108 @@
+"""Each bone of a sided label map as points on its surface, in physical millimetres.
+
+A bone is its sided label's largest connected piece (spurious islands of segmentation, and
+pieces of the bone far from the rest, are left out); its surface is the centres of the voxels
+just inside and just outside its boundary, which straddle the true surface, so a sphere fitted
+to them has the head's radius rather than half a voxel less. Points are mapped through the
+volume's origin, spacing and direction into DICOM patient coordinates (LPS, mm). Surface
+voxels on a face of the grid mark where the field of view cut the bone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from model.labels import Bone, Side, sided_label
+from model.volume_io import Volume
+
+# The patient direction each face of the grid looks towards (LPS axes, outward normal).
+_DIRECTION_NAMES = {
+    (0, 1): "left",
+    (0, -1): "right",
+    (1, 1): "posterior",
+    (1, -1): "anterior",
+    (2, 1): "superior",
+    (2, -1): "inferior",
+}
+
+
+@dataclass(frozen=True)
+class BoneSurface:
+    """Surface points of one bone: ``points`` (N, 3) mm in LPS; ``cut_by`` (N,) the face of
+    the grid each lies on as an index into ``faces`` (-1: inside the grid)."""
+
+    points: np.ndarray
+    cut_by: np.ndarray
+    faces: tuple[str, ...]
+    voxels: int
+
+    def cut_faces(self, near: np.ndarray) -> list[str]:
+        """The edges of the field of view (patient directions) that cut the bone among the
+        points selected by the boolean array ``near``."""
+        hit = np.unique(self.cut_by[near & (self.cut_by >= 0)])
+        return [self.faces[int(i)] for i in hit]
+
+
+def index_to_physical(volume: Volume, index_zyx: np.ndarray) -> np.ndarray:
+    """Voxel indices (N, 3) in numpy (z, y, x) order to LPS points (N, 3) in mm."""
+    direction = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
+    xyz = np.asarray(index_zyx, dtype=np.float64)[:, ::-1] * np.asarray(volume.spacing)
+    return xyz @ direction.T + np.asarray(volume.origin)
+
+
+def face_names(volume: Volume) -> tuple[str, ...]:
+    """The patient direction of each face of the grid, in the order (x low, x high, y low,
+    y high, z low, z high) of the SimpleITK index axes."""
+    direction = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
+    names = []
+    for axis in range(3):
+        for sign in (-1, 1):
+            normal = sign * direction[:, axis]
+            dominant = int(np.argmax(np.abs(normal)))
+            names.append(_DIRECTION_NAMES[(dominant, int(np.sign(normal[dominant])))])
+    return tuple(names)
+
+
+def bone_surfaces(sided: Volume, side: Side, bones: tuple[Bone, ...]) -> dict[Bone, BoneSurface]:
+    """The surface of each of ``bones`` of ``side`` present in the sided label map."""
+    array = sided.array
+    boxes = ndimage.find_objects(array, max_label=2 * len(Bone))
+    faces = face_names(sided)
+    out = {}
+    for bone in bones:
+        box = boxes[sided_label(bone, side) - 1]
+        if box is None:
+            continue
+        # One voxel of margin, so the outer surface is inside the box where the grid allows.
+        box = tuple(
+            slice(max(s.start - 1, 0), min(s.stop + 1, n))
+            for s, n in zip(box, array.shape, strict=True)
+        )
+        mask = array[box] == sided_label(bone, side)
+        pieces, count = ndimage.label(mask)
+        if count > 1:
+            sizes = np.bincount(pieces.ravel())
+            sizes[0] = 0
+            mask = pieces == int(np.argmax(sizes))
+        inner = mask & ~ndimage.binary_erosion(mask, border_value=0)
+        outer = ndimage.binary_dilation(mask) & ~mask
+        index = np.argwhere(inner | outer) + np.array([s.start for s in box])
+        out[bone] = BoneSurface(
+            points=index_to_physical(sided, index),
+            cut_by=_face_of(index[:, ::-1], array.shape[::-1]),
+            faces=faces,
+            voxels=int(mask.sum()),
+        )
+    return out
+
+
+def _face_of(index_xyz: np.ndarray, shape_xyz: tuple[int, ...]) -> np.ndarray:
+    """The face (0..5, as `face_names`) each voxel lies on, -1 for none (the first if two)."""
+    face = np.full(len(index_xyz), -1, dtype=np.int64)
+    for axis in (2, 1, 0):
+        face[index_xyz[:, axis] == shape_xyz[axis] - 1] = 2 * axis + 1
+        face[index_xyz[:, axis] == 0] = 2 * axis
+    return face

@@ -1,0 +1,56 @@
+"""What a measurement returns: plain frozen records, a value with its unit or the reason none."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.labels import Side
+
+
+@dataclass(frozen=True)
+class Landmark:
+    """A point in the volume's physical frame (DICOM patient coordinates, LPS, mm)."""
+
+    name: str
+    position_mm: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A value in ``unit``, or None with the reason it could not be measured."""
+
+    name: str
+    unit: str
+    value: float | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.value is None) == (self.reason is None):
+            raise ValueError("a measurement has either a value or a reason, not both or neither")
+
+    @property
+    def measurable(self) -> bool:
+        return self.value is not None
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return f"{self.name}: not measurable ({self.reason})"
+        return f"{self.name}: {self.value:.2f} {self.unit}"
+
+
+@dataclass(frozen=True)
+class LegAlignment:
+    """One leg's mechanical axes: the landmarks found (named as in docs/measurements.md:
+    femoral_head_centre, femoral_knee_centre, tibial_knee_centre, ankle_centre,
+    posterior_condyle_medial, posterior_condyle_lateral) and the measurements, each with a
+    value or the reason it has none."""
+
+    side: Side
+    landmarks: tuple[Landmark, ...]
+    femoral_head_radius: Measurement
+    hka_3d: Measurement
+    hka_coronal: Measurement
+    ankle_centre_from: str | None  # "talar dome", "malleoli", or None when not found
+
+    def landmark(self, name: str) -> tuple[float, float, float] | None:
+        return next((lm.position_mm for lm in self.landmarks if lm.name == name), None)
