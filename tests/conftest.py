@@ -4,6 +4,7 @@ that needs it (`make system-deps` installs them; CI does)."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -72,3 +73,22 @@ def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> PhantomSeries:
         return written[seed]
 
     return phantom
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/node/data as a 32 MiB tmpfs: the data_dir of a NodeProcess in tmp_path/node,
+    for tests that fill the node's disk. Mounting needs root: the test skips otherwise."""
+    mount_point = tmp_path / "node" / "data"
+    mount_point.mkdir(parents=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -345,6 +345,24 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """[http]: metrics (Prometheus) and health checks over HTTP, on a port of their own.
+
+    Off by default; bound to the loopback interface by default, because the endpoints have no
+    authentication: bind it elsewhere only where the network is trusted (the scraper's)."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 9104  # not 8042 (Orthanc's HTTP) nor the DICOM port
+
+    def __post_init__(self) -> None:
+        if not self.bind:
+            raise ConfigError("http.bind: must be an address, e.g. '127.0.0.1' or '0.0.0.0'")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"http.port: must be 1..65535, got {self.port}")
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
@@ -354,12 +372,17 @@ class Config:
     verdict: VerdictConfig = field(default_factory=VerdictConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     destinations: tuple[Destination, ...] = ()
 
     def __post_init__(self) -> None:
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ConfigError(f"destinations.name: names must be unique, got {names}")
+        if self.http.enabled and self.http.port == self.node.port:
+            raise ConfigError(
+                f"http.port: must differ from node.port (the DICOM port), got {self.http.port}"
+            )
 
     def destination(self, name: str) -> Destination:
         for destination in self.destinations:

@@ -4,16 +4,18 @@ receive (network) -> spool (disk) -> state (database) -> series (completion, sel
 -> segment (the worker process: volume, inference, SEG) -> deliver (C-STORE to the PACS);
 retention purges old files.
 
-Start-up order matters: the inference worker loads its model, the scheduler resumes idle
-timers and selections, the database and spool are made consistent (partial writes removed,
-spooled files the database lacks recorded), and only then does the node listen; the pid file
-appears once it listens, so "pid file present and its process alive" means "accepting
-associations".
+Start-up order matters: the HTTP endpoint (`[http]`, if on) comes first, so that `/healthz`
+answers and `/readyz` says "starting" while the inference worker loads its model; then the
+scheduler resumes idle timers and selections, the database and spool are made consistent
+(partial writes removed, spooled files the database lacks recorded), and only then does the
+node listen; the pid file appears once it listens, so "pid file present and its process
+alive" means "accepting associations".
 
 Stop order: stop accepting, give associations in flight `SHUTDOWN_GRACE_S` to finish, abort
 the rest (an aborted C-STORE was never acknowledged, so the sender still has it), stop the
 segmentation (a series in flight is re-queued at the next start) and delivery (an attempt in
-flight is due again at the next start), stop the scheduler, remove the pid file.
+flight is due again at the next start), stop the scheduler, remove the pid file; the HTTP
+endpoint goes last (`/readyz` answers 503 from the moment the DICOM port closes).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from dicom_node.pipeline.segment import SegmentationStage
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import NodeState
 from dicom_node.pipeline.worker import InferenceWorker
+from dicom_node.web.health import node_checks
+from dicom_node.web.metrics import NodeMetrics
+from dicom_node.web.server import HttpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +107,19 @@ def serve(config: Config, config_path: Path | None = None) -> None:
     results_dir = data_dir / RESULTS_DIR
     scheduler = BackgroundScheduler(timezone=UTC)
     worker = InferenceWorker(config)
+    metrics = NodeMetrics(state, spool, worker, [d.name for d in config.destinations])
+    http = HttpEndpoint(config.http, metrics.registry) if config.http.enabled else None
+    if http is not None:
+        http.start()  # a taken port fails the start before the model loads
     worker.start()  # a broken model or config fails the start, not the first series
-    delivery = DeliveryStage(config, state, results_dir, scheduler)
-    segmentation = SegmentationStage(config, state, spool, results_dir, worker, delivery.wake)
-    completion = SeriesCompletion(state, spool, config.series, scheduler, segmentation.wake)
-    reception = Reception(spool, state, completion.received)
+    delivery = DeliveryStage(config, state, results_dir, scheduler, metrics)
+    segmentation = SegmentationStage(
+        config, state, spool, results_dir, worker, delivery.wake, metrics
+    )
+    completion = SeriesCompletion(
+        state, spool, config.series, scheduler, segmentation.wake, metrics
+    )
+    reception = Reception(spool, state, completion.received, metrics)
     scheduler.start()
     try:
         completion.resume()
@@ -115,7 +128,11 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         delivery.start()
         schedule_retention(scheduler, state, spool, results_dir, config.retention)
         ae = build_ae(node)
-        server = start_server(ae, node, event_handlers(reception, node), ssl_context)
+        handlers = [*event_handlers(reception, node), *metrics.event_handlers()]
+        server = start_server(ae, node, handlers, ssl_context)
+        if http is not None:
+            address = f"{node.bind}:{node.port}"
+            http.checks = node_checks(state, spool, data_dir, worker, scheduler, server, address)
         pid_file = data_dir / PID_FILE
         try:
             info = DaemonInfo(
@@ -142,6 +159,8 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         scheduler.shutdown(wait=True)
         worker.stop()
         state.close()
+        if http is not None:
+            http.stop()
     log.info("stopped")
 
 

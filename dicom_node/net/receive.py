@@ -45,6 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node.app.config import NodeConfig
 from dicom_node.logs import escape
 from dicom_node.net.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from dicom_node.pipeline.observer import UNOBSERVED, PipelineObserver
 from dicom_node.pipeline.spool import LowDiskSpaceError, Spool, SpooledFile
 from dicom_node.pipeline.state import NodeState, ReceivedInstance, Recorded
 
@@ -80,6 +81,7 @@ class Reception:
     spool: Spool
     state: NodeState
     on_recorded: Callable[[Recorded], None]  # e.g. restart the series' idle timer
+    observer: PipelineObserver = UNOBSERVED  # counts each answer (the node's metrics)
 
     def store(self, received: ReceivedInstance, parts: Sequence[bytes | memoryview]) -> bool:
         """Spool and record one instance; False if it was a duplicate (nothing changed).
@@ -208,9 +210,17 @@ def _describe(error: BaseException) -> str:
 
 
 def handle_store(event: Event, reception: Reception) -> int:
-    """EVT_C_STORE: persist the instance and answer a status (see the module doc)."""
+    """EVT_C_STORE: persist the instance and answer a status (see the module doc); the answer
+    is counted (a counter incremented: nothing that could slow the sender down)."""
+    status, stored_bytes = _persist(event, reception)
+    reception.observer.instance_answered(status, stored_bytes)
+    return status
+
+
+def _persist(event: Event, reception: Reception) -> tuple[int, int]:
+    """The status to answer and the bytes of dataset stored (0 unless stored anew)."""
     if event.assoc.is_aborted:  # e.g. by InstanceSizeCap: the dataset arrived, but too big
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, 0
     try:
         file_meta = event.file_meta  # from the request: SOP class and instance, syntax
         # Who sent it, kept in the file (PS3.10 Source AE Title) so a recovery can restore it.
@@ -226,18 +236,19 @@ def handle_store(event: Event, reception: Reception) -> int:
     except Exception as error:  # malformed data makes pydicom and zlib raise many kinds
         sop_class = event.request.AffectedSOPClassUID
         log.warning("C-STORE of %s refused: %s", sop_class, _describe(error))
-        return CANNOT_UNDERSTAND
+        return CANNOT_UNDERSTAND, 0
     try:
         with stream.getbuffer() as dataset:
             new = reception.store(received, (head, dataset))
+            size = dataset.nbytes
     except LowDiskSpaceError as error:  # the spool logs when refusals start and end
         log.debug("C-STORE of %s refused: %s", received.sop_instance_uid, error)
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, 0
     except (OSError, SQLAlchemyError) as error:
         log.error("C-STORE: could not store %s: %s", received.sop_instance_uid, _describe(error))
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, 0
     log.debug("C-STORE %s%s", received.sop_instance_uid, "" if new else " (again)")
-    return SUCCESS
+    return SUCCESS, size if new else 0
 
 
 class InstanceSizeCap:

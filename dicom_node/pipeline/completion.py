@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node.app.config import SeriesConfig
 from dicom_node.imaging.volume.assemble import select_series
 from dicom_node.imaging.volume.headers import read_headers
+from dicom_node.pipeline.observer import UNOBSERVED, PipelineObserver, Stage
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import NodeState, Recorded, utcnow
 
@@ -47,12 +48,14 @@ class SeriesCompletion:
         config: SeriesConfig,
         scheduler: BaseScheduler,
         on_queued: Callable[[], None],
+        observer: PipelineObserver = UNOBSERVED,
     ) -> None:
         self.state = state
         self.spool = spool
         self.config = config
         self.scheduler = scheduler
         self.on_queued = on_queued  # wake the segmentation stage
+        self.observer = observer
 
     def received(self, recorded: Recorded) -> None:
         """An instance was recorded: make sure its series has an idle timer.
@@ -117,6 +120,7 @@ class SeriesCompletion:
         files = self.state.complete_series_files(series_id)
         if files is None:  # reopened, or already decided
             return
+        self.observer.stage_timed(Stage.RECEIVE, files.receiving_s)
         paths = [self.spool.path(name) for name in files.file_names]
         try:
             reason = select_series(read_headers(paths), self.config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from apscheduler.schedulers.base import BaseScheduler
 
 from dicom_node.app.config import Config, DeliveryConfig, Destination
 from dicom_node.net.send import send_files
+from dicom_node.pipeline.observer import UNOBSERVED, PipelineObserver, Stage
 from dicom_node.pipeline.state import DueDelivery, NodeState, utcnow
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,15 @@ class DeliveryStage:
     """Claims due deliveries and sends them; records each outcome in the state."""
 
     def __init__(
-        self, config: Config, state: NodeState, results_dir: Path, scheduler: BaseScheduler
+        self,
+        config: Config,
+        state: NodeState,
+        results_dir: Path,
+        scheduler: BaseScheduler,
+        observer: PipelineObserver = UNOBSERVED,
     ) -> None:
         self.config = config
+        self.observer = observer
         self.state = state
         self.results_dir = results_dir
         self.scheduler = scheduler
@@ -97,6 +105,7 @@ class DeliveryStage:
     def attempt(self, due: DueDelivery) -> None:
         destination = self._destination(due)
         path = self.results_dir / due.seg_file
+        started = time.perf_counter()
         try:
             result = send_files(
                 destination, [path], self.config.node.ae_title, self.config.delivery.timeout_s
@@ -105,6 +114,8 @@ class DeliveryStage:
         except Exception as error_:  # e.g. the SEG file is gone: a reason, not a dead thread
             log.exception("series %d: delivery attempt", due.series_id)
             error = f"{type(error_).__name__}: {error_}"
+        self.observer.stage_timed(Stage.SEND, time.perf_counter() - started)
+        self.observer.delivery_attempted(due.target.name, failed=error is not None)
         retry_at = None
         if error is not None:
             retry_at = next_attempt_at(due.attempt, self.config.delivery, self._rng, utcnow())

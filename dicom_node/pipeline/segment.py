@@ -16,14 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.app.config import Config, UnsurePolicy
+from dicom_node.pipeline.observer import UNOBSERVED, PipelineObserver, Stage
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import ClaimedSeries, NodeState, Target
 from dicom_node.pipeline.worker import InferenceWorker, WorkerLostError, WorkOutcome, WorkRequest
 
 log = logging.getLogger(__name__)
 
-# How often the stage looks for queued series when nobody woke it (CLI retries, restarts).
+# How often the stage looks for queued series when nobody woke it (CLI retries, restarts),
+# and so how soon an idle worker that died is replaced.
 POLL_S = 2.0
+# The worker's timings (`inference.segment_series`, `worker._work`) by the stage they time.
+_TIMED_STAGES = {
+    "assemble_s": Stage.ASSEMBLE,
+    "segment_s": Stage.SEGMENT,
+    "seg_encode_s": Stage.SEG,
+    "seg_write_s": Stage.SEG,
+}
 
 
 def seg_file_name(claim: ClaimedSeries) -> str:
@@ -53,6 +62,7 @@ class SegmentationStage:
         results_dir: Path,
         worker: InferenceWorker,
         on_segmented: Callable[[], None],
+        observer: PipelineObserver = UNOBSERVED,
     ) -> None:
         self.config = config
         self.state = state
@@ -60,6 +70,7 @@ class SegmentationStage:
         self.results_dir = results_dir
         self.worker = worker
         self.on_segmented = on_segmented  # e.g. deliver now rather than at the next poll
+        self.observer = observer
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="segmentation", daemon=True)
@@ -84,6 +95,9 @@ class SegmentationStage:
             try:
                 claim = self.state.claim_next_queued()
                 if claim is None:
+                    # A worker killed while idle is replaced now, not by the next series:
+                    # until then the node is not ready (dicom_node/web/health.py).
+                    self.worker.ensure_running()
                     self._wake.wait(POLL_S)
                     self._wake.clear()
                     continue
@@ -116,6 +130,15 @@ class SegmentationStage:
             return
         self._record(claim, seg_name, outcome)
 
+    def _observe(self, timings: dict[str, float]) -> None:
+        """Report the worker's timings per stage (its SEG encoding and writing as one)."""
+        by_stage: dict[Stage, float] = {}
+        for key, stage in _TIMED_STAGES.items():
+            if isinstance(timings.get(key), int | float):
+                by_stage[stage] = by_stage.get(stage, 0.0) + timings[key]
+        for stage, seconds in by_stage.items():
+            self.observer.stage_timed(stage, seconds)
+
     def _lost(self, claim: ClaimedSeries, reason: str) -> None:
         retries = self.config.worker.retries
         if claim.attempt <= retries:
@@ -124,6 +147,7 @@ class SegmentationStage:
             self.state.mark_failed(claim.series_id, claim.generation, reason)
 
     def _record(self, claim: ClaimedSeries, seg_name: str, outcome: WorkOutcome) -> None:
+        self._observe(outcome.summary.get("timings_s", {}))
         summary = json.dumps(outcome.summary)
         if outcome.reason is not None:
             self.state.mark_failed(claim.series_id, claim.generation, outcome.reason)

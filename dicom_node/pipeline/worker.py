@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.app.config import Config, UnsurePolicy
-from dicom_node.imaging.seg import SegWriter
+from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
 from dicom_node.pipeline.inference import build_segmenter, build_writer, save_seg, segment_series
 from model.verdict import Verdict
 
@@ -85,7 +85,7 @@ def _serve(connection: Connection, config: Config) -> None:
     )
     segmenter = build_segmenter(config.inference)
     writer = build_writer(config, segmenter)
-    connection.send("ready")
+    connection.send(writer.algorithm)  # ready, and which model (for the node's metrics)
     while True:
         try:
             request: WorkRequest = connection.recv()
@@ -132,10 +132,21 @@ class InferenceWorker:
         self._process: BaseProcess | None = None
         self._connection: Connection | None = None
         self._stopping = False
+        self._ready = False  # the process has loaded its model
+        self.algorithm: AlgorithmInfo | None = None  # the model, once a worker has loaded it
+        self.restarts = 0  # processes replaced after dying or hanging (read by the metrics)
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        process = self._process  # read by the health checks while the supervisor replaces it
+        return process.pid if process is not None else None
+
+    @property
+    def ready(self) -> bool:
+        """A process is running with its model loaded (read from other threads: the health
+        checks; a process that died is seen here before the supervisor replaces it)."""
+        process = self._process
+        return self._ready and process is not None and process.is_alive()
 
     def start(self) -> None:
         """Start the process and wait until its model is loaded."""
@@ -150,18 +161,34 @@ class InferenceWorker:
             self.stop()
             raise WorkerLostError(f"worker not ready after {START_TIMEOUT_S:.0f} s")
         try:
-            parent.recv()
+            self.algorithm = parent.recv()
         except EOFError:
             code = process.exitcode
             self.stop()
             raise WorkerLostError(f"worker died while loading the model (exit {code})") from None
+        self._ready = True
         log.info("worker %d ready", process.pid)
+
+    def ensure_running(self) -> None:
+        """Start a worker if none runs: the first, or one to replace a process that died
+        while idle (counted as a restart). Not once the node is stopping."""
+        process = self._process  # `shutdown` may clear it from another thread
+        if self._stopping or (process is not None and process.is_alive()):
+            return
+        if process is not None:
+            log.error(
+                "worker %s died while idle (exit %s); restarting it", process.pid, process.exitcode
+            )
+            self.restarts += 1
+            self.stop()
+        self.start()
 
     def run(self, request: WorkRequest) -> WorkOutcome:
         """Process one series; WorkerLostError if the process died or timed out (it is
         restarted before the error is raised, so the next series finds a warm worker)."""
-        if self._process is None or not self._process.is_alive():
-            self.start()
+        self.ensure_running()
+        if self._stopping:
+            raise WorkerLostError("node stopping")
         assert self._connection is not None and self._process is not None
         timeout = self.config.worker.timeout_s
         try:
@@ -175,6 +202,7 @@ class InferenceWorker:
             self._process.join(5)
             reason = f"worker died (exit {self._process.exitcode})"
         log.error("worker %s lost: %s; restarting it", self._process.pid, reason)
+        self.restarts += 1
         self.stop()
         self.start()
         raise WorkerLostError(reason)
@@ -188,6 +216,7 @@ class InferenceWorker:
         """Kill the process (a request in flight is lost: its series is re-queued at start)."""
         if self._connection is not None:
             self._connection.close()
+        self._ready = False
         if self._process is not None:
             self._process.kill()
             self._process.join(10)

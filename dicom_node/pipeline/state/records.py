@@ -43,6 +43,7 @@ class SeriesFiles:
     series_id: int
     generation: int
     file_names: list[str]
+    receiving_s: float = 0.0  # from its first instance to its last
 
 
 @dataclass(frozen=True)

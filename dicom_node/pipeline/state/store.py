@@ -158,7 +158,9 @@ class NodeState:
             series = session.get(Series, series_id)
             if series is None or series.state != SeriesState.COMPLETE:
                 return None
-            return SeriesFiles(series_id, series.generation, rows.file_names(session, series_id))
+            names = rows.file_names(session, series_id)
+            span = series.last_received_at - series.first_received_at
+            return SeriesFiles(series_id, series.generation, names, span.total_seconds())
 
     def _move_if_current(
         self, series_id: int, generation: int, to: SeriesState, reason: str | None = None

@@ -1,0 +1,8 @@
+"""The node over HTTP (`[http]`), on a port of its own beside the DICOM one.
+
+- `metrics`: the node's Prometheus metrics, in a registry of its own: counted as reception
+  and the stages report (`dicom_node.pipeline.observer`), or read when scraped;
+- `health`: the readiness checks, each a small function with its reason;
+- `server`: the HTTP server (a thread of the daemon) serving `/metrics`, `/healthz` and
+  `/readyz`.
+"""
