@@ -9,14 +9,10 @@ freed. Mounting needs root: the tests skip otherwise.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -25,27 +21,9 @@ from dicom_node.net.statuses import OUT_OF_RESOURCES, SUCCESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.node_process import AE_TITLE, NodeProcess
 from model.volume_io import Volume
+from tests.support.disk import MIB, free_bytes, write_ballast
 
-MIB = 1 << 20
 PATIENT = PatientInfo(name="DISKFULL^TESTPATIENT", patient_id="PID-DISKFULL-0042")
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path/node/data as a 32 MiB tmpfs: the data_dir of a NodeProcess in tmp_path/node."""
-    mount_point = tmp_path / "node" / "data"
-    mount_point.mkdir(parents=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def _series(directory: Path, slices: int) -> list[Path]:
@@ -82,21 +60,6 @@ def _echo(port: int) -> bool:
             assoc.release()
 
 
-def _free(path: Path) -> int:
-    stats = os.statvfs(path)
-    return stats.f_bavail * stats.f_frsize
-
-
-def _ballast(data_dir: Path, size: int) -> Path:
-    """A file that takes `size` bytes of the small disk (written, so tmpfs really holds it)."""
-    ballast = data_dir / "ballast"
-    with ballast.open("wb") as file:
-        for _ in range(size // MIB):
-            file.write(b"\xff" * MIB)
-        file.write(b"\xff" * (size % MIB))
-    return ballast
-
-
 def _assert_consistent(node: NodeProcess, acknowledged: set[str]) -> None:
     """Exactly the acknowledged instances are recorded, each in a complete spool file."""
     recorded = node.db_instances()
@@ -117,7 +80,7 @@ def _uids(paths: list[Path]) -> set[str]:
 def test_watermark_refuses_before_the_disk_fills(small_disk: Path, tmp_path: Path) -> None:
     paths = _series(tmp_path / "ct", 150)  # 19.7 MB: more than the small disk leaves
     node = NodeProcess(tmp_path / "node", complete_after_s=600, min_free_mb=8)
-    ballast = _ballast(small_disk, 12 * MIB)  # 32 - 12 - 8: room for ~90 instances
+    ballast = write_ballast(small_disk, 12 * MIB)  # 32 - 12 - 8: room for ~90 instances
     node.start()
     try:
         statuses = _send(node.port, paths)
@@ -127,7 +90,7 @@ def test_watermark_refuses_before_the_disk_fills(small_disk: Path, tmp_path: Pat
         assert len(accepted) >= 50
         # Refused before the disk filled: the watermark's 8 MiB are still free (but for
         # what the database's last commits took).
-        assert _free(small_disk) > 6 * MIB
+        assert free_bytes(small_disk) > 6 * MIB
         assert _echo(node.port)
         _assert_consistent(node, _uids(accepted))
         log = node.log.read_text()
@@ -149,7 +112,7 @@ def test_write_failing_midway_leaves_nothing_partial(small_disk: Path, tmp_path:
     node = NodeProcess(tmp_path / "node", complete_after_s=600, min_free_mb=0).start()
     try:
         # Fill the disk but for ~1.5 MB: about ten instances fit, the next write hits ENOSPC.
-        ballast = _ballast(small_disk, _free(small_disk) - 1536 * 1024)
+        ballast = write_ballast(small_disk, free_bytes(small_disk) - 1536 * 1024)
         statuses = _send(node.port, paths)
         assert set(statuses.values()) == {SUCCESS, OUT_OF_RESOURCES}, statuses
         accepted = {p for p, status in statuses.items() if status == SUCCESS}
@@ -175,7 +138,7 @@ def _fill(data_dir: Path) -> Path:
                     file.write(b"\xff" * chunk)
             except OSError:  # ENOSPC: on to a smaller chunk
                 continue
-    assert _free(data_dir) == 0
+    assert free_bytes(data_dir) == 0
     return ballast
 
 

@@ -40,8 +40,8 @@ from dicom_node.web.server import HttpEndpoint
 from model.volume_io import Volume
 from model.weights import DEFAULT_WEIGHTS, sidecar
 from tests.support import ROOT
+from tests.support.disk import MIB, fill_to
 
-MIB = 1 << 20
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -206,18 +206,6 @@ def _send(port: int, paths: list[Path]) -> list[int]:
         assoc.release()
 
 
-def _fill_to(data_dir: Path, free_bytes: int) -> Path:
-    """A file that leaves `free_bytes` free on the small disk (written: tmpfs holds it)."""
-    stats = os.statvfs(data_dir)
-    size = stats.f_bavail * stats.f_frsize - free_bytes
-    ballast = data_dir / "ballast"
-    with ballast.open("wb") as file:
-        for _ in range(size // MIB):
-            file.write(b"\xff" * MIB)
-        file.write(b"\xff" * (size % MIB))
-    return ballast
-
-
 def test_readiness_fails_below_the_free_space_watermark_and_recovers(
     small_disk: Path, tmp_path: Path
 ) -> None:
@@ -232,7 +220,7 @@ def test_readiness_fails_below_the_free_space_watermark_and_recovers(
         }  # fmt: skip
         assert _send(node.port, paths[:1]) == [SUCCESS]
 
-        ballast = _fill_to(small_disk, 4 * MIB)  # below the 8 MiB watermark
+        ballast = fill_to(small_disk, 4 * MIB)  # below the 8 MiB watermark
         status, report = _readiness(port)
         assert status == 503 and not report["ready"], report
         assert report["reason"] == "not ready: free_space"
