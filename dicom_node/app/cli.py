@@ -17,7 +17,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.logs import OneLineFormatter
+from dicom_node.logs import LogFormat, setup_logging
 from model.cli import (
     NIFTI_PHANTOM,
     SEGMENT_FILE_DESCRIPTION,
@@ -227,9 +227,15 @@ def _serve(args: argparse.Namespace) -> int:
     from dicom_node.app.config import load_config
     from dicom_node.app.daemon import serve
 
+    try:
+        config = load_config(args.config)
+    except BaseException:
+        setup_logging(LogFormat.TEXT, _log_level(args))  # what was held, before the error
+        raise
+    setup_logging(config.log.format, _log_level(args))  # [log] format; the worker follows it
     # pynetdicom's debug output dumps datasets: never below INFO, so no identifiers in logs.
     logging.getLogger("pynetdicom").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    serve(load_config(args.config), args.config)
+    serve(config, args.config)
     return 0
 
 
@@ -442,10 +448,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # `serve` logs in its config's [log] format: held until it has read the file.
+    setup_logging(None if args.command == "serve" else LogFormat.TEXT, _log_level(args))
     return run_command(args, "dicom-node")
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    return logging.DEBUG if args.verbose else logging.INFO
 
 
 if __name__ == "__main__":

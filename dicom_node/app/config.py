@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.imaging.volume.policy import AssemblyPolicy
+from dicom_node.logs import LogConfig as LogConfig  # [log], beside the formats it picks
 from model.settings import Device, Precision, Strategy, is_device
 
 
@@ -373,6 +374,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     destinations: tuple[Destination, ...] = ()
 
     def __post_init__(self) -> None:

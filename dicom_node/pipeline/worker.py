@@ -24,6 +24,7 @@ from typing import Any
 
 from dicom_node.app.config import Config, UnsurePolicy
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
+from dicom_node.logs import setup_logging
 from dicom_node.pipeline.inference import build_segmenter, build_writer, save_seg, segment_series
 from model.verdict import Verdict
 
@@ -77,12 +78,11 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _serve(connection: Connection, config: Config) -> None:
-    """The worker process: load the model, then answer requests until the pipe closes."""
+def _serve(connection: Connection, config: Config, log_level: int = logging.INFO) -> None:
+    """The worker process: load the model, then answer requests until the pipe closes. It
+    logs as the daemon does ([log] format, at the daemon's level: DEBUG with `-v`)."""
     _die_with_parent()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s"
-    )
+    setup_logging(config.log.format, log_level, process="worker")
     segmenter = build_segmenter(config.inference)
     writer = build_writer(config, segmenter)
     connection.send(writer.algorithm)  # ready, and which model (for the node's metrics)
@@ -152,7 +152,10 @@ class InferenceWorker:
         """Start the process and wait until its model is loaded."""
         parent, child = self._context.Pipe()
         process = self._context.Process(
-            target=_serve, args=(child, self.config), name="dicom-node-worker", daemon=True
+            target=_serve,
+            args=(child, self.config, logging.getLogger().getEffectiveLevel()),
+            name="dicom-node-worker",
+            daemon=True,
         )
         process.start()
         child.close()

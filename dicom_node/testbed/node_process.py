@@ -43,12 +43,14 @@ class NodeProcess:
         extra_config: str = "",
         series: dict[str, Any] | None = None,
         threads: int = 2,
+        verbose: bool = False,
         **node: Any,
     ) -> None:
         """`node` and `series`: keys of those config sections; `extra_config`: more sections;
         `threads`: [inference] threads (the tests' two: they share one or two cores with other
-        work; 0 lets the node use every core)."""
+        work; 0 lets the node use every core); `verbose`: `dicom-node -v serve` (DEBUG)."""
         self.directory = directory
+        self.verbose = verbose
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.data_dir = directory / "data"
@@ -74,9 +76,11 @@ class NodeProcess:
     def start(self, timeout_s: float = 90) -> NodeProcess:
         """Start `dicom-node serve`; returns once it listens (its pid file names it). The
         inference worker loads its model first, hence the long `timeout_s`."""
+        verbosity = ["-v"] if self.verbose else []
+        command = [sys.executable, "-m", "dicom_node", *verbosity, "serve"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
+                [*command, "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=PACKAGE_PARENT,
