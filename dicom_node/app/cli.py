@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -326,16 +327,46 @@ def _add_job_command(
     parser.set_defaults(handler=handler)
 
 
-def _add_job_commands(sub: SubParsers) -> None:
-    _add_job_command(
-        sub,
+def _add_retry(sub: SubParsers) -> None:
+    from dicom_node.pipeline.state import SeriesState  # without SQLAlchemy: --help stays fast
+
+    parser = sub.add_parser(
         "retry",
-        "retry a failed job: deliver its SEG again, or segment the series again",
-        "A failed job whose SEG is on disk and only delivery failed is delivered again "
-        "(attempts reset); otherwise the series is queued for segmentation again. The running "
-        "daemon picks it up within seconds.",
-        _retry,
+        help="retry failed jobs: deliver the SEG again, or segment the series again",
+        description="A failed job whose SEG is on disk and only delivery failed is delivered "
+        "again (attempts reset); otherwise the series is queued for segmentation again. One "
+        "job (ID) or all failed ones (--state failed), those that failed at or after --since "
+        "only if given. Prints each job with its series and the state it moved to. The "
+        "running daemon picks them up within seconds.",
     )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", metavar="ID", help="the job")
+    # Failed is the one state jobs are retried from.
+    which.add_argument("--state", choices=[SeriesState.FAILED.value], help="every failed job")
+    parser.add_argument(
+        "--since",
+        type=_iso_datetime,
+        metavar="ISO-DATE",
+        help="with --state: jobs that failed at or after this time, e.g. 2026-12-01 or "
+        "2026-12-01T08:00+01:00 (UTC without an offset)",
+    )
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.set_defaults(handler=_retry)
+
+
+def _iso_datetime(text: str) -> datetime:
+    """An ISO 8601 date or date and time; without an offset, UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 date or time such as 2026-12-01T08:00, got {text!r}"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _add_job_commands(sub: SubParsers) -> None:
+    _add_retry(sub)
     _add_job_command(
         sub,
         "release",
@@ -356,15 +387,29 @@ def _add_job_commands(sub: SubParsers) -> None:
 
 
 def _retry(args: argparse.Namespace) -> int:
+    """One job (its errors are the command's), or every failed one: each printed with its
+    outcome; exit status 1 if any could not be retried (another command moved it first)."""
     from dicom_node.app.config import load_config
-    from dicom_node.pipeline.state import NodeState
+    from dicom_node.pipeline.state import IllegalTransitionError, NodeState, SeriesState
 
-    state = NodeState(load_config(args.config).node.database_url)
-    try:
-        print(f"job {args.id}: {state.retry(args.id)}")
-    finally:
-        state.close()
-    return 0
+    if args.since is not None and args.state is None:
+        raise ValueError("retry: --since goes with --state failed, not with a job ID")
+    with closing(NodeState(load_config(args.config).node.database_url)) as state:
+        if args.id is not None:
+            print(f"job {args.id}: {state.retry(args.id)}")
+            return 0
+        jobs = state.jobs(SeriesState(args.state), limit=None, since=args.since)
+        retried = 0
+        for job in reversed(jobs):  # oldest first
+            try:
+                outcome = str(state.retry(job.id))
+                retried += 1
+            except (IllegalTransitionError, LookupError) as error:
+                outcome = f"not retried: {error}"
+            print(f"job {job.id} (series {job.series_instance_uid}): {outcome}")
+    since = f" since {args.since.isoformat()}" if args.since else ""
+    print(f"retried {retried} of {len(jobs)} {args.state} job(s){since}")
+    return 0 if retried == len(jobs) else 1
 
 
 def _release(args: argparse.Namespace) -> int:

@@ -473,13 +473,21 @@ class NodeState:
             counted = session.execute(select(Series.state, func.count()).group_by(Series.state))
             return {state: count for state, count in counted}
 
-    def jobs(self, state: SeriesState | None = None, limit: int = 20) -> list[SeriesRecord]:
+    def jobs(
+        self,
+        state: SeriesState | None = None,
+        limit: int | None = 20,
+        since: datetime | None = None,
+    ) -> list[SeriesRecord]:
         """The newest series (by their last instance), newest first, only those in `state`
-        if given: filtered, ordered and limited by the database, so a few failed series are
-        found among any number of newer done ones."""
+        and that reached their state at or after `since` if given: filtered, ordered and
+        limited (None: all) by the database, so a few failed series are found among any
+        number of newer done ones."""
         query = select(Series)
         if state is not None:
             query = query.where(Series.state == state)
+        if since is not None:
+            query = query.where(Series.state_changed_at >= since)
         query = query.order_by(Series.last_received_at.desc(), Series.id.desc()).limit(limit)
         with self._session() as session:
             return rows.series_records(session, list(session.scalars(query)))
