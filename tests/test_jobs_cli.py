@@ -133,3 +133,22 @@ def test_retry_since_needs_the_state(tmp_path: Path, capsys: pytest.CaptureFixtu
     state.close()
     assert main(["retry", "7", "--since", "2026-12-01", "--config", str(config)]) == 2
     assert "--since goes with --state failed" in capsys.readouterr().err
+
+
+def test_retry_in_bulk_passes_over_failed_jobs_whose_files_were_purged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, state = _node_state(tmp_path)
+    try:
+        purged, kept = (_process(state, f"1.{n}", fail=True) for n in range(2))
+        state.mark_purged(purged)  # [retention] failed_after_h
+    finally:
+        state.close()
+    code, out = _retry(capsys, config, "--state", "failed")
+    assert code == 0
+    assert out.splitlines() == [
+        f"job {purged} (series 1.0): not retried: job {purged}: its files were purged "
+        "([retention] failed_after_h); send the series again",
+        f"job {kept} (series 1.1): queued",
+        "retried 1 of 2 failed job(s) (1 purged: send them again)",
+    ]

@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import select
 
-from dicom_node.app.config import RetentionConfig
+from dicom_node.app.config import ConfigError, RetentionConfig
 from dicom_node.net.receive import Reception
 from dicom_node.pipeline.retention import purge_expired
 from dicom_node.pipeline.spool import Spool, SpooledFile
@@ -323,3 +323,46 @@ def test_retention_deletes_the_files_of_finished_series_only(tmp_path: Path) -> 
         assert purge_expired(state, spool, results, RetentionConfig(delete_after_h=0)) == 0
     finally:
         state.close()
+
+
+def test_failed_series_have_their_own_retention(tmp_path: Path) -> None:
+    """[retention] failed_after_h: a failed series keeps its files longer than a done one
+    (time to retry it), 0 keeps them; once purged it cannot be retried, only sent again."""
+    state = NodeState(f"sqlite:///{tmp_path / 'node.db'}")
+    spool = Spool(tmp_path / "spool")
+    results = tmp_path / "results"
+    results.mkdir()
+    try:
+        ids = {}
+        for series in ("done", "failed"):
+            received = _instance(f"{series}.1", series)
+            ids[series] = state.record_instance(received, spool.write([b"DICM"])).series_id
+            _force(state, ids[series], SeriesState.COMPLETE, SeriesState.QUEUED)
+        job = state.claim_next_queued()
+        assert job is not None
+        state.mark_segmented(job, "done.dcm", ("9.1", "9.2"), "{}", [])  # done at once
+        job = state.claim_next_queued()
+        assert job is not None and state.mark_failed(job.series_id, job.generation, "broken")
+        with state._session() as session:  # two days later
+            for row in session.scalars(select(Series)):
+                row.state_changed_at -= timedelta(hours=48)
+        keep_failed = RetentionConfig(delete_after_h=24, failed_after_h=0)
+        assert purge_expired(state, spool, results, keep_failed) == 1  # the done one only
+        assert RetentionConfig().failed_after_h > RetentionConfig().delete_after_h
+        assert purge_expired(state, spool, results, RetentionConfig(delete_after_h=24)) == 0
+        three_days = RetentionConfig(delete_after_h=0, failed_after_h=72)
+        assert purge_expired(state, spool, results, three_days) == 0  # failed 48 h ago
+        a_day = RetentionConfig(delete_after_h=0, failed_after_h=24)
+        assert purge_expired(state, spool, results, a_day) == 1
+        assert spool.names() == set()
+        failed = next(job for job in state.jobs() if job.id == ids["failed"])
+        assert failed.state == SeriesState.FAILED and failed.purged_at is not None
+        with pytest.raises(IllegalTransitionError, match="files were purged"):
+            state.retry(ids["failed"])
+    finally:
+        state.close()
+
+
+def test_retention_times_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"retention\.failed_after_h: must be >= 0, got -1"):
+        RetentionConfig(failed_after_h=-1)

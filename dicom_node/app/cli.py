@@ -388,7 +388,8 @@ def _add_job_commands(sub: SubParsers) -> None:
 
 def _retry(args: argparse.Namespace) -> int:
     """One job (its errors are the command's), or every failed one: each printed with its
-    outcome; exit status 1 if any could not be retried (another command moved it first)."""
+    outcome; exit status 1 if any could not be retried (another command moved it first),
+    but not for those whose files retention purged (they can only be sent again)."""
     from dicom_node.app.config import load_config
     from dicom_node.pipeline.state import IllegalTransitionError, NodeState, SeriesState
 
@@ -399,17 +400,19 @@ def _retry(args: argparse.Namespace) -> int:
             print(f"job {args.id}: {state.retry(args.id)}")
             return 0
         jobs = state.jobs(SeriesState(args.state), limit=None, since=args.since)
-        retried = 0
+        retried = purged = 0
         for job in reversed(jobs):  # oldest first
             try:
                 outcome = str(state.retry(job.id))
                 retried += 1
             except (IllegalTransitionError, LookupError) as error:
                 outcome = f"not retried: {error}"
+                purged += job.purged_at is not None  # retention's doing, not a failure
             print(f"job {job.id} (series {job.series_instance_uid}): {outcome}")
     since = f" since {args.since.isoformat()}" if args.since else ""
-    print(f"retried {retried} of {len(jobs)} {args.state} job(s){since}")
-    return 0 if retried == len(jobs) else 1
+    gone = f" ({purged} purged: send them again)" if purged else ""
+    print(f"retried {retried} of {len(jobs)} {args.state} job(s){since}{gone}")
+    return 0 if retried + purged == len(jobs) else 1
 
 
 def _release(args: argparse.Namespace) -> int:

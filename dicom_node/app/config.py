@@ -336,11 +336,13 @@ class RetentionConfig:
 
     # Hours after a series reached done, no_findings, rejected or skipped; 0 keeps everything.
     delete_after_h: float = 168.0
+    failed_after_h: float = 720.0  # after it failed: time to retry it; 0 keeps failed ones
     check_every_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.delete_after_h < 0:
-            raise ConfigError(f"retention.delete_after_h: must be >= 0, got {self.delete_after_h}")
+        for key in ("delete_after_h", "failed_after_h"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"retention.{key}: must be >= 0, got {getattr(self, key)}")
         if self.check_every_s <= 0:
             raise ConfigError(f"retention.check_every_s: must be > 0, got {self.check_every_s}")
 

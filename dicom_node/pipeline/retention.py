@@ -1,10 +1,12 @@
 """Retention: received instances and results are deleted a while after the work is over.
 
-A series that is `done`, `no_findings` or `skipped` keeps its files for
+A series that is `done`, `no_findings`, `rejected` or `skipped` keeps its files for
 `retention.delete_after_h` hours (time to look at a result, or to resend it by hand), then
 its spooled instances and its SEG are deleted and the series is marked purged; its history
-stays in the database. `failed` series are kept until `dicom-node retry` or an operator
-deals with them. A scheduled task (an apscheduler interval trigger) runs the check.
+stays in the database. A `failed` series keeps them for `retention.failed_after_h` (longer by
+default: time for `dicom-node retry`; 0 keeps them until an operator deals with it); once
+purged it cannot be retried, only sent again. A scheduled task (an apscheduler interval
+trigger) runs the check.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ log = logging.getLogger(__name__)
 def purge_expired(
     state: NodeState, spool: Spool, results_dir: Path, config: RetentionConfig
 ) -> int:
-    """Delete the files of series final for longer than the retention time; returns how many
-    series were purged (0 when retention is off)."""
-    if config.delete_after_h <= 0:
-        return 0
-    older_than = utcnow() - timedelta(hours=config.delete_after_h)
+    """Delete the files of series final for longer than their retention time (failed ones:
+    `failed_after_h`); returns how many series were purged (0 when retention is off)."""
+    now = utcnow()
+    older_than, failed_older_than = (
+        now - timedelta(hours=hours) if hours > 0 else None
+        for hours in (config.delete_after_h, config.failed_after_h)
+    )
     purged = 0
-    for series_id, file_names, seg_file in state.purgeable(older_than):
+    for series_id, file_names, seg_file in state.purgeable(older_than, failed_older_than):
         for name in file_names:
             spool.discard(name)
         if seg_file:

@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pipeline.spool import SpooledFile
 from dicom_node.pipeline.state import rows
-from dicom_node.pipeline.state.machine import DeliveryState, SeriesState
+from dicom_node.pipeline.state.machine import DeliveryState, IllegalTransitionError, SeriesState
 from dicom_node.pipeline.state.records import (
     ClaimedSeries,
     DueDelivery,
@@ -387,6 +387,11 @@ class NodeState:
             series = rows.locked_in(
                 session, series_id, SeriesState.FAILED, "failed jobs are retried"
             )
+            if series.purged_at is not None:
+                raise IllegalTransitionError(
+                    f"job {series_id}: its files were purged ([retention] failed_after_h); "
+                    "send the series again"
+                )
             failed = [
                 d for d in rows.deliveries(session, series) if d.state == DeliveryState.FAILED
             ]
@@ -402,24 +407,26 @@ class NodeState:
 
     # Retention -------------------------------------------------------------------------
 
-    def purgeable(self, older_than: datetime) -> list[tuple[int, list[str], str | None]]:
-        """(series id, spooled file names, SEG file) of series final before `older_than`
-        (failed ones are kept for `dicom-node retry`)."""
+    def purgeable(
+        self, older_than: datetime | None, failed_older_than: datetime | None = None
+    ) -> list[tuple[int, list[str], str | None]]:
+        """(series id, spooled file names, SEG file) of series that ended before `older_than`
+        (done, no findings, rejected, skipped) or failed before `failed_older_than` (failed
+        ones wait for `dicom-node retry` longer); None: none of those."""
+        ended = [_S.DONE, _S.NO_FINDINGS, _S.REJECTED, _S.SKIPPED]
+        due = [(ended, older_than), ([_S.FAILED], failed_older_than)]
+        expired = [
+            Series.state.in_(states) & (Series.state_changed_at < before)
+            for states, before in due
+            if before is not None
+        ]
+        if not expired:
+            return []
+        query = select(Series).where(or_(*expired), Series.purged_at.is_(None))
         with self._session() as session:
-            series_list = session.scalars(
-                select(Series).where(
-                    Series.state.in_([_S.DONE, _S.NO_FINDINGS, _S.REJECTED, _S.SKIPPED]),
-                    Series.state_changed_at < older_than,
-                    Series.purged_at.is_(None),
-                )
-            ).all()
             return [
-                (
-                    series.id,
-                    rows.file_names(session, series.id),
-                    series.seg_file,
-                )
-                for series in series_list
+                (series.id, rows.file_names(session, series.id), series.seg_file)
+                for series in session.scalars(query).all()
             ]
 
     def mark_purged(self, series_id: int) -> None:
