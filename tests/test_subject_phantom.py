@@ -68,6 +68,22 @@ def test_part_of_a_mesh_below_the_grid_still_fills_the_grid_above_it() -> None:
     assert abs(mask.sum() * 0.125 - _mesh_volume(sphere) / 2) < 0.03 * _mesh_volume(sphere)
 
 
+def test_part_of_a_mesh_above_the_grid_still_fills_the_grid_below_it() -> None:
+    """A bone the field of view cuts at its top (a femur in a knee scan): its columns cross the
+    mesh an odd number of times inside the grid, and must not be taken for holes."""
+    sphere = _uv_sphere(10.0)
+    # The grid ends at z = -0.25: the upper half's crossings lie above it.
+    mask = voxelise(
+        sphere.vertices,
+        sphere.faces,
+        np.array([-12.0, -12.0, -11.75]),
+        np.full(3, 0.5),
+        (24, 49, 49),
+    )
+    assert mask[-1].sum() * 0.25 > 0.95 * np.pi * 10.0**2  # the cut face is full
+    assert abs(mask.sum() * 0.125 - _mesh_volume(sphere) / 2) < 0.03 * _mesh_volume(sphere)
+
+
 @needs_shapes
 def test_llp26_bones_and_their_mirror_images_keep_their_volume() -> None:
     from model.phantom.subjects.shapes import llp26
@@ -105,6 +121,28 @@ def test_a_held_out_subjects_skeleton_is_anatomical() -> None:
     _, distal = tibia.axis
     # The talus lies under the tibia's distal end, whatever the pose.
     assert np.linalg.norm(talus.vertices.mean(axis=0) - distal) < 45.0
+
+
+@needs_shapes
+@pytest.mark.parametrize("subject", [0, 9])
+def test_knees_are_articulated_condyles_on_plateaus_without_overlap(subject: int) -> None:
+    """LLP26 subjects 0 and 9 hold their tibiae 39 and 47 mm up into the femur (52 and 72 ml
+    of the two overlap); the skeleton seats each knee: no overlap, the condyles resting a joint
+    space above the plateaus."""
+    from model.phantom.subjects.skeleton import KNEE_JOINT_SPACE_MM, LegPose, build_skeleton
+
+    straight = LegPose(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    skeleton = build_skeleton(np.random.default_rng(0), subject=subject, poses=(straight,) * 2)
+    meshes = {p.name: p.mesh for p in skeleton.parts}
+    femur, tibia = meshes["femur_left"], meshes["tibia_left"]
+    lo = np.minimum(femur.vertices.min(0), tibia.vertices.min(0))
+    extent = np.ceil(np.maximum(femur.vertices.max(0), tibia.vertices.max(0)) - lo).astype(int)
+    shape = tuple(int(n) + 1 for n in extent[::-1])  # z, y, x at 1 mm: both whole bones
+    inside = [voxelise(m.vertices, m.faces, lo, np.ones(3), shape) for m in (femur, tibia)]
+    assert not (inside[0] & inside[1]).any()
+    # Under the condyles, bone to bone along z: the joint space, give or take the mesh's facets.
+    gap = ndimage.distance_transform_edt(~inside[1])[inside[0]].min()
+    assert KNEE_JOINT_SPACE_MM - 2.5 <= gap <= KNEE_JOINT_SPACE_MM + 1.0
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from model.phantom.subjects.skeleton import SIDES, Skeleton, build_skeleton
 from model.synthesis import Tissue, nominal_lut, synthesise
 from model.volume_io import Volume
 
-SUBJECT_PHANTOM_VERSION = "1.1"
+SUBJECT_PHANTOM_VERSION = "1.2"
 SPACING_MM = 0.8
 REGIONS = ("pelvis", "hip", "thigh", "knee", "leg", "ankle", "long")
 MAX_VOXELS = 90_000_000

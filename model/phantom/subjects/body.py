@@ -438,7 +438,9 @@ def open_joint_spaces(
     bones: dict[str, tuple[tuple[slice, ...], np.ndarray]],
     rng: np.random.Generator,
 ) -> None:
-    """Cartilage (label 0) wherever a bone lies within half a joint space of another."""
+    """Cartilage (label 0) wherever a bone lies within half a joint space of another; where
+    two bones overlap, the one painted later (``bones`` is in painting order) keeps the
+    overlap."""
     names = list(bones)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -467,6 +469,12 @@ def open_joint_spaces(
                 )
                 mask[local] = inside
                 masks.append(mask)
+            # Bones from the shape models overlap where their surfaces are approximate (the
+            # femur's mesh closes its intercondylar notch, which the tibial eminence rises
+            # into, up to ~35 mm deep): the overlap is the bone painted last, which already
+            # holds it in `labels` and `tissues`, and the joint space opens around that bone.
+            # As cartilage the overlap was a blob in the middle of the knee.
+            masks[0] &= ~masks[1]
             near_a = ndimage.distance_transform_edt(~masks[0], sampling=grid.spacing) < half
             near_b = ndimage.distance_transform_edt(~masks[1], sampling=grid.spacing) < half
             joint = (masks[0] & near_b) | (masks[1] & near_a)

@@ -166,7 +166,7 @@ def build_skeleton(
     ):
         leg = model.bones(leg_scores)
         leg_head, head_radius = femoral_head(leg["femur"], leg["hip_left"])
-        leg_parts = {name: leg[name] for name in ("femur", "patella", "tibia", "fibula")}
+        leg_parts = _seated({name: leg[name] for name in ("femur", "patella", "tibia", "fibula")})
         if side == "right":
             plane = _midline(leg)
             leg_parts = {name: mesh.mirrored(plane) for name, mesh in leg_parts.items()}
@@ -240,6 +240,38 @@ def _ends(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
     axis = vt[0] if vt[0][2] > 0 else -vt[0]
     t = (v - centre) @ axis
     return centre + axis * t.max(), centre + axis * t.min()
+
+
+# Between the femoral condyles and the tibial plateaus, bone to bone: cartilage on both sides.
+KNEE_JOINT_SPACE_MM = 4.5
+
+
+def _seated(leg: dict[str, Mesh]) -> dict[str, Mesh]:
+    """The leg with its tibia and fibula moved along z so that the femoral condyles rest on the
+    tibial plateaus ``KNEE_JOINT_SPACE_MM`` apart.
+
+    LLP26 aligned each subject's bones rigidly, one bone at a time, so its knees are not
+    articulated: across the subjects the condyles sit from 11 mm above the tibia's top to 37 mm
+    below it, deep inside the tibia. The gap is measured under each condyle: over the plateau's
+    vertices 12-35 mm either side of the tibia's middle (not the intercondylar eminence, which
+    rises into the notch that the femur's mesh closes), to the lowest femur vertex above each.
+    """
+    femur, tibia = leg["femur"].vertices, leg["tibia"].vertices
+    top = tibia[tibia[:, 2] > tibia[:, 2].max() - 20.0]
+    middle = float(np.median(top[:, 0]))
+    plateau = top[(np.abs(top[:, 0] - middle) > 12.0) & (np.abs(top[:, 0] - middle) < 35.0)]
+    low_femur = femur[femur[:, 2] < tibia[:, 2].max() + 60.0]
+    across = np.linalg.norm(plateau[:, None, :2] - low_femur[None, :, :2], axis=2)
+    above = np.where(across < 4.0, low_femur[None, :, 2], np.inf).min(axis=1)
+    gaps = above - plateau[:, 2]
+    gaps = gaps[np.isfinite(gaps)]
+    if len(gaps) == 0:
+        return leg
+    shift = np.array([0.0, 0.0, float(gaps.min()) - KNEE_JOINT_SPACE_MM])
+    moved = {
+        name: leg[name].transformed(np.eye(3), np.zeros(3), shift) for name in ("tibia", "fibula")
+    }
+    return {**leg, **moved}
 
 
 def _knee_centre(leg: dict[str, Mesh]) -> np.ndarray:

@@ -3,11 +3,12 @@
 Every grid column (x, y) is a ray along z; each triangle whose xy projection holds the column
 is crossed once, at the z its plane has there. A voxel is inside when an odd number of
 crossings lie below its centre: the crossings are written as toggles into a (z, y, x) array
-and a cumulative sum along z, taken mod 2, fills between them. The ray positions are moved by
-a fraction of a micrometre so that no ray passes exactly through a vertex or an edge (which
-would count a crossing twice). A column with an odd number of crossings passed through a hole
-in the mesh (the JHU and LLP26 surfaces have a few); it is left empty and filled afterwards
-from its neighbours by a closing.
+and a cumulative sum along z, taken mod 2, fills between them; crossings above the grid are
+counted in a plane past its top, so that a mesh the grid cuts is told from a hole. The ray
+positions are moved by a fraction of a micrometre so that no ray passes exactly through a
+vertex or an edge (which would count a crossing twice). A column with an odd number of
+crossings passed through a hole in the mesh (the JHU and LLP26 surfaces have a few); it is left
+empty and filled afterwards from its neighbours by a closing.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def voxelise(
     counts_x, counts_y = hi[:, 0] - lo[:, 0] + 1, hi[:, 1] - lo[:, 1] + 1
     keep = (counts_x > 0) & (counts_y > 0)
     tri, lo, counts_x, counts_y = tri[keep], lo[keep], counts_x[keep], counts_y[keep]
-    toggles = np.zeros(shape, dtype=np.uint8)
+    # One plane past the top for the crossings above the grid: they set no voxel, but they
+    # count in a column's total, whose parity tells a hole from a mesh the grid cuts.
+    toggles = np.zeros((nz + 1, ny, nx), dtype=np.uint8)
     n_pixels = counts_x * counts_y
     # Candidate (triangle, column) pairs in chunks, so a large triangle cannot blow up memory.
     if len(tri):
@@ -54,10 +57,10 @@ def voxelise(
         for a, b in itertools.pairwise([0, *np.unique(cuts).tolist(), len(tri)]):
             if b > a:
                 _toggle(toggles, tri[a:b], lo[a:b], counts_x[a:b], counts_y[a:b], nz)
-    inside = np.cumsum(toggles, axis=0, dtype=np.uint8) & 1
-    inside = inside.astype(bool)
-    # Columns through a hole: an odd number of crossings leaves the top voxel set.
-    leaky = inside[-1]
+    parity = (np.cumsum(toggles, axis=0, dtype=np.uint8) & 1).astype(bool)
+    inside = parity[:nz]
+    # Columns through a hole: an odd number of crossings in all, above the grid included.
+    leaky = parity[nz]
     if leaky.any():
         inside[:, leaky] = False
         inside = ndimage.binary_closing(inside, np.ones((3, 3, 3), bool), iterations=1)
@@ -88,12 +91,10 @@ def _toggle(
     l3 = 1.0 - l1 - l2
     hit = ok & (l1 >= 0) & (l2 >= 0) & (l3 >= 0)
     z = l1 * a[:, 2] + l2 * b[:, 2] + l3 * c[:, 2]
-    # The first voxel centre above the crossing toggles; crossings above the grid do nothing.
-    k = np.ceil(z[hit]).astype(np.int64)
-    px, py = px[hit], py[hit]
-    k = np.clip(k, 0, nz)
-    inside_grid = k < nz
-    np.add.at(toggles, (k[inside_grid], py[inside_grid], px[inside_grid]), 1)
+    # The first voxel centre above the crossing toggles; a crossing above the grid toggles the
+    # extra plane past its top (`voxelise`).
+    k = np.clip(np.ceil(z[hit]).astype(np.int64), 0, nz)
+    np.add.at(toggles, (k, py[hit], px[hit]), 1)
 
 
 def mesh_box(
