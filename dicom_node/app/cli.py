@@ -131,24 +131,36 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     from dicom_node.app.config import Config, UnsurePolicy, load_config
     from dicom_node.imaging.volume.assemble import choose_series, survey_series
     from dicom_node.imaging.volume.headers import read_headers
-    from dicom_node.pipeline.inference import build_writer, save_seg, segment_series
+    from dicom_node.pipeline.inference import (
+        build_sr_writer,
+        build_writer,
+        save_dicom,
+        segment_series,
+        sr_path_beside,
+    )
 
     config = load_config(args.config) if args.config else Config()
     survey = choose_series(survey_series(read_headers([args.input]), config.series), args.series)
     segmenter = _segmenter(args)
     writer = build_writer(config, segmenter)
+    sr_writer = build_sr_writer(config, writer.algorithm)  # [measurements]
     # No review offline: a SEG the node is unsure of is marked unless the policy is `send`.
     mark = config.verdict.policy != UnsurePolicy.SEND
-    result = segment_series(survey.paths, config.series, segmenter, writer, mark_unsure=mark)
+    result = segment_series(
+        survey.paths, config.series, segmenter, writer, mark_unsure=mark, sr_writer=sr_writer
+    )
     if result.reason is not None:
         raise ValueError(result.reason)
     if result.dataset is None:
         print(f"{survey.series_instance_uid}: {result.no_findings}; no SEG written")
         return 0
-    save_seg(result.dataset, args.output)
+    save_dicom(result.dataset, args.output)
     print(args.output)
-    reported = ("segments", "verdict", "timings_s")
-    print(json.dumps({k: result.summary[k] for k in reported}, indent=2))
+    if result.sr is not None:  # the measurement report beside the SEG: OUTPUT_sr.dcm
+        save_dicom(result.sr, sr_path_beside(args.output))
+        print(sr_path_beside(args.output))
+    reported = ("segments", "verdict", "measurements", "timings_s")
+    print(json.dumps({k: result.summary[k] for k in reported if k in result.summary}, indent=2))
     return 0
 
 

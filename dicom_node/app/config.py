@@ -306,6 +306,24 @@ class SegConfig:
             )
 
 
+# The measurements `[measurements] which` can pick (model/measure, docs/measurements.md).
+MEASUREMENT_NAMES = ("hka",)  # hka: mechanical axes, hip-knee-ankle angle, femoral head
+
+
+@dataclass(frozen=True)
+class MeasurementsConfig:
+    """[measurements]: the measurement report (DICOM SR) sent beside the SEG."""
+
+    enabled: bool = True
+    which: tuple[str, ...] = MEASUREMENT_NAMES
+
+    def __post_init__(self) -> None:
+        for name in self.which:
+            if name not in MEASUREMENT_NAMES:
+                known = _alternatives([repr(n) for n in MEASUREMENT_NAMES])
+                raise ConfigError(f"measurements.which: unknown {name!r} (expected {known})")
+
+
 class UnsurePolicy(StrEnum):
     """What the node does with a segmentation whose verdict is unsure (model/verdict.py)."""
 
@@ -372,6 +390,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    measurements: MeasurementsConfig = field(default_factory=MeasurementsConfig)
     verdict: VerdictConfig = field(default_factory=VerdictConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)

@@ -228,6 +228,8 @@ def render_job(job: dict[str, Any]) -> Group:
                 "" if unsure is None else f"{unsure:.1f}",
             )
         lines.append(segments)
+    if result.get("measurements"):
+        lines.append(_measurements_table(result["measurements"]))
     timeline = Table(title="timeline", title_justify="left")
     for column in ("at (UTC)", "gen", "state", "reason"):
         timeline.add_column(column)
@@ -249,6 +251,22 @@ def render_job(job: dict[str, Any]) -> Group:
             )
         lines.append(table)
     return Group(*lines)
+
+
+def _measurements_table(measurements: dict[str, Any]) -> Table | Text:
+    """The job's measurements (`dicom_node.imaging.sr.measurements_summary`): per leg, each
+    value with its unit, or not measurable and why."""
+    if "error" in measurements:
+        return Text(f"measurements failed: {measurements['error']}", style="yellow")
+    table = Table(title="measurements (varus negative)", title_justify="left")
+    for column in ("leg", "measurement", "value"):
+        table.add_column(column)
+    for leg, values in measurements.items():
+        for name, m in values.items():
+            if isinstance(m, dict) and "unit" in m:
+                shown = f"{m['value']:.1f} {m['unit']}" if m["value"] is not None else ""
+                table.add_row(leg, name, shown or f"not measurable: {m['reason']}")
+    return table
 
 
 def render_jobs(jobs: list[dict[str, Any]]) -> Table:

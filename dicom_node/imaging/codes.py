@@ -129,3 +129,54 @@ def _definitions() -> dict[int, SegmentDefinition]:
 
 
 SEGMENTS: dict[int, SegmentDefinition] = _definitions()
+
+
+# -- The measurement report (SR, `dicom_node.imaging.sr`) --------------------------------------
+#
+# Standard codes where DICOM, SNOMED CT or LOINC have one (pydicom's dictionary, so the meanings
+# are the standard's); the rest coined under the private scheme MEASURE_SCHEME, each listed in
+# docs/measurements.md. No code for the hip-knee-ankle angle, the mechanical axis or the knee
+# and ankle centres was found in DICOM PS3.16 (pydicom's dictionary), nor one that could be
+# checked in a SNOMED CT or LOINC release here: coining is better than a wrong standard code.
+
+MEASURE_SCHEME = "99DCMNODE"
+MEASURE_SCHEME_NAME = "dicom-node measurements"
+MEASURE_SCHEME_ORGANIZATION = "dicom-node project"
+
+
+def _coined(value: str, meaning: str) -> Code:
+    return Code(value, MEASURE_SCHEME, meaning)
+
+
+# Measurements (TID 300 concept names).
+HKA_3D = _coined("HKA-3D", "Hip-knee-ankle angle, 3-D")
+HKA_CORONAL = _coined("HKA-COR", "Hip-knee-ankle angle, coronal")
+RADIUS: Code = codes.SCT.Radius  # 131190003, CID 7470 (linear measurements)
+
+# Landmarks (the finding of each TID 1410 point group), by model.measure's landmark name.
+LANDMARK_CODES: dict[str, Code] = {
+    "femoral_head_centre": codes.DCM.FemurHeadCenterOfRotation,  # 112304, CID 7305
+    "femoral_knee_centre": _coined("KNEE-FEM", "Femoral knee centre"),
+    "tibial_knee_centre": _coined("KNEE-TIB", "Tibial knee centre"),
+    "ankle_centre": _coined("ANKLE-CTR", "Ankle centre"),
+    "posterior_condyle_medial": _coined("PCOND-MED", "Medial posterior condyle point"),
+    "posterior_condyle_lateral": _coined("PCOND-LAT", "Lateral posterior condyle point"),
+}
+# Where each landmark lies (finding site, with the leg's laterality).
+LANDMARK_SITES: dict[str, Code] = {
+    "femoral_head_centre": codes.SCT.FemoralHead,  # 2812003
+    "femoral_knee_centre": codes.SCT.Femur,
+    "tibial_knee_centre": codes.SCT.Tibia,
+    "ankle_centre": codes.SCT.AnkleJoint,  # 70258002
+    "posterior_condyle_medial": codes.SCT.Femur,
+    "posterior_condyle_lateral": codes.SCT.Femur,
+}
+LOWER_LIMB: Code = codes.SCT.LowerLimb  # 61685007: the finding site of a leg's angles
+FEMORAL_HEAD: Code = codes.SCT.FemoralHead  # the finding site of its radius
+LEG_ALIGNMENT = _coined("LEG-ALIGN", "Mechanical alignment of the lower limb")  # group finding
+# A measurement that could not be made: the qualitative evaluation's value (CID 42), with the
+# reason as TEXT under UMLS "Qualitative Evaluations" (TID 1501's free-text evaluation).
+MEASUREMENT_FAILURE: Code = codes.DCM.MeasurementFailure  # 114006
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+DEGREE: Code = codes.UCUM.Degree  # deg
+MILLIMETRE: Code = codes.UCUM.Millimeter  # mm

@@ -1,4 +1,5 @@
-"""The delivery stage: SEG files to their destinations by C-STORE, with retries.
+"""The delivery stage: SEG files (and the SR beside each) to their destinations by C-STORE,
+with retries.
 
 The state database holds every delivery and when it is next due, so a retry survives a
 restart and `dicom-node retry` works by changing rows. A scheduled task (an apscheduler
@@ -21,6 +22,7 @@ from apscheduler.schedulers.base import BaseScheduler
 
 from dicom_node.app.config import Config, DeliveryConfig, Destination
 from dicom_node.net.send import send_files
+from dicom_node.pipeline.inference import result_paths
 from dicom_node.pipeline.observer import UNOBSERVED, PipelineObserver, Stage
 from dicom_node.pipeline.state import DueDelivery, NodeState, utcnow
 
@@ -104,11 +106,13 @@ class DeliveryStage:
 
     def attempt(self, due: DueDelivery) -> None:
         destination = self._destination(due)
-        path = self.results_dir / due.seg_file
+        # The SEG and, where one was written, its SR, over one association: delivered when
+        # both are stored (a repeated delivery sends the same two instances).
+        paths = result_paths(self.results_dir / due.seg_file)
         started = time.perf_counter()
         try:
             result = send_files(
-                destination, [path], self.config.node.ae_title, self.config.delivery.timeout_s
+                destination, paths, self.config.node.ae_title, self.config.delivery.timeout_s
             )
             error = None if result.delivered else result.reason
         except Exception as error_:  # e.g. the SEG file is gone: a reason, not a dead thread

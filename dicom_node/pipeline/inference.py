@@ -1,13 +1,17 @@
-"""Series files in, a SEG dataset (or "no findings", or a reason it failed) out.
+"""Series files in, a SEG dataset and its measurement report (SR) (or "no findings", or a
+reason it failed) out.
 
 `segment_series` is the whole volume -> segment -> SEG stage as one function, with no process
 or queue around it: the offline `dicom-node segment DICOM_DIR -o seg.dcm` calls it directly, the
-daemon through `dicom_node.pipeline.worker`, which runs it in a process of its own.
+daemon through `dicom_node.pipeline.worker`, which runs it in a process of its own. The
+measurement report (SR: `[measurements]`, `dicom_node.imaging.sr`) lies beside the SEG
+(`sr_path_beside`): the state stores only the SEG's file name; the SR goes where its SEG goes.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,11 +23,15 @@ from pydicom.dataset import Dataset
 
 from dicom_node.app.config import Config, InferenceConfig
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
+from dicom_node.imaging.sr import SrWriter, measurements_summary
 from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.imaging.volume.policy import AssemblyError, AssemblyPolicy
 from dicom_node.pipeline.spool import write_durably
+from model.measure import measure_leg_alignment
 from model.verdict import Verdict
 from model.volume_io import Volume
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch loads slowly: model.inference is imported where a model is built
     from model.inference import Segmentation, Segmenter
@@ -47,6 +55,7 @@ class SeriesResult:
     reason: str | None  # why it failed; None for a SEG or no findings
     summary: dict[str, Any] = field(default_factory=dict)  # segments, timings, notes
     labels: Volume | None = None  # the sided labels the SEG encodes (misplaced pieces left out)
+    sr: Dataset | None = None  # the measurement report beside the SEG ([measurements])
 
     @property
     def no_findings(self) -> str | None:
@@ -74,6 +83,13 @@ def build_segmenter(config: InferenceConfig, anatomy_check: bool = True) -> Segm
     return Segmenter(Path(config.weights) if config.weights else DEFAULT_WEIGHTS, settings)
 
 
+def build_sr_writer(config: Config, algorithm: AlgorithmInfo) -> SrWriter | None:
+    """The SR writer of `[measurements]`, or None when measurements are off."""
+    if not config.measurements.enabled or not config.measurements.which:
+        return None
+    return SrWriter(algorithm, which=config.measurements.which)
+
+
 def build_writer(config: Config, segmenter: VolumeSegmenter) -> SegWriter:
     """The SEG writer for this model (named by its weights' hash) and the [seg] section."""
     return SegWriter(
@@ -93,6 +109,7 @@ def segment_series(
     writer: SegWriter,
     generation: int = 1,
     mark_unsure: bool = False,
+    sr_writer: SrWriter | None = None,
 ) -> SeriesResult:
     """Assemble the series, segment it, write its SEG dataset (not yet to disk).
 
@@ -101,7 +118,10 @@ def segment_series(
     lower extremity has them, bones no adult has, a model unsure of much of it), is "no
     findings" (no SEG), with the reason in the summary; a few misplaced bones are left out of
     the SEG. `mark_unsure`: a SEG the verdict is unsure of says UNVERIFIED and why in its
-    Series Description and each segment's description.
+    Series Description and each segment's description. `sr_writer`: the measurements
+    (`model.measure`, on the sided labels) as an SR beside the SEG, and in the summary under
+    "measurements"; none without a SEG. A measurement that fails outright costs the SR, never
+    the SEG.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -118,10 +138,11 @@ def segment_series(
     t = time.perf_counter()
     assessment, sided = segmentation.assessment, segmentation.sided
     dataset = None
+    repairs: list[str] = []  # what the SEG copies of the source, made valid
     if assessment.verdict is not Verdict.IMPLAUSIBLE:
         unsure = mark_unsure and assessment.verdict is Verdict.UNSURE
         notes = assessment.segment_notes() if unsure else None
-        dataset = writer.write(assembled, sided, generation, unverified=notes)
+        dataset = writer.write(assembled, sided, generation, unverified=notes, repairs=repairs)
     timings["seg_encode_s"] = time.perf_counter() - t
     reported = ("segments", "dropped_as_misplaced", "implausible", "verdict")
     summary = {
@@ -133,6 +154,8 @@ def segment_series(
         "dropped_as_misplaced": segmentation.summary["dropped_as_misplaced"],
         # How far to trust it (model/verdict.py): what the node does with it follows.
         "verdict": segmentation.summary["verdict"],
+        # The source's Patient and Study attributes changed in the SEG (imaging/source_repairs).
+        "source_repairs": repairs,
         "inference": {k: v for k, v in segmentation.summary.items() if k not in reported},
         "timings_s": {
             **{k: round(v, 3) for k, v in timings.items()},
@@ -142,11 +165,48 @@ def segment_series(
     if dataset is None:
         implausible = assessment.verdict is Verdict.IMPLAUSIBLE
         summary["no_findings"] = assessment.headline() if implausible else NO_BONE
-    return SeriesResult(dataset, None, summary, sided if dataset is not None else None)
+        return SeriesResult(None, None, summary)
+    sr = None
+    if sr_writer is not None:
+        sr = _measure(sided, dataset, sr_writer, generation, summary)
+    return SeriesResult(dataset, None, summary, sided, sr)
 
 
-def save_seg(dataset: Dataset, path: Path) -> int:
-    """Write a SEG durably (see `spool.write_durably`); returns its size in bytes."""
+def _measure(
+    sided: Volume, seg: Dataset, writer: SrWriter, generation: int, summary: dict[str, Any]
+) -> Dataset | None:
+    """The SR of the measurements picked (today "hka": the leg alignment), their numbers into
+    `summary["measurements"]`; None (and the error's type in the summary) if they fail."""
+    t = time.perf_counter()
+    try:
+        alignments = measure_leg_alignment(sided) if "hka" in writer.which else {}
+        summary["measurements"] = measurements_summary(alignments)
+        sr = writer.write(seg, alignments, generation) if alignments else None
+    except Exception as error:  # the SEG still goes out; the reason is in the job
+        log.error("measurements failed: %s", type(error).__name__)
+        log.debug("measurements failed", exc_info=True)
+        summary["measurements"] = {"error": f"{type(error).__name__} (node log at debug level)"}
+        sr = None
+    summary["timings_s"]["measure_s"] = round(time.perf_counter() - t, 3)
+    return sr
+
+
+def save_dicom(dataset: Dataset, path: Path) -> int:
+    """Write a result (SEG, SR) durably (see `spool.write_durably`); returns its size in bytes."""
     buffer = io.BytesIO()
     dcmwrite(buffer, dataset, enforce_file_format=True)
     return write_durably(path, [buffer.getbuffer()])
+
+
+save_seg = save_dicom  # the name its callers know
+
+
+def sr_path_beside(seg_path: Path) -> Path:
+    """Where the SR of the SEG at `seg_path` lies: `<stem>_sr.dcm` beside it."""
+    return seg_path.with_name(f"{seg_path.stem}_sr.dcm")
+
+
+def result_paths(seg_path: Path) -> list[Path]:
+    """The files of one result: the SEG, and its SR when one was written."""
+    sr = sr_path_beside(seg_path)
+    return [seg_path, sr] if sr.is_file() else [seg_path]

@@ -18,6 +18,7 @@ from pathlib import Path
 from apscheduler.schedulers.base import BaseScheduler
 
 from dicom_node.app.config import RetentionConfig
+from dicom_node.pipeline.inference import result_paths
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import NodeState, utcnow
 
@@ -39,7 +40,8 @@ def purge_expired(
         for name in file_names:
             spool.discard(name)
         if seg_file:
-            (results_dir / seg_file).unlink(missing_ok=True)
+            for path in result_paths(results_dir / seg_file):  # the SEG and its SR
+                path.unlink(missing_ok=True)
         state.mark_purged(series_id)
         purged += 1
     if purged:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.app.config import Config, UnsurePolicy
+from dicom_node.pipeline.inference import result_paths
 from dicom_node.pipeline.observer import UNOBSERVED, PipelineObserver, Stage
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import ClaimedSeries, NodeState, Target
@@ -32,6 +33,7 @@ _TIMED_STAGES = {
     "segment_s": Stage.SEGMENT,
     "seg_encode_s": Stage.SEG,
     "seg_write_s": Stage.SEG,
+    "measure_s": Stage.SEG,  # the measurements and their SR travel with the SEG
 }
 
 
@@ -156,11 +158,16 @@ class SegmentationStage:
         elif outcome.unsure and self.config.verdict.policy == UnsurePolicy.HOLD:
             reason = outcome.summary["verdict"]["headline"]
             if not self.state.mark_held(claim, seg_name, outcome.seg_uids, summary, reason):
-                (self.results_dir / seg_name).unlink(missing_ok=True)  # superseded
+                self._discard(seg_name)  # superseded
         else:
             calling_ae, calling_host = self.state.calling_peer(claim.series_id)
             targets = resolve_targets(self.config, calling_ae, calling_host)
             if self.state.mark_segmented(claim, seg_name, outcome.seg_uids, summary, targets):
                 self.on_segmented()
             else:  # superseded while segmenting: this SEG is of an incomplete series
-                (self.results_dir / seg_name).unlink(missing_ok=True)
+                self._discard(seg_name)
+
+    def _discard(self, seg_name: str) -> None:
+        """Delete a result nobody will send: the SEG and its SR."""
+        for path in result_paths(self.results_dir / seg_name):
+            path.unlink(missing_ok=True)

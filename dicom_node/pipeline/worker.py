@@ -24,8 +24,16 @@ from typing import Any
 
 from dicom_node.app.config import Config, UnsurePolicy
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
+from dicom_node.imaging.sr import SrWriter
 from dicom_node.logs import setup_logging
-from dicom_node.pipeline.inference import build_segmenter, build_writer, save_seg, segment_series
+from dicom_node.pipeline.inference import (
+    build_segmenter,
+    build_sr_writer,
+    build_writer,
+    save_dicom,
+    segment_series,
+    sr_path_beside,
+)
 from model.verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -42,7 +50,7 @@ START_TIMEOUT_S = 300.0
 class WorkRequest:
     paths: list[str]
     generation: int
-    seg_path: str  # where to write the SEG (durably) if there is one
+    seg_path: str  # where to write the SEG (durably) if there is one; its SR goes beside it
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ def _serve(connection: Connection, config: Config, log_level: int = logging.INFO
     setup_logging(config.log.format, log_level, process="worker")
     segmenter = build_segmenter(config.inference)
     writer = build_writer(config, segmenter)
+    sr_writer = build_sr_writer(config, writer.algorithm)
     connection.send(writer.algorithm)  # ready, and which model (for the node's metrics)
     while True:
         try:
@@ -92,7 +101,7 @@ def _serve(connection: Connection, config: Config, log_level: int = logging.INFO
         except EOFError:
             return
         try:
-            outcome = _work(request, config, segmenter, writer)
+            outcome = _work(request, config, segmenter, writer, sr_writer)
         except Exception as error:  # the request fails with the reason; the warm worker stays
             # Library messages may quote header values (a patient's name, a birth date): the
             # reason and the default log carry the error's type only, the details go to DEBUG.
@@ -104,17 +113,32 @@ def _serve(connection: Connection, config: Config, log_level: int = logging.INFO
         connection.send(outcome)
 
 
-def _work(request: WorkRequest, config: Config, segmenter: Any, writer: SegWriter) -> WorkOutcome:
+def _work(
+    request: WorkRequest,
+    config: Config,
+    segmenter: Any,
+    writer: SegWriter,
+    sr_writer: SrWriter | None = None,
+) -> WorkOutcome:
     paths = [Path(p) for p in request.paths]
     # Held SEGs are written as they are: whoever releases one vouches for it.
     mark = config.verdict.policy == UnsurePolicy.UNVERIFIED
-    result = segment_series(paths, config.series, segmenter, writer, request.generation, mark)
+    result = segment_series(
+        paths, config.series, segmenter, writer, request.generation, mark, sr_writer
+    )
     if result.reason is not None:
         return WorkOutcome(result.reason)
     if result.dataset is None:
         return WorkOutcome(None, None, result.summary)
     t = time.perf_counter()
-    size = save_seg(result.dataset, Path(request.seg_path))
+    # The SR first: once the SEG is on disk the result counts, and its SR must be there too.
+    sr_path = sr_path_beside(Path(request.seg_path))
+    if result.sr is not None:
+        result.summary["sr_bytes"] = save_dicom(result.sr, sr_path)
+        result.summary["sr_sop_instance_uid"] = str(result.sr.SOPInstanceUID)
+    else:  # an attempt before a config change may have left one
+        sr_path.unlink(missing_ok=True)
+    size = save_dicom(result.dataset, Path(request.seg_path))
     result.summary["timings_s"]["seg_write_s"] = round(time.perf_counter() - t, 3)
     result.summary["seg_bytes"] = size
     uids = (str(result.dataset.SeriesInstanceUID), str(result.dataset.SOPInstanceUID))

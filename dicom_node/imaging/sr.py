@@ -1,0 +1,367 @@
+"""Measurements -> DICOM Comprehensive 3D SR: the leg alignment the node sends beside its SEG.
+
+A TID 1500 Measurement Report (highdicom) built from the SEG the node wrote and
+`model.measure`'s per-leg `LegAlignment`, so it lands where the SEG lands:
+
+- **same study, patient and frame of reference as the SEG** (copied from it; the SEG copied
+  them from the source CT), the SEG and the source CT instances as evidence;
+- per leg, a **TID 1411 volumetric ROI group per femur and tibia segment** of that side,
+  referencing the SEG segment and the source series: what the numbers were measured on;
+- per leg, a **TID 1501 group "Mechanical alignment of the lower limb"** (finding site lower
+  limb with the leg's laterality) holding HKA in 3-D and coronal (UCUM deg) and the femoral
+  head radius (mm, finding site femoral head). A measurement that could not be made is a
+  qualitative evaluation "Measurement failure" (DCM 114006) under the measurement's own
+  concept name, and a TEXT "Qualitative Evaluations" item "<name>: not measurable (<reason>)";
+- per landmark found, a **TID 1410 group** whose region is a SCOORD3D POINT in the CT's frame
+  of reference (LPS mm), its finding the landmark's code, its site the bone and laterality.
+
+The coded concepts are `dicom_node.imaging.codes` (coined ones under 99DCMNODE, documented in
+docs/measurements.md). UIDs are derived like the SEG's (`sr_uids`): the same source series,
+algorithm, generation and measurements give the same SR series and instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import SegmentationStorage, generate_uid
+
+from dicom_node import __version__
+from dicom_node.imaging.codes import (
+    DEGREE,
+    FEMORAL_HEAD,
+    HKA_3D,
+    HKA_CORONAL,
+    LANDMARK_CODES,
+    LANDMARK_SITES,
+    LATERALITY_CODES,
+    LEG_ALIGNMENT,
+    LOWER_LIMB,
+    MEASURE_SCHEME,
+    MEASURE_SCHEME_NAME,
+    MEASURE_SCHEME_ORGANIZATION,
+    MEASUREMENT_FAILURE,
+    MILLIMETRE,
+    QUALITATIVE_EVALUATIONS,
+    RADIUS,
+    SEGMENTS,
+)
+from dicom_node.imaging.seg import AlgorithmInfo, _check_lo
+from model.labels import Bone, Side
+from model.measure import LegAlignment, Measurement
+
+_UID_NAMESPACE = "dicom-node/sr"
+# The segments an alignment is measured on, per leg.
+MEASURED_BONES = (Bone.FEMUR, Bone.TIBIA)
+
+
+@dataclass(frozen=True)
+class ReportedMeasurement:
+    """One measurement as the SR carries it: its concept, unit, finding site and the
+    `LegAlignment` attribute it comes from."""
+
+    attribute: str
+    concept: Code
+    unit: Code
+    site: Code
+
+
+# The leg group's measurements, in the order written.
+LEG_MEASUREMENTS = (
+    ReportedMeasurement("hka_3d", HKA_3D, DEGREE, LOWER_LIMB),
+    ReportedMeasurement("hka_coronal", HKA_CORONAL, DEGREE, LOWER_LIMB),
+    ReportedMeasurement("femoral_head_radius", RADIUS, MILLIMETRE, FEMORAL_HEAD),
+)
+
+
+def sr_uids(
+    source_series_uid: str, algorithm: AlgorithmInfo, generation: int, which: Sequence[str]
+) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SR of this series, model, generation and
+    set of measurements: a repeated delivery of one result is the same instance."""
+    if not source_series_uid:
+        raise ValueError("source_series_uid: must not be empty")
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
+        raise ValueError(f"generation: expected an int >= 1, got {generation!r}")
+    parts = (
+        _UID_NAMESPACE,
+        source_series_uid,
+        algorithm.name,
+        algorithm.version,
+        algorithm.weights_sha256,
+        str(generation),
+        ",".join(sorted(which)),
+    )
+
+    def uid(role: str) -> str:
+        return str(generate_uid(entropy_srcs=["\x1f".join((*parts, role))]))
+
+    return uid("series"), uid("sop-instance")
+
+
+def _tracking(text: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=str(generate_uid(entropy_srcs=[_UID_NAMESPACE, "tracking", text])), identifier=text
+    )
+
+
+class SrWriter:
+    """Writes the node's measurement reports: one writer per model, configured once; each
+    argument is checked here, the error naming it."""
+
+    def __init__(
+        self,
+        algorithm: AlgorithmInfo,
+        *,
+        which: Sequence[str] = ("hka",),
+        series_number: int = 902,
+        series_description: str = "Leg alignment (dicom-node)",
+        manufacturer: str = "dicom-node",
+    ) -> None:
+        owner = "SrWriter"
+        if not isinstance(algorithm, AlgorithmInfo):
+            raise TypeError(
+                f"{owner}.algorithm: expected AlgorithmInfo, got {type(algorithm).__name__}"
+            )
+        if isinstance(series_number, bool) or not isinstance(series_number, int):
+            raise TypeError(f"{owner}.series_number: expected int, got {series_number!r}")
+        if not 1 <= series_number <= 2**31 - 1:
+            raise ValueError(f"{owner}.series_number: must be 1..2147483647, got {series_number}")
+        _check_lo(owner, "series_description", series_description)
+        _check_lo(owner, "manufacturer", manufacturer)
+        if isinstance(which, str) or not all(isinstance(w, str) and w for w in which):
+            raise TypeError(f"{owner}.which: expected a sequence of names, got {which!r}")
+        self.algorithm = algorithm
+        self.which = tuple(which)
+        self.series_number = series_number
+        self.series_description = series_description
+        self.manufacturer = manufacturer
+
+    def _algorithm_id(self) -> hd.sr.AlgorithmIdentification:
+        return hd.sr.AlgorithmIdentification(
+            name=self.algorithm.name,
+            version=self.algorithm.algorithm_version,
+            parameters=[f"dicom-node {__version__} model.measure"],
+        )
+
+    def write(
+        self, seg: Dataset, alignments: Mapping[Side, LegAlignment], generation: int = 1
+    ) -> hd.sr.Comprehensive3DSR:
+        """The measurement report of `alignments` (`model.measure.measure_leg_alignment` on
+        the sided labels `seg` encodes), in `seg`'s study and frame of reference."""
+        if str(getattr(seg, "SOPClassUID", "")) != SegmentationStorage:
+            raise TypeError("SrWriter.write: seg must be a DICOM Segmentation dataset")
+        if not isinstance(alignments, Mapping) or not all(
+            isinstance(side, Side) and isinstance(leg, LegAlignment)
+            for side, leg in alignments.items()
+        ):
+            raise TypeError("SrWriter.write: alignments must map Side to LegAlignment")
+        if not alignments:
+            raise ValueError("SrWriter.write: alignments is empty: no leg to report")
+        source = seg.ReferencedSeriesSequence[0]
+        source_series_uid = str(source.SeriesInstanceUID)
+        frame_of_reference = str(seg.FrameOfReferenceUID)
+        series_uid, sop_uid = sr_uids(source_series_uid, self.algorithm, generation, self.which)
+        algorithm_id = self._algorithm_id()
+        groups: list[Any] = []
+        for side in sorted(alignments, key=lambda s: s.value):
+            leg = alignments[side]
+            groups += self._segment_groups(seg, source_series_uid, side, algorithm_id)
+            groups.append(self._leg_group(leg, algorithm_id))
+            groups += self._landmark_groups(leg, frame_of_reference, algorithm_id)
+        observer = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=str(generate_uid(entropy_srcs=[_UID_NAMESPACE, "device", self.manufacturer])),
+                name=self.algorithm.name,
+                manufacturer_name=self.manufacturer,
+                model_name=f"dicom-node {__version__}",
+            ),
+        )
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+            imaging_measurements=groups,
+        )
+        evidence = [seg, *_source_instances(seg)]
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report[0],
+            series_instance_uid=series_uid,
+            series_number=self.series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=1,
+            manufacturer=self.manufacturer,
+            is_complete=True,
+            series_description=self.series_description,
+        )
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = MEASURE_SCHEME
+        scheme.CodingSchemeName = MEASURE_SCHEME_NAME
+        scheme.CodingSchemeResponsibleOrganization = MEASURE_SCHEME_ORGANIZATION
+        sr.CodingSchemeIdentificationSequence = [scheme]
+        return sr
+
+    def _segment_groups(
+        self,
+        seg: Dataset,
+        source_series_uid: str,
+        side: Side,
+        algorithm_id: hd.sr.AlgorithmIdentification,
+    ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+        """A TID 1411 group per femur and tibia segment of `side` in the SEG."""
+        groups = []
+        for number, definition in _segments(seg).items():
+            if definition.side is not side or definition.bone not in MEASURED_BONES:
+                continue
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(f"{definition.label} segment"),
+                    referenced_segment=hd.sr.ReferencedSegment(
+                        sop_class_uid=SegmentationStorage,
+                        sop_instance_uid=str(seg.SOPInstanceUID),
+                        segment_number=number,
+                        source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+                    ),
+                    finding_type=definition.property_type,
+                    finding_sites=[
+                        hd.sr.FindingSite(definition.property_type, definition.laterality)
+                    ],
+                    algorithm_id=algorithm_id,
+                )
+            )
+        return groups
+
+    def _leg_group(
+        self, leg: LegAlignment, algorithm_id: hd.sr.AlgorithmIdentification
+    ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        """The TID 1501 group of one leg's measurements, made or not."""
+        laterality = LATERALITY_CODES[leg.side]
+        measurements, failures, reasons = [], [], []
+        for reported in LEG_MEASUREMENTS:
+            result: Measurement = getattr(leg, reported.attribute)
+            if result.value is not None:
+                measurements.append(
+                    hd.sr.Measurement(
+                        name=reported.concept,
+                        value=float(result.value),
+                        unit=reported.unit,
+                        finding_sites=[hd.sr.FindingSite(reported.site, laterality)],
+                        algorithm_id=algorithm_id,
+                    )
+                )
+            else:
+                failures.append(hd.sr.QualitativeEvaluation(reported.concept, MEASUREMENT_FAILURE))
+                reasons.append(not_measurable_text(reported.concept, result))
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(f"{leg.side.name.capitalize()} leg alignment"),
+            finding_type=LEG_ALIGNMENT,
+            finding_sites=[hd.sr.FindingSite(LOWER_LIMB, laterality)],
+            algorithm_id=algorithm_id,
+            measurements=measurements or None,
+            qualitative_evaluations=failures or None,
+        )
+        for text in reasons:
+            group[0].ContentSequence.append(
+                hd.sr.TextContentItem(
+                    name=QUALITATIVE_EVALUATIONS,
+                    value=text,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            )
+        return group
+
+    def _landmark_groups(
+        self,
+        leg: LegAlignment,
+        frame_of_reference: str,
+        algorithm_id: hd.sr.AlgorithmIdentification,
+    ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+        """A TID 1410 group per landmark found: a SCOORD3D POINT in the CT's frame."""
+        laterality = LATERALITY_CODES[leg.side]
+        groups = []
+        for landmark in leg.landmarks:
+            if landmark.name not in LANDMARK_CODES:
+                raise ValueError(f"LegAlignment.landmarks: no code for {landmark.name!r}")
+            concept = LANDMARK_CODES[landmark.name]
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(
+                        f"{leg.side.name.capitalize()} {concept.meaning.lower()}"
+                    ),
+                    referenced_region=hd.sr.ImageRegion3D(
+                        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                        graphic_data=np.array([landmark.position_mm], dtype=np.float64),
+                        frame_of_reference_uid=frame_of_reference,
+                    ),
+                    finding_type=concept,
+                    finding_sites=[hd.sr.FindingSite(LANDMARK_SITES[landmark.name], laterality)],
+                    algorithm_id=algorithm_id,
+                )
+            )
+        return groups
+
+
+def not_measurable_text(concept: Code, result: Measurement) -> str:
+    """The TEXT of a measurement not made: "<code meaning>: not measurable (<reason>)"."""
+    return f"{concept.meaning}: not measurable ({result.reason})"
+
+
+def _segments(seg: Dataset) -> dict[int, Any]:
+    """The SEG's segment numbers and what each is (`codes.SEGMENTS`), by its codes."""
+    by_codes = {(d.property_type.value, d.laterality.value): d for d in SEGMENTS.values()}
+    out = {}
+    for item in seg.SegmentSequence:
+        property_type = item.SegmentedPropertyTypeCodeSequence[0]
+        modifiers = property_type.get("SegmentedPropertyTypeModifierCodeSequence") or []
+        if not modifiers:
+            continue
+        key = (str(property_type.CodeValue), str(modifiers[0].CodeValue))
+        if key in by_codes:
+            out[int(item.SegmentNumber)] = by_codes[key]
+    return out
+
+
+def _source_instances(seg: Dataset) -> list[Dataset]:
+    """The source CT instances the SEG references, as evidence (UIDs only)."""
+    out = []
+    for series in seg.ReferencedSeriesSequence:
+        for item in series.ReferencedInstanceSequence:
+            ds = Dataset()
+            ds.StudyInstanceUID = seg.StudyInstanceUID
+            ds.SeriesInstanceUID = series.SeriesInstanceUID
+            ds.SOPClassUID = item.ReferencedSOPClassUID
+            ds.SOPInstanceUID = item.ReferencedSOPInstanceUID
+            out.append(ds)
+    return out
+
+
+def measurements_summary(alignments: Mapping[Side, LegAlignment]) -> dict[str, Any]:
+    """The alignments as JSON for the job summary: per leg, each measurement's value and unit
+    or its reason, and the landmarks in LPS mm."""
+    legs = {}
+    for side, leg in sorted(alignments.items(), key=lambda item: item[0].value):
+        legs[side.name.lower()] = {
+            **{
+                reported.attribute: _measurement_json(getattr(leg, reported.attribute))
+                for reported in LEG_MEASUREMENTS
+            },
+            "ankle_centre_from": leg.ankle_centre_from,
+            "landmarks_mm": {
+                lm.name: [round(float(v), 2) for v in lm.position_mm] for lm in leg.landmarks
+            },
+        }
+    return legs
+
+
+def _measurement_json(result: Measurement) -> dict[str, Any]:
+    if result.value is None:
+        return {"unit": result.unit, "value": None, "reason": result.reason}
+    return {"unit": result.unit, "value": round(float(result.value), 3), "reason": None}

@@ -1,0 +1,291 @@
+"""The measurement report (DICOM Comprehensive 3D SR, TID 1500) the node sends with its SEG.
+
+Synthetic legs of known geometry (`tests.test_measure.synthetic_leg`) are written as a CT
+series, assembled and encoded as a SEG as the node would, measured (`model.measure`) and
+reported; every SR is written to a file and read back with highdicom, and checked with
+dciodvfy. The phantom series goes through the real node to a real Orthanc and through
+`dicom-node segment`: its small field of view holds no whole leg, so HKA comes back as not
+measurable, with the reason, end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.app.config import ConfigError, load_config
+from dicom_node.imaging import codes
+from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
+from dicom_node.imaging.sr import LEG_MEASUREMENTS, SrWriter, not_measurable_text, sr_uids
+from dicom_node.imaging.volume.assemble import assemble_volume
+from dicom_node.pipeline.inference import save_dicom, sr_path_beside
+from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
+from dicom_node.testbed.node_process import NodeProcess, destination_toml, storescu
+from dicom_node.testbed.peers import OrthancProcess
+from model.labels import Bone, Side
+from model.measure import LegAlignment, measure_leg_alignment
+from model.volume_io import Volume
+from tests.support import PhantomSeries, require
+from tests.test_measure import synthetic_leg
+
+ALGORITHM = AlgorithmInfo("dicom-node bone segmentation", "1.0", "ab" * 32)
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run([require("dciodvfy"), str(path)], capture_output=True, text=True)
+    return [line for line in result.stderr.splitlines() if line.startswith(("Error", "Abort"))]
+
+
+def _leg_case(directory: Path, labels: Volume, seed: str) -> tuple[Dataset, Path]:
+    """The labels as a CT series (bone 700 HU), assembled, and their SEG: what the SR joins."""
+    hu = np.where(labels.array > 0, 700, 0).astype(np.int16)
+    paths = write_ct_series(
+        labels.with_array(hu),
+        directory / "ct",
+        patient=PatientInfo(name="LEG^SYNTHETIC", patient_id="LEG1", sex="O"),
+        uid_seed=seed,
+    )
+    seg = SegWriter(ALGORITHM).write(assemble_volume(paths), labels)
+    assert seg is not None
+    return seg, paths[0]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A whole left leg in 4 deg of varus: every measurement made."""
+    labels, _ = synthetic_leg(4.0, Side.LEFT)
+    directory = tmp_path_factory.mktemp("measured")
+    seg, ct = _leg_case(directory, labels, "sr-measured")
+    alignments = measure_leg_alignment(labels)
+    path = directory / "sr.dcm"
+    save_dicom(SrWriter(ALGORITHM).write(seg, alignments), path)
+    return {"seg": seg, "ct": ct, "alignments": alignments, "path": path}
+
+
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A right leg cut 5 mm above the femoral head's centre: HKA and the radius not
+    measurable, the landmarks below still found."""
+    labels, _ = synthetic_leg(6.0, Side.RIGHT, z_top=505.0)
+    directory = tmp_path_factory.mktemp("cut")
+    seg, ct = _leg_case(directory, labels, "sr-cut")
+    alignments = measure_leg_alignment(labels)
+    path = directory / "sr.dcm"
+    save_dicom(SrWriter(ALGORITHM).write(seg, alignments), path)
+    return {"seg": seg, "ct": ct, "alignments": alignments, "path": path}
+
+
+def _leg_group(
+    report: hd.sr.MeasurementReport, side: Side
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    groups = [
+        g
+        for g in report.get_image_measurement_groups()
+        if g.finding_sites[0].laterality == codes.LATERALITY_CODES[side]
+    ]
+    assert len(groups) == 1
+    return groups[0]
+
+
+def _reasons(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[str]:
+    return [
+        str(item.TextValue)
+        for item in group[0].ContentSequence
+        if item.ValueType == "TEXT"
+        and item.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
+    ]
+
+
+def _check_report(path: Path, seg: Dataset, alignments: dict[Side, LegAlignment]) -> None:
+    """highdicom reads back what the node measured: values, units, laterality, reasons,
+    landmarks in the CT's frame, and the SEG segments of that side with the source series."""
+    sr = hd.sr.srread(path)
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.PatientID == seg.PatientID
+    for side, leg in alignments.items():
+        laterality = codes.LATERALITY_CODES[side]
+        group = _leg_group(report, side)
+        assert group.finding_sites[0].value == codes.LOWER_LIMB
+        made = {m.name.value: m for m in group.get_measurements()}
+        failed = {q.name.value: q for q in group.get_qualitative_evaluations()}
+        for reported in LEG_MEASUREMENTS:
+            result = getattr(leg, reported.attribute)
+            key = reported.concept.value
+            if result.value is not None:
+                measurement = made.pop(key)
+                assert measurement.value == pytest.approx(result.value, abs=1e-9)
+                assert measurement.unit == reported.unit and result.unit == reported.unit.value
+                (site,) = measurement.finding_sites
+                assert site.value == reported.site and site.laterality == laterality
+            else:
+                assert failed.pop(key).value == codes.MEASUREMENT_FAILURE
+                assert not_measurable_text(reported.concept, result) in _reasons(group)
+        assert made == {} and failed == {}
+        points = {
+            g.finding_type.value: g
+            for g in report.get_planar_roi_measurement_groups()
+            if g.finding_sites[0].laterality == laterality
+        }
+        assert len(points) == len(leg.landmarks)
+        for landmark in leg.landmarks:
+            group_ = points[codes.LANDMARK_CODES[landmark.name].value]
+            assert group_.roi.graphic_type == hd.sr.GraphicTypeValues3D.POINT
+            assert group_.roi.frame_of_reference_uid == seg.FrameOfReferenceUID
+            np.testing.assert_allclose(group_.roi.value[0], landmark.position_mm, atol=1e-6)
+        volumes = [
+            g
+            for g in report.get_volumetric_roi_measurement_groups()
+            if g.finding_sites[0].laterality == laterality
+        ]
+        segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+        assert {g.finding_type.value for g in volumes} == {
+            codes.BONE_CODES[b].value for b in (Bone.FEMUR, Bone.TIBIA)
+        }
+        for g in volumes:
+            reference = g.referenced_segment
+            segment_item = reference[0].ReferencedSOPSequence[0]
+            assert segment_item.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+            number = int(segment_item.ReferencedSegmentNumber)
+            assert (
+                segments[number].SegmentedPropertyTypeCodeSequence[0].CodeValue
+                == g.finding_type.value
+            )
+            assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == reference[1].UID
+
+
+def test_a_measured_leg_reads_back_as_measured(measured: dict) -> None:
+    leg = measured["alignments"][Side.LEFT]
+    assert leg.hka_coronal.value == pytest.approx(-4.0, abs=0.5)  # 4 deg varus: varus negative
+    _check_report(measured["path"], measured["seg"], measured["alignments"])
+
+
+def test_what_was_not_measurable_reads_back_with_the_reason(cut: dict) -> None:
+    leg = cut["alignments"][Side.RIGHT]
+    assert not leg.hka_3d.measurable and "femoral head not in view" in str(leg.hka_3d.reason)
+    _check_report(cut["path"], cut["seg"], cut["alignments"])
+    group = _leg_group(hd.sr.srread(cut["path"]).content, Side.RIGHT)
+    assert any("not measurable (femoral head not in view" in r for r in _reasons(group))
+
+
+def test_dciodvfy_finds_no_error(measured: dict, cut: dict) -> None:
+    for case in (measured, cut):
+        assert _dciodvfy_errors(case["path"]) == []
+
+
+def test_uids_are_derived_and_the_sr_joins_the_seg(measured: dict) -> None:
+    seg, alignments = measured["seg"], measured["alignments"]
+    first = SrWriter(ALGORITHM).write(seg, alignments)
+    again = SrWriter(ALGORITHM).write(seg, alignments)
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (
+        again.SeriesInstanceUID,
+        again.SOPInstanceUID,
+    )
+    source = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == sr_uids(
+        source, ALGORITHM, 1, ("hka",)
+    )
+    assert sr_uids(source, ALGORITHM, 2, ("hka",)) != sr_uids(source, ALGORITHM, 1, ("hka",))
+    assert first.SOPInstanceUID not in (seg.SOPInstanceUID, seg.SeriesInstanceUID)
+    ct = dcmread(measured["ct"], stop_before_pixels=True)
+    assert first.StudyInstanceUID == ct.StudyInstanceUID
+    evidence = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in first.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for i in s.ReferencedSOPSequence
+    }
+    assert {str(seg.SOPInstanceUID), str(ct.SOPInstanceUID)} <= evidence
+
+
+def test_writer_and_config_name_what_is_wrong(tmp_path: Path, measured: dict) -> None:
+    with pytest.raises(TypeError, match=r"SrWriter\.algorithm"):
+        SrWriter("model")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"SrWriter\.series_description"):
+        SrWriter(ALGORITHM, series_description="x" * 65)
+    with pytest.raises(TypeError, match=r"SrWriter\.write: seg"):
+        SrWriter(ALGORITHM).write(Dataset(), measured["alignments"])
+    with pytest.raises(ValueError, match="alignments is empty"):
+        SrWriter(ALGORITHM).write(measured["seg"], {})
+    config = tmp_path / "config.toml"
+    config.write_text('[measurements]\nwhich = ["hka", "alpha"]\n')
+    with pytest.raises(ConfigError, match=r"measurements\.which: unknown 'alpha'"):
+        load_config(config)
+    config.write_text("[measurements]\nenabled = false\n")
+    assert load_config(config).measurements.enabled is False
+
+
+# -- the phantom through the node and the command line (the model runs) ----------------------
+
+
+def _phantom_report(path: Path, ct_study: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The phantom's SR: valid, in the CT's study, its HKA not measurable with the reason."""
+    assert _dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    assert sr.StudyInstanceUID == ct_study
+    groups = sr.content.get_image_measurement_groups()
+    assert groups
+    for group in groups:
+        names = {q.name.value for q in group.get_qualitative_evaluations()}
+        assert codes.HKA_3D.value in names  # a hip phantom holds no knee or ankle
+        assert any(
+            r.startswith("Hip-knee-ankle angle, 3-D: not measurable (") for r in _reasons(group)
+        )
+    return groups[0]
+
+
+def test_the_node_sends_the_sr_with_the_seg_into_the_study(
+    tmp_path: Path, orthanc: OrthancProcess, phantom_series: PhantomSeries
+) -> None:
+    ct_dir = phantom_series(1003)["ct"]
+    ct = dcmread(next(ct_dir.iterdir()), stop_before_pixels=True)
+    node = NodeProcess(tmp_path, extra_config=destination_toml(orthanc.destination())).start()
+    try:
+        assert storescu(node.port, ct_dir, extra=("+sd", "+r")).returncode == 0
+        node.wait_for_states({str(ct.SeriesInstanceUID)}, {"done", "failed"}, timeout=240)
+        status = node.series()[str(ct.SeriesInstanceUID)]
+        assert status["state"] == "done", status
+        job = json.loads(node.cli("job", str(status["id"]), "--json").stdout)
+        shown = node.cli("job", str(status["id"])).stdout
+    finally:
+        node.stop()
+    study = str(ct.StudyInstanceUID)
+    (sr_series,) = orthanc.find_series("SR", StudyInstanceUID=study)
+    (seg_series,) = orthanc.find_series("SEG", StudyInstanceUID=study)
+    assert sr_series["ParentStudy"] == seg_series["ParentStudy"]
+    (instance,) = orthanc.instances_of_series(sr_series["ID"])
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(orthanc.download(instance["ID"]))
+    _phantom_report(path, study)
+    assert dcmread(path).SOPInstanceUID == job["result"]["sr_sop_instance_uid"]
+    measurements = job["result"]["measurements"]
+    for leg in measurements.values():
+        assert leg["hka_3d"]["value"] is None and leg["hka_3d"]["reason"]
+    assert "not measurable" in shown
+
+
+def test_segment_command_writes_the_sr_beside_the_seg(
+    tmp_path: Path, phantom_series: PhantomSeries
+) -> None:
+    ct_dir = phantom_series(1003)["ct"]
+    out = tmp_path / "seg.dcm"
+    run = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "segment", str(ct_dir), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    sr_path = sr_path_beside(out)
+    assert sr_path == tmp_path / "seg_sr.dcm" and str(sr_path) in run.stdout.splitlines()
+    ct = dcmread(next(ct_dir.iterdir()), stop_before_pixels=True)
+    _phantom_report(sr_path, str(ct.StudyInstanceUID))
+    seg = dcmread(out, stop_before_pixels=True)
+    sr = dcmread(sr_path)
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == seg.StudyInstanceUID
