@@ -216,6 +216,9 @@ def render_job(job: dict[str, Any]) -> Group:
         lines.append(Text(f"verdict: {job['verdict']}", style="" if confident else "yellow"))
         lines += [Text(f"  - {reason}") for reason in job["verdict_reasons"]]
     result = job["result"] or {}
+    if result.get("source_repairs"):  # the source's invalid attributes, as the SEG has them
+        lines.append(Text("source header repaired in the SEG:", style="yellow"))
+        lines += [Text(f"  - {repair}") for repair in result["source_repairs"]]
     if result.get("segments"):
         segments = Table(title="segments", title_justify="left")
         for column in ("segment", "volume (ml)", "unsure (%)"):

@@ -41,6 +41,7 @@ from pydicom.valuerep import DA, TM
 
 from dicom_node import __version__
 from dicom_node.imaging.codes import SEGMENTS, SegmentDefinition
+from dicom_node.imaging.source_repairs import repair_copied_attributes
 from dicom_node.imaging.volume.assemble import AssembledVolume
 from dicom_node.imaging.volume.geometry import SourceGeometry
 from model.postprocess import label_counts
@@ -172,19 +173,21 @@ def seg_uids(source_series_uid: str, algorithm: AlgorithmInfo, generation: int) 
     return uid("series"), uid("sop-instance")
 
 
-def _source_header(ds: Dataset, sop_instance_uid: str) -> Dataset:
+def _source_header(ds: Dataset, sop_instance_uid: str, repairs: list[str]) -> Dataset:
     """A source instance's header, completed where highdicom needs what sloppy headers lack.
 
     `ds` is the header assembly read (no pixel data: highdicom needs only the metadata). An
     empty SOP Class UID is taken from the file meta information, or as CT Image as `volume`
-    takes it; an empty SOP Instance UID is the one assembly found (file meta). The patches go
-    to these in-memory headers only: the files are untouched.
+    takes it; an empty SOP Instance UID is the one assembly found (file meta). The Patient and
+    Study attributes the SEG copies are made valid (`source_repairs`; what was changed is added
+    to `repairs`, once). The patches go to these in-memory headers only: the files are untouched.
     """
     meta = getattr(ds, "file_meta", None) or Dataset()
     if not ds.get("SOPClassUID"):
         ds.SOPClassUID = meta.get("MediaStorageSOPClassUID") or CTImageStorage
     if not ds.get("SOPInstanceUID"):
         ds.SOPInstanceUID = sop_instance_uid
+    repairs.extend(r for r in repair_copied_attributes(ds) if r not in repairs)
     for keyword in _TYPE2_SOURCE:
         if keyword not in ds:
             setattr(ds, keyword, "")
@@ -364,6 +367,7 @@ class SegWriter:
         sided_labels: Volume,
         generation: int = 1,
         unverified: Mapping[int, str] | None = None,
+        repairs: list[str] | None = None,
     ) -> Dataset | None:
         """The SEG of `sided_labels` (0 background, 1..12 `model.labels.sided_label`) on the
         source frames of `assembled`; None when no bone label is present on them.
@@ -374,6 +378,9 @@ class SegWriter:
         `unverified` (sided label -> why, in a few words): the node is unsure of this SEG. Its
         Series Description starts with UNVERIFIED, and each segment's description (0062,0006)
         says UNVERIFIED and why: what a PACS lists and a viewer shows beside the segment.
+
+        `repairs`: what was changed in the source's Patient and Study attributes to make the
+        SEG valid (`source_repairs`) is added to it.
         """
         started = time.perf_counter()
         array = sided_labels.array
@@ -406,7 +413,7 @@ class SegWriter:
             frames = _renumbered(frames, present)
         counted = time.perf_counter()
 
-        sources, frames = self._sources(assembled, frames)
+        sources, frames = self._sources(assembled, frames, [] if repairs is None else repairs)
         if not sources[0].get("StudyInstanceUID"):
             raise SegError("the source series has no StudyInstanceUID: a SEG cannot join it")
         headers = time.perf_counter()
@@ -456,7 +463,7 @@ class SegWriter:
 
     @staticmethod
     def _sources(
-        assembled: AssembledVolume, frames: np.ndarray
+        assembled: AssembledVolume, frames: np.ndarray, repairs: list[str]
     ) -> tuple[list[Dataset], np.ndarray]:
         """Source headers for highdicom, and the label frames in the order it pairs them.
 
@@ -467,14 +474,15 @@ class SegWriter:
         refs = assembled.frames
         paths = list(dict.fromkeys(ref.path for ref in refs))
         if all(ref.frame_number is None for ref in refs):
-            sources = [_source_header(assembled.headers[r.path], r.sop_instance_uid) for r in refs]
+            headers = assembled.headers
+            sources = [_source_header(headers[r.path], r.sop_instance_uid, repairs) for r in refs]
             return sources, frames
         if len(paths) > 1:
             raise SegError(
                 f"the series' frames come from {len(paths)} multi-frame instances; highdicom "
                 "writes a SEG of one multi-frame source instance only"
             )
-        source = _source_header(assembled.headers[paths[0]], refs[0].sop_instance_uid)
+        source = _source_header(assembled.headers[paths[0]], refs[0].sop_instance_uid, repairs)
         ordered = np.zeros((int(source.NumberOfFrames), *frames.shape[1:]), dtype=frames.dtype)
         for index, ref in enumerate(refs):
             ordered[(ref.frame_number or 1) - 1] = frames[index]
