@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 import sys
 from dataclasses import dataclass
 from enum import StrEnum
@@ -102,6 +103,8 @@ def setup_logging(
     if log_format is None:
         root.addHandler(_HoldingHandler())
         return
+    # Python's warnings (highdicom's among them) become log records, so they are redacted too.
+    logging.captureWarnings(True)
     handler = _NodeHandler(sys.stderr)
     handler.setFormatter(formatter(log_format, process))
     root.addHandler(handler)
@@ -109,8 +112,29 @@ def setup_logging(
         handler.handle(record)
 
 
+# Libraries whose messages quote DICOM header values: pydicom's validation ("Invalid value for
+# VR DA: '17.04.1923'", a birth date) and highdicom's person-name warning (a patient's name),
+# the latter through Python's warnings. Their quoted values are redacted: no identifier in the
+# node's log, whatever a sender puts in its headers.
+_QUOTING_LIBRARIES = ("pydicom", "highdicom")
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+class _RedactQuotedValues(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings" or record.name.split(".")[0] in _QUOTING_LIBRARIES:
+            record.msg = _QUOTED.sub("<value>", record.getMessage())
+            record.args = ()
+        return True
+
+
 class _NodeHandler(logging.StreamHandler[TextIO]):
-    """The handler `setup_logging` installs (and replaces)."""
+    """The handler `setup_logging` installs (and replaces): library messages that quote header
+    values are redacted (`_RedactQuotedValues`)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.addFilter(_RedactQuotedValues())
 
 
 class _HoldingHandler(logging.handlers.BufferingHandler):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.app.config import ConfigError, LogConfig, load_config
-from dicom_node.logs import LogFormat, formatter
+from dicom_node.logs import LogFormat, formatter, setup_logging
 from dicom_node.testbed.node_process import NodeProcess
 from tests.support import PhantomSeries
 
@@ -36,6 +36,31 @@ def test_json_lines_escape_control_characters_as_text_does() -> None:
     assert entry["time"]
     text = formatter(LogFormat.TEXT, process="worker").format(_record("a\nb"))
     assert text.endswith(" ERROR worker dicom_node.x: a\\nb")
+
+
+@pytest.mark.parametrize("log_format", list(LogFormat))
+def test_library_messages_quoting_header_values_are_redacted(
+    log_format: LogFormat, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """pydicom quotes the value it finds invalid (a birth date), highdicom a patient name it
+    doubts (through Python's warnings): in the node's log the messages stay, the values go."""
+    import warnings
+
+    from highdicom.valuerep import check_person_name
+    from pydicom.dataset import Dataset
+
+    setup_logging(log_format)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            Dataset().PatientBirthDate = "17.04.1923"  # pydicom: Invalid value for VR DA
+            check_person_name("SOLOPATIENT")  # highdicom: unlikely to be a person name
+    finally:
+        logging.captureWarnings(False)
+        setup_logging(None)  # the node's handler off again: records held, none written
+    err = capfd.readouterr().err
+    assert "Invalid value for VR DA" in err and "person name" in err, err
+    assert "17.04.1923" not in err and "SOLOPATIENT" not in err, err
 
 
 def test_log_format_is_checked(tmp_path: Path) -> None:
