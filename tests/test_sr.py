@@ -289,3 +289,62 @@ def test_segment_command_writes_the_sr_beside_the_seg(
     seg = dcmread(out, stop_before_pixels=True)
     sr = dcmread(sr_path)
     assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == seg.StudyInstanceUID
+
+
+def test_a_pacs_that_refuses_srs_still_gets_the_seg(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delivery stage against a storage SCP that takes CT (the SEG's stand-in here) but
+    no SR: the SEG is delivered, the series done, and the refused SR a warning."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import (
+        Comprehensive3DSRStorage,
+        CTImageStorage,
+        ExplicitVRLittleEndian,
+        generate_uid,
+    )
+
+    from dicom_node.app.config import Config, DeliveryConfig
+    from dicom_node.pipeline.deliver import DeliveryStage
+    from dicom_node.pipeline.spool import SpooledFile
+    from dicom_node.pipeline.state import NodeState, ReceivedInstance, Target
+    from dicom_node.testbed.peers import PynetdicomSCP
+
+    results = tmp_path / "results"
+    results.mkdir()
+    hu = np.zeros((2, 16, 16), np.int16)
+    patient = PatientInfo(name="SR^REFUSED", patient_id="PID-SR")
+    (ct,) = write_ct_series(Volume(hu, (1.0, 1.0, 1.0)), tmp_path / "ct", patient=patient)[:1]
+    (results / "seg.dcm").write_bytes(ct.read_bytes())
+    sr = Dataset()
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.SOPClassUID, sr.SOPInstanceUID = Comprehensive3DSRStorage, generate_uid()
+    sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
+    sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
+    sr.save_as(sr_path_beside(results / "seg.dcm"), enforce_file_format=True)
+
+    state = NodeState(f"sqlite:///{tmp_path / 'node.db'}")
+    with PynetdicomSCP(sop_classes=[CTImageStorage]) as pacs:
+        received = ReceivedInstance(
+            "1.2.3.1", CTImageStorage, ExplicitVRLittleEndian, "1.2.3", "1.2", "CT", "CT1"
+        )
+        series_id = state.record_instance(received, SpooledFile("1.dcm", 10)).series_id
+        state.complete_if_idle(series_id, 0)
+        state.enqueue(series_id, 1)
+        claim = state.claim_next_queued()
+        assert claim is not None
+        target = Target("pacs", pacs.ae_title, "127.0.0.1", pacs.port)
+        assert state.mark_segmented(claim, "seg.dcm", ("9.1", "9.2"), "{}", [target])
+        config = Config(delivery=DeliveryConfig(max_attempts=1, timeout_s=5))
+        stage = DeliveryStage(config, state, results, BackgroundScheduler())
+        with caplog.at_level("WARNING", logger="dicom_node.pipeline.deliver"):
+            for due in state.claim_due_deliveries():
+                stage.attempt(due)
+        received_uids = list(pacs.received)
+    record = state.job(series_id)
+    state.close()
+    assert received_uids == [dcmread(ct, stop_before_pixels=True).SOPInstanceUID]
+    assert record is not None and record.series.state == "done", record
+    assert "stored the SEG but not its SR" in caplog.text

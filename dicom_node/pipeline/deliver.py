@@ -106,15 +106,25 @@ class DeliveryStage:
 
     def attempt(self, due: DueDelivery) -> None:
         destination = self._destination(due)
-        # The SEG and, where one was written, its SR, over one association: delivered when
-        # both are stored (a repeated delivery sends the same two instances).
+        # The SEG and, where one was written, its SR, over one association (a repeated
+        # delivery sends the same instances). Delivered when the SEG is stored: a PACS that
+        # does not take SRs must not hold back the segmentation, so a refused SR is a
+        # warning in the log, and the measurements stay in the job.
         paths = result_paths(self.results_dir / due.seg_file)
         started = time.perf_counter()
         try:
             result = send_files(
                 destination, paths, self.config.node.ae_title, self.config.delivery.timeout_s
             )
-            error = None if result.delivered else result.reason
+            seg_stored = any(f.stored and f.path == paths[0] for f in result.files)
+            error = None if seg_stored else (result.reason or "the SEG was not stored")
+            if seg_stored and not result.delivered:
+                log.warning(
+                    "series %d: %s stored the SEG but not its SR: %s",
+                    due.series_id,
+                    due.target.name,
+                    result.reason,
+                )
         except Exception as error_:  # e.g. the SEG file is gone: a reason, not a dead thread
             log.exception("series %d: delivery attempt", due.series_id)
             error = f"{type(error_).__name__}: {error_}"
