@@ -4,6 +4,7 @@
 - `records`: the plain frozen dataclasses that the store takes and hands out;
 - `schema`: the database tables (SQLAlchemy ORM), the UTC time type, SQLite's settings;
 - `store`: `NodeState`, the database and every operation on it, each one transaction;
+- `queries`: the operations of `NodeState` that only read (`Queries`, which it inherits);
 - `rows`: what those operations do on rows inside a transaction: `transition` (the one code
   that moves a series), the generation check, ORM rows copied into records.
 

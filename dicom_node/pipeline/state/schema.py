@@ -1,7 +1,7 @@
 """The state database's tables (SQLAlchemy ORM), its time type and its SQLite settings.
 
-Only the store (`dicom_node.pipeline.state.store`) and the state machine that it calls use
-these classes; everything outside the store sees the plain records of
+Only the store (`dicom_node.pipeline.state.store`, its reads in `queries`) and the state
+machine that it calls use these classes; everything outside the store sees the plain records of
 `dicom_node.pipeline.state.records`.
 """
 

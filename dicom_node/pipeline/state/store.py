@@ -5,9 +5,10 @@ mode under data_dir by default, or PostgreSQL). A C-STORE is acknowledged only a
 instance is spooled and committed here, so the node never knows less than the sender was told
 (after a power cut, `Reception.recover` re-records spooled files a lost commit left out).
 
-Each method is one transaction (`rows` holds what they do on rows inside one). The ORM stays
-inside this package: callers give and get the plain records of `records`. Series move only
-through `rows.transition`, by the table of `machine`, which describes how they move.
+Each method is one transaction (`rows` holds what they do on rows inside one); those that
+change nothing are in `queries` (`NodeState` inherits them). The ORM stays inside this
+package: callers give and get the plain records of `records`. Series move only through
+`rows.transition`, by the table of `machine`, which describes how they move.
 """
 
 from __future__ import annotations
@@ -17,22 +18,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from sqlalchemy import create_engine, func, or_, select
+from sqlalchemy import create_engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.pipeline.spool import SpooledFile
 from dicom_node.pipeline.state import rows
 from dicom_node.pipeline.state.machine import DeliveryState, IllegalTransitionError, SeriesState
+from dicom_node.pipeline.state.queries import Queries
 from dicom_node.pipeline.state.records import (
     ClaimedSeries,
     DueDelivery,
-    JobRecord,
     ReceivedInstance,
     Recorded,
     Resumed,
-    SeriesFiles,
-    SeriesRecord,
     Target,
 )
 from dicom_node.pipeline.state.schema import (
@@ -47,11 +46,10 @@ from dicom_node.pipeline.state.schema import (
 # One logger for the whole store, named for the package, as its lines always were.
 log = logging.getLogger(__package__)
 
-_S = SeriesState
 
-
-class NodeState:
-    """The database and every operation on it; each method is one transaction."""
+class NodeState(Queries):
+    """The database and every operation on it; each method is one transaction. The reads,
+    which change nothing, are inherited from `Queries`."""
 
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite"):
@@ -151,16 +149,6 @@ class NodeState:
                 return due
             rows.transition(session, series, SeriesState.COMPLETE)
             return None
-
-    def complete_series_files(self, series_id: int) -> SeriesFiles | None:
-        """The spooled files of a complete series, or None if it is not complete (any more)."""
-        with self._session() as session:
-            series = session.get(Series, series_id)
-            if series is None or series.state != SeriesState.COMPLETE:
-                return None
-            names = rows.file_names(session, series_id)
-            span = series.last_received_at - series.first_received_at
-            return SeriesFiles(series_id, series.generation, names, span.total_seconds())
 
     def _move_if_current(
         self, series_id: int, generation: int, to: SeriesState, reason: str | None = None
@@ -288,14 +276,6 @@ class NodeState:
             rows.transition(session, series, SeriesState.REJECTED, "rejected after review")
             return SeriesState.REJECTED
 
-    def calling_peer(self, series_id: int) -> tuple[str, str]:
-        """(calling AE title, host) of the series' sender, for reply_to_caller destinations."""
-        with self._session() as session:
-            series = session.get(Series, series_id)
-            if series is None:
-                raise LookupError(f"no job {series_id}")
-            return series.calling_ae, series.calling_host
-
     # Delivery --------------------------------------------------------------------------
 
     def claim_due_deliveries(self, limit: int = 8) -> list[DueDelivery]:
@@ -407,28 +387,6 @@ class NodeState:
 
     # Retention -------------------------------------------------------------------------
 
-    def purgeable(
-        self, older_than: datetime | None, failed_older_than: datetime | None = None
-    ) -> list[tuple[int, list[str], str | None]]:
-        """(series id, spooled file names, SEG file) of series that ended before `older_than`
-        (done, no findings, rejected, skipped) or failed before `failed_older_than` (failed
-        ones wait for `dicom-node retry` longer); None: none of those."""
-        ended = [_S.DONE, _S.NO_FINDINGS, _S.REJECTED, _S.SKIPPED]
-        due = [(ended, older_than), ([_S.FAILED], failed_older_than)]
-        expired = [
-            Series.state.in_(states) & (Series.state_changed_at < before)
-            for states, before in due
-            if before is not None
-        ]
-        if not expired:
-            return []
-        query = select(Series).where(or_(*expired), Series.purged_at.is_(None))
-        with self._session() as session:
-            return [
-                (series.id, rows.file_names(session, series.id), series.seg_file)
-                for series in session.scalars(query).all()
-            ]
-
     def mark_purged(self, series_id: int) -> None:
         """Files deleted: forget the instances too, so that a resend is received anew (it
         reopens the series) instead of being taken for a duplicate of a deleted file."""
@@ -467,39 +425,3 @@ class NodeState:
                 elif state == SeriesState.QUEUED:
                     requeued.append(series_id)
             return Resumed(receiving, complete, requeued)
-
-    def file_names(self) -> set[str]:
-        """Every spooled file the database knows (the rest of the spool is debris)."""
-        with self._session() as session:
-            return set(session.scalars(select(Instance.file_name)))
-
-    # Reporting -------------------------------------------------------------------------
-
-    def counts(self) -> dict[str, int]:
-        with self._session() as session:
-            counted = session.execute(select(Series.state, func.count()).group_by(Series.state))
-            return {state: count for state, count in counted}
-
-    def jobs(
-        self,
-        state: SeriesState | None = None,
-        limit: int | None = 20,
-        since: datetime | None = None,
-    ) -> list[SeriesRecord]:
-        """The newest series (by their last instance), newest first, only those in `state`
-        and that reached their state at or after `since` if given: filtered, ordered and
-        limited (None: all) by the database, so a few failed series are found among any
-        number of newer done ones."""
-        query = select(Series)
-        if state is not None:
-            query = query.where(Series.state == state)
-        if since is not None:
-            query = query.where(Series.state_changed_at >= since)
-        query = query.order_by(Series.last_received_at.desc(), Series.id.desc()).limit(limit)
-        with self._session() as session:
-            return rows.series_records(session, list(session.scalars(query)))
-
-    def job(self, series_id: int) -> JobRecord:
-        """A series with its whole timeline and every delivery (all generations)."""
-        with self._session() as session:
-            return rows.job_record(session, series_id)

@@ -1,0 +1,109 @@
+"""The store's reads: `Queries`, the operations of `NodeState` that change nothing.
+
+What the stages look up to decide (a complete series' files, a sender, what retention may
+delete, the spool's known files) and what `dicom-node status`, `jobs` and `job` report. Each is
+one transaction of `NodeState._session`, as the store's writes are; a mixin rather than a
+store of its own so that callers keep one object for both.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from datetime import datetime
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from dicom_node.pipeline.state import rows
+from dicom_node.pipeline.state.machine import SeriesState
+from dicom_node.pipeline.state.records import JobRecord, SeriesFiles, SeriesRecord
+from dicom_node.pipeline.state.schema import Instance, Series
+
+_S = SeriesState
+
+
+class Queries:
+    """The reads of `NodeState`, which provides `_session` (one transaction)."""
+
+    def _session(self) -> AbstractContextManager[Session]:
+        raise NotImplementedError  # NodeState's
+
+    # Completion and delivery -----------------------------------------------------------
+
+    def complete_series_files(self, series_id: int) -> SeriesFiles | None:
+        """The spooled files of a complete series, or None if it is not complete (any more)."""
+        with self._session() as session:
+            series = session.get(Series, series_id)
+            if series is None or series.state != SeriesState.COMPLETE:
+                return None
+            names = rows.file_names(session, series_id)
+            span = series.last_received_at - series.first_received_at
+            return SeriesFiles(series_id, series.generation, names, span.total_seconds())
+
+    def calling_peer(self, series_id: int) -> tuple[str, str]:
+        """(calling AE title, host) of the series' sender, for reply_to_caller destinations."""
+        with self._session() as session:
+            series = session.get(Series, series_id)
+            if series is None:
+                raise LookupError(f"no job {series_id}")
+            return series.calling_ae, series.calling_host
+
+    # Retention and restart -------------------------------------------------------------
+
+    def purgeable(
+        self, older_than: datetime | None, failed_older_than: datetime | None = None
+    ) -> list[tuple[int, list[str], str | None]]:
+        """(series id, spooled file names, SEG file) of series that ended before `older_than`
+        (done, no findings, rejected, skipped) or failed before `failed_older_than` (failed
+        ones wait for `dicom-node retry` longer); None: none of those."""
+        ended = [_S.DONE, _S.NO_FINDINGS, _S.REJECTED, _S.SKIPPED]
+        due = [(ended, older_than), ([_S.FAILED], failed_older_than)]
+        expired = [
+            Series.state.in_(states) & (Series.state_changed_at < before)
+            for states, before in due
+            if before is not None
+        ]
+        if not expired:
+            return []
+        query = select(Series).where(or_(*expired), Series.purged_at.is_(None))
+        with self._session() as session:
+            return [
+                (series.id, rows.file_names(session, series.id), series.seg_file)
+                for series in session.scalars(query).all()
+            ]
+
+    def file_names(self) -> set[str]:
+        """Every spooled file the database knows (the rest of the spool is debris)."""
+        with self._session() as session:
+            return set(session.scalars(select(Instance.file_name)))
+
+    # Reporting -------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self._session() as session:
+            counted = session.execute(select(Series.state, func.count()).group_by(Series.state))
+            return {state: count for state, count in counted}
+
+    def jobs(
+        self,
+        state: SeriesState | None = None,
+        limit: int | None = 20,
+        since: datetime | None = None,
+    ) -> list[SeriesRecord]:
+        """The newest series (by their last instance), newest first, only those in `state`
+        and that reached their state at or after `since` if given: filtered, ordered and
+        limited (None: all) by the database, so a few failed series are found among any
+        number of newer done ones."""
+        query = select(Series)
+        if state is not None:
+            query = query.where(Series.state == state)
+        if since is not None:
+            query = query.where(Series.state_changed_at >= since)
+        query = query.order_by(Series.last_received_at.desc(), Series.id.desc()).limit(limit)
+        with self._session() as session:
+            return rows.series_records(session, list(session.scalars(query)))
+
+    def job(self, series_id: int) -> JobRecord:
+        """A series with its whole timeline and every delivery (all generations)."""
+        with self._session() as session:
+            return rows.job_record(session, series_id)
