@@ -49,6 +49,9 @@ def test_library_messages_quoting_header_values_are_redacted(
     from highdicom.valuerep import check_person_name
     from pydicom.dataset import Dataset
 
+    # pytest restores `warnings.showwarning` after each test, under the feet of an earlier
+    # test's capture: reset logging's record of it, so that setup_logging captures anew.
+    logging.captureWarnings(False)
     setup_logging(log_format)
     try:
         with warnings.catch_warnings():
