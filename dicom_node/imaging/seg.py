@@ -49,7 +49,6 @@ from model.volume_io import Volume
 
 log = logging.getLogger(__name__)
 
-_UID_NAMESPACE = "dicom-node/seg"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHORT_HASH = 12  # hex digits of the weights hash in AlgorithmVersion: 48 bits, no collisions
 _LO_MAX = 64  # Long String
@@ -148,7 +147,15 @@ class AlgorithmInfo:
 
 
 def seg_uids(source_series_uid: str, algorithm: AlgorithmInfo, generation: int) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID) of the SEG of this series, model and generation.
+    """(SeriesInstanceUID, SOPInstanceUID) of the SEG of this series, model and generation."""
+    return result_uids("seg", source_series_uid, algorithm, generation)
+
+
+def result_uids(
+    kind: str, source_series_uid: str, algorithm: AlgorithmInfo, generation: int, *more: str
+) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of a result of `kind` ("seg", "sr") of this series,
+    model and generation (and `more`, what else makes the result what it is).
 
     A function of its arguments only (the full weights hash included): a repeated delivery of
     one result is the same instance, anything else that differs is another.
@@ -159,12 +166,13 @@ def seg_uids(source_series_uid: str, algorithm: AlgorithmInfo, generation: int) 
         raise ValueError(f"generation: expected an int >= 1, got {generation!r}")
     # generate_uid concatenates its sources; join with a separator so ("a", "bc") != ("ab", "c").
     parts = (
-        _UID_NAMESPACE,
+        f"dicom-node/{kind}",
         source_series_uid,
         algorithm.name,
         algorithm.version,
         algorithm.weights_sha256,
         str(generation),
+        *more,
     )
 
     def uid(role: str) -> str:

@@ -53,7 +53,7 @@ from dicom_node.imaging.codes import (
     RADIUS,
     SEGMENTS,
 )
-from dicom_node.imaging.seg import AlgorithmInfo, _check_lo
+from dicom_node.imaging.seg import AlgorithmInfo, _check_lo, result_uids
 from model.labels import Bone, Side
 from model.measure import LegAlignment, Measurement
 
@@ -86,24 +86,7 @@ def sr_uids(
 ) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of the SR of this series, model, generation and
     set of measurements: a repeated delivery of one result is the same instance."""
-    if not source_series_uid:
-        raise ValueError("source_series_uid: must not be empty")
-    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
-        raise ValueError(f"generation: expected an int >= 1, got {generation!r}")
-    parts = (
-        _UID_NAMESPACE,
-        source_series_uid,
-        algorithm.name,
-        algorithm.version,
-        algorithm.weights_sha256,
-        str(generation),
-        ",".join(sorted(which)),
-    )
-
-    def uid(role: str) -> str:
-        return str(generate_uid(entropy_srcs=["\x1f".join((*parts, role))]))
-
-    return uid("series"), uid("sop-instance")
+    return result_uids("sr", source_series_uid, algorithm, generation, ",".join(sorted(which)))
 
 
 def _tracking(text: str) -> hd.sr.TrackingIdentifier:
