@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.testbed.node_process import AE_TITLE as NODE_AE
 from tests.support import ROOT
 
 BONE_MASK_DICE = 0.85  # what the shipped weights reach on any bone (see test_inference.py)
+SHORT = 60  # lines on the terminal: progress bars and the report, not the per-instance log
 
 
 @pytest.mark.parametrize(
-    ("kind", "pacs"), [("orthanc", "Orthanc"), ("scp", "pynetdicom storage SCP")]
+    ("kind", "pacs", "as_json"),
+    [("orthanc", "Orthanc", False), ("scp", "pynetdicom storage SCP", True)],
 )
 def test_demo_gets_the_seg_back_from_the_pacs_and_reports(
-    tmp_path: Path, kind: str, pacs: str
+    tmp_path: Path, kind: str, pacs: str, as_json: bool
 ) -> None:
     if kind == "orthanc" and shutil.which("Orthanc") is None:
         pytest.skip("Orthanc not installed (make system-deps)")
@@ -35,7 +38,7 @@ def test_demo_gets_the_seg_back_from_the_pacs_and_reports(
             "2",
             "--pacs",
             kind,
-            "--json",
+            *(["--json"] if as_json else []),
         ],
         capture_output=True,
         text=True,
@@ -43,7 +46,9 @@ def test_demo_gets_the_seg_back_from_the_pacs_and_reports(
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout[result.stdout.index("{") :])
+    report = json.loads((tmp_path / "report.json").read_text())
+    if as_json:  # stdout is the report alone; progress and the log's name go to stderr
+        assert json.loads(result.stdout) == report
     assert report["pacs"] == pacs
     assert report["seg"]["same_study"] and report["seg"]["same_patient"]
     assert report["any_bone_dice"] >= BONE_MASK_DICE
@@ -53,4 +58,15 @@ def test_demo_gets_the_seg_back_from_the_pacs_and_reports(
         stages
     )
     assert Path(report["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "report.json").read_text()) == report
+
+    # The terminal shows progress and the report; the per-instance log goes to a file it names.
+    terminal = result.stdout + result.stderr
+    log_file = tmp_path / "demo.log"
+    assert len(terminal.splitlines()) < SHORT, terminal
+    assert str(log_file) in result.stderr
+    assert "Sending Store Request" not in terminal
+    assert "segmenting" in result.stderr and "sending the SEG to the PACS" in result.stderr
+    log = log_file.read_text()
+    assert log.count("pynetdicom._handlers: Sending Store Request") == report["phantom"]["slices"]
+    assert f"dicom_node.app.daemon: {NODE_AE} listening on" in log  # the node's lines
+    assert "receiving -> complete" in log and "segmenting -> sending" in log

@@ -276,8 +276,8 @@ def _add_demo(sub: SubParsers) -> None:
         description="Generate a phantom CT series, start a node and a local PACS (Orthanc if "
         "installed, else a pynetdicom storage SCP) on free loopback ports, send the series, "
         "wait for the SEG at the PACS, and report timings per stage, segments with volumes, "
-        "Dice against the phantom's truth, and a PNG preview. Phantom figures are not "
-        "clinical accuracy.",
+        "Dice against the phantom's truth, and a PNG preview. Progress goes to stderr, the "
+        "full log to WORKDIR/demo.log. Phantom figures are not clinical accuracy.",
     )
     parser.add_argument("--workdir", type=Path, help="default: a new folder under /tmp")
     parser.add_argument("--seed", type=int, default=1003, help="phantom seed (1003: a hip)")

@@ -8,6 +8,10 @@ checks it against the phantom's ground truth and writes a report and a PNG previ
 Everything runs on free loopback ports in one work folder; nothing outside it is touched.
 The figures are on a synthetic phantom: they show that the pipeline works, not clinical
 accuracy.
+
+The terminal shows a progress bar per stage, read from the node's own job state, and the
+report; the full log (the demo's C-STOREs and the node's, per instance) goes to `demo.log` in
+the work folder.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,14 +30,16 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom import dcmread
-from rich.console import Group
+from rich.console import Console, Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dicom_node.app.config import Destination, load_config
 from dicom_node.app.status import job_report
 from dicom_node.imaging.codes import SEGMENTS
 from dicom_node.imaging.volume.assemble import assemble_volume
-from dicom_node.net.send import send_files
+from dicom_node.logs import LogFormat, formatter
+from dicom_node.net.send import SendResult, send_files
 from dicom_node.pipeline.state import NodeState
 from dicom_node.testbed.node_process import AE_TITLE as NODE_AE
 from dicom_node.testbed.node_process import NodeProcess, destination_toml
@@ -45,6 +54,88 @@ log = logging.getLogger(__name__)
 PACS_AE = "DEMOPACS"
 SCANNER_AE = "DEMO_CT"
 PACS_NAMES = {"orthanc": "Orthanc", "scp": "pynetdicom storage SCP"}
+LOG_NAME = "demo.log"  # in the work folder: the demo's log and the node's
+
+# The demo's stages, and the node job states during which each is under way (the first three
+# are the demo's own: its C-STORE of the series counts the instances the node has recorded; the
+# last ends when the SEG is at the PACS).
+STAGES = (
+    "generating the phantom",
+    "starting the PACS and the node",
+    "sending to the node",
+    "waiting for the series to complete",
+    "segmenting",
+    "sending the SEG to the PACS",
+)
+_STAGE_OF_STATE = {
+    "receiving": 3,
+    "complete": 3,
+    "queued": 4,
+    "segmenting": 4,
+    "sending": 5,
+    "done": 6,
+}
+
+
+class DemoProgress:
+    """A progress bar per stage on stderr (rich): stdout stays the report's alone."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:<36}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.tasks = [self.progress.add_task(name, start=False, total=None) for name in STAGES]
+        self.stage = -1
+
+    def __enter__(self) -> DemoProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def reach(self, stage: int) -> None:
+        """Stages before `stage` are done, `stage` is under way (len(STAGES): all done)."""
+        for done in range(max(self.stage, 0), min(stage, len(STAGES))):
+            task = self.tasks[done]
+            total = next(t.total for t in self.progress.tasks if t.id == task) or 1
+            self.progress.start_task(task)
+            self.progress.update(task, total=total, completed=total)
+        if self.stage < stage < len(STAGES):
+            self.progress.start_task(self.tasks[stage])
+        self.stage = max(self.stage, stage)
+
+    def state(self, node_state: str | None) -> None:
+        """The node's job is in `node_state`."""
+        if node_state in _STAGE_OF_STATE:
+            self.reach(_STAGE_OF_STATE[node_state])
+
+    def sent(self, instances: int, total: int) -> None:
+        self.progress.update(self.tasks[2], completed=instances, total=total)
+
+
+@contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """The root logger writes to `path` alone while the demo runs (pynetdicom's per-instance
+    lines among them), in the node's text format; its handlers are back afterwards."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    handler = logging.FileHandler(path)
+    handler.setFormatter(formatter(LogFormat.TEXT, "demo"))
+    for old in handlers:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for old in handlers:
+            root.addHandler(old)
 
 
 def start_pacs(kind: str, directory: Path) -> OrthancProcess | PynetdicomSCP:
@@ -165,11 +256,13 @@ def run_demo(
     threads: int = 0,
     pacs_kind: str = "auto",
     spacing: tuple[float, float, float] | None = None,
+    console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the demo in `workdir` and return its report (also written as report.json).
 
     `pacs_kind`: "orthanc", "scp" (the built-in storage SCP) or "auto" (Orthanc if installed).
     `spacing`: the phantom's (x, y, z) voxel size in mm; None draws it from the seed.
+    `console`: where the progress bars go (default stderr); the log goes to workdir/demo.log.
     """
     if pacs_kind not in ("auto", "orthanc", "scp"):
         raise ValueError(f"pacs_kind: expected auto, orthanc or scp, got {pacs_kind!r}")
@@ -178,6 +271,29 @@ def run_demo(
     if pacs_kind == "orthanc" and not shutil.which("Orthanc"):
         raise RuntimeError("Orthanc is not installed (apt install orthanc, or make system-deps)")
     workdir.mkdir(parents=True, exist_ok=True)
+    console = console or Console(stderr=True)
+    console.print(f"dicom-node demo in {workdir}; the full log: {workdir / LOG_NAME}")
+    with log_to_file(workdir / LOG_NAME), DemoProgress(console) as progress:
+        return _run(workdir, seed, size, region, threads, pacs_kind, spacing, progress)
+
+
+def _send(target: Destination, files: list[Path]) -> tuple[SendResult, float]:
+    """The series to the node as a scanner sends it, on one association; and its seconds."""
+    start = time.perf_counter()
+    return send_files(target, files, SCANNER_AE, timeout_s=60), time.perf_counter() - start
+
+
+def _run(
+    workdir: Path,
+    seed: int,
+    size: str,
+    region: str | None,
+    threads: int,
+    pacs_kind: str,
+    spacing: tuple[float, float, float] | None,
+    progress: DemoProgress,
+) -> dict[str, Any]:
+    progress.reach(0)
     t0 = time.perf_counter()
     phantom = write_phantom(
         workdir / "phantom", seed=seed, size=size, spacing=spacing, region=region
@@ -186,7 +302,7 @@ def run_demo(
     ct_files = sorted(phantom["ct"].iterdir())
     first = dcmread(ct_files[0], stop_before_pixels=True)
     study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-
+    progress.reach(1)
     pacs = start_pacs(pacs_kind, workdir / "pacs")
     node = jobs = None
     try:
@@ -195,24 +311,36 @@ def run_demo(
             complete_after_s=2,
             extra_config=destination_toml(pacs.destination("pacs")),
             threads=threads,
-        ).start(timeout_s=120)
+        )
+        node.log = workdir / LOG_NAME  # beside the demo's own lines
+        node.start(timeout_s=120)
         jobs = NodeJobs(node)
         target = Destination("node", NODE_AE, "127.0.0.1", node.port)
+        progress.reach(2)
         sent_at = time.perf_counter()
-        sent = send_files(target, ct_files, SCANNER_AE, timeout_s=60)
-        sent_s = time.perf_counter() - sent_at
+        with ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(_send, target, ct_files)
+            while not sending.done():
+                job = jobs.job(series_uid)
+                progress.sent(job["instances"] if job else 0, len(ct_files))
+                time.sleep(0.2)
+            sent, sent_s = sending.result()
         if not sent.delivered:
             raise RuntimeError(f"sending the series to the node failed: {sent.reason}")
+        progress.sent(len(ct_files), len(ct_files))
+        progress.reach(3)
         deadline = time.monotonic() + 3600
         while not (segs := seg_files(pacs, study_uid, workdir)):
             job = jobs.job(series_uid)
             if job is not None and job["state"] in ("failed", "no_findings", "skipped"):
                 raise RuntimeError(f"the node ended the series as {job['state']}: {job['reason']}")
+            progress.state(job["state"] if job else None)
             exited = node.process is None or node.process.poll() is not None
             if time.monotonic() > deadline or exited:
                 raise RuntimeError(f"no SEG at the PACS; see {node.log}")
             time.sleep(0.2)
         arrived_at = time.perf_counter()
+        progress.reach(len(STAGES))
         job = jobs.job(series_uid)
         assert job is not None
         while job["state"] != "done":  # the PACS answered; the node records it a moment later
@@ -282,6 +410,7 @@ def render_report(report: dict[str, Any], workdir: Path) -> Group:
         table,
         f"any bone vs background: Dice {report['any_bone_dice']:.3f}",
         f"timings (s): {timings}",
-        f"preview: {report['preview']}\nreport: {workdir / 'report.json'}",
+        f"preview: {report['preview']}\nreport: {workdir / 'report.json'}\n"
+        f"log (the demo's and the node's): {workdir / LOG_NAME}",
         "Synthetic phantom: these figures show the pipeline works, not clinical accuracy.",
     )
