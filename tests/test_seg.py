@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 from dicom_node import __version__
 from dicom_node.imaging.codes import BONE_CODES, SEGMENTS
 from dicom_node.imaging.seg import (
+    UNVERIFIED,
     AlgorithmInfo,
     SegError,
     SegWriter,
@@ -319,6 +320,26 @@ def test_a_repeated_delivery_is_the_same_instance_a_new_generation_is_not(
     assert reopened.SeriesInstanceUID != first.SeriesInstanceUID
     assert reopened.SOPInstanceUID != first.SOPInstanceUID
     assert first.PixelData == again.PixelData == reopened.PixelData
+
+
+def test_a_reopened_series_seg_says_its_generation_where_the_pacs_lists_it(
+    phantom: Case, tmp_path: Path
+) -> None:
+    """Both SEGs of a reopened series stay at the PACS: the later one says it is the later
+    one in its Series Description (kept whole however long the configured text), and both
+    carry the Series Date and Time a PACS lists series by."""
+    writer = SegWriter(ALGORITHM, series_description="B" * 64)
+    first = write_and_read(writer, phantom, tmp_path / "first.dcm")
+    reopened = write_and_read(writer, phantom, tmp_path / "second.dcm", generation=2)
+    assert first.SeriesDescription == "B" * 64
+    assert reopened.SeriesDescription == "B" * 50 + ", generation 2"
+    unsure = writer.write(phantom.assembled, phantom.sided, generation=3, unverified={1: "why"})
+    assert unsure is not None
+    assert unsure.SeriesDescription == f"{UNVERIFIED} " + "B" * 39 + ", generation 3"
+    for seg in (first, reopened, unsure):
+        assert (seg.SeriesDate, seg.SeriesTime) == (seg.ContentDate, seg.ContentTime)
+        assert seg.SeriesNumber == first.SeriesNumber  # the same series number: [seg] config
+    assert_valid(tmp_path / "second.dcm")
 
 
 def test_no_bone_gives_no_seg(phantom: Case, writer: SegWriter) -> None:

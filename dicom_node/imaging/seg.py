@@ -14,7 +14,8 @@ copies them), so the SEG lands in the source study.
 UIDs are derived, not random (`seg_uids`): the same source series, model and generation give
 the same SEG series and instance, so delivering a result twice (a retry after a lost answer,
 a restart mid-send) sends the same instance again instead of a second copy. A reopened series
-(more instances arrived after a result was sent) is a new generation and gets a new SEG series.
+(more instances arrived after a result was sent) is a new generation and gets a new SEG series,
+its Series Description ending ", generation N"; Series Date and Time are when it was made.
 """
 
 from __future__ import annotations
@@ -430,9 +431,10 @@ class SegWriter:
             self._description(number, SEGMENTS[value], algorithm)
             for number, value in enumerate(present, 1)
         ]
-        series_description = self.series_description
+        prefix = f"{UNVERIFIED} " if unverified is not None else ""
+        suffix = f", generation {generation}" if generation > 1 else ""  # a reopened series
+        series_description = (prefix + self.series_description)[: _LO_MAX - len(suffix)] + suffix
         if unverified is not None:
-            series_description = f"{UNVERIFIED} {series_description}"[:_LO_MAX]
             for description, value in zip(descriptions, present, strict=True):
                 why = unverified.get(value, "the series as a whole")
                 description.SegmentDescription = _long_string(f"{UNVERIFIED}: {why}")
@@ -455,6 +457,7 @@ class SegWriter:
             transfer_syntax_uid=ExplicitVRLittleEndian,
             omit_empty_frames=True,
         )
+        seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # for series lists
         done = time.perf_counter()
         log.info(
             "SEG of series %s: %d segments, %d frames (resample %.2f s, labels %.2f s, "
