@@ -1,14 +1,15 @@
-"""Issue 19, check 1: the HKA measured on the truth label maps of phantoms of unseen shape
-subjects against the phantom's own geometry (model.phantom.subjects.truth.true_hka).
+"""Issue 19, check 1: the HKA, femoral inclination and femoral version measured on the truth
+label maps of phantoms of unseen shape subjects against the phantom's own geometry
+(model.phantom.subjects.truth.true_hka, true_femoral_angles).
 
 Each phantom is a skeleton of a held-out LLP26 subject (HELD_OUT_SUBJECTS, 21-25) in poses,
 feet and scale drawn from its seed; each leg's bones are voxelised whole (hip to talus: no
 phantom region holds a whole leg) on an anisotropic grid and measured by
-model.measure.measure_leg_alignment. Per phantom a line goes to the ``.jsonl`` beside the
-results (a rerun skips the phantoms already there) and the summary (mean absolute
-difference, MAD, over the legs) is rewritten; progress goes to stdout.
+model.measure.measure_leg_alignment and measure_femoral_angles. Per phantom a line goes to
+the ``.jsonl`` beside the results (a rerun skips the phantoms already there) and the summary
+(mean absolute difference, MAD, over the legs) is rewritten; progress goes to stdout.
 
-    nice -n 19 .venv/bin/python -m bench.measurements --phantoms 30
+    nice -n 10 .venv/bin/python -m bench.measurements --phantoms 40
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from model.labels import Side
-from model.measure import measure_leg_alignment
+from model.measure import measure_femoral_angles, measure_leg_alignment
 from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
 from model.phantom.subjects.skeleton import SIDES, build_skeleton
-from model.phantom.subjects.truth import leg_label_map, true_hka
+from model.phantom.subjects.truth import leg_label_map, true_femoral_angles, true_hka
 
 RESULTS = Path(__file__).parent / "results" / "measurements.json"
 SPACING = (1.0, 1.0, 2.0)  # x, y, z mm: thin CT slices are rarely isotropic in practice
 TARGET_MAD_DEG = 0.5
+TARGET_FEMORAL_MAD_DEG = 1.5  # inclination, version
 
 
 def measure_phantom(index: int) -> dict:
@@ -40,26 +42,43 @@ def measure_phantom(index: int) -> dict:
     legs = {}
     for side in SIDES:
         start = time.perf_counter()
-        leg = measure_leg_alignment(leg_label_map(skeleton, side, spacing=SPACING))[
-            Side.LEFT if side == "left" else Side.RIGHT
-        ]
+        volume = leg_label_map(skeleton, side, spacing=SPACING)
+        sided = Side.LEFT if side == "left" else Side.RIGHT
+        legs_measured = measure_leg_alignment(volume)
+        leg = legs_measured[sided]
+        femur = measure_femoral_angles(volume, legs_measured)[sided]
         truth_3d, truth_coronal = true_hka(geometry, side)
+        _, true_inclination, true_version = true_femoral_angles(skeleton, side)
         legs[side] = {
             "true_hka_coronal_deg": round(truth_coronal, 3),
             "true_hka_3d_deg": round(truth_3d, 3),
             "hka_coronal_deg": leg.hka_coronal.value,
             "hka_3d_deg": leg.hka_3d.value,
             "not_measurable": leg.hka_coronal.reason,
+            "true_inclination_deg": _round(true_inclination),
+            "true_version_deg": _round(true_version),
+            "inclination_deg": femur.inclination.value,
+            "version_deg": femur.version.value,
+            "femur_not_measurable": femur.inclination.reason or femur.version.reason,
             "seconds": round(time.perf_counter() - start, 2),
             "pose": skeleton.geometry["poses"][side],
         }
     return {"index": index, "subject": subject, "seed": seed, "legs": legs}
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def summarise(records: list[dict]) -> dict:
     coronal, angle_3d, unmeasured = [], [], 0
+    femoral: dict[str, list[float]] = {"inclination": [], "version": []}
     for record in records:
         for leg in record["legs"].values():
+            for name, values in femoral.items():
+                measured, true = leg.get(f"{name}_deg"), leg.get(f"true_{name}_deg")
+                if measured is not None and true is not None:
+                    values.append(measured - true)
             if leg["hka_coronal_deg"] is None:
                 unmeasured += 1
                 continue
@@ -77,7 +96,8 @@ def summarise(records: list[dict]) -> dict:
         }
 
     return {
-        "check": "issue 19 check 1: HKA on truth label maps vs the phantom's geometry",
+        "check": "issue 19 check 1: HKA, femoral inclination and version on truth label maps "
+        "vs the phantom's geometry",
         "data": "subject-phantom skeletons of held-out LLP26 subjects 21-25, whole legs "
         f"voxelised at {SPACING} mm (x, y, z)",
         "phantoms": len(records),
@@ -86,6 +106,10 @@ def summarise(records: list[dict]) -> dict:
         "target_mad_deg": TARGET_MAD_DEG,
         "hka_coronal": stats(coronal),
         "hka_3d_magnitude": stats(angle_3d),
+        "target_femoral_mad_deg": TARGET_FEMORAL_MAD_DEG,
+        "legs_femoral_measured": {name: len(v) for name, v in femoral.items()},
+        "femoral_inclination": stats(femoral["inclination"]),
+        "femoral_version": stats(femoral["version"]),
     }
 
 
@@ -121,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"phantom {index + 1}/{args.phantoms} subject {record['subject']}: coronal HKA "
             f"differences {diffs} deg; MAD so far {summary['hka_coronal']['mad_deg']} deg "
-            f"over {summary['legs_measured']} legs ({time.perf_counter() - start:.0f} s)",
+            f"over {summary['legs_measured']} legs; inclination MAD "
+            f"{summary['femoral_inclination']['mad_deg']}, version MAD "
+            f"{summary['femoral_version']['mad_deg']} deg ({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
 

@@ -76,7 +76,7 @@ def measure_leg(sided: Volume, side: Side) -> LegAlignment:
         knee_f = femoral_knee_centre(femur.points, reference)
         cut = femur.cut_faces(_near_end(femur.points, knee_f - reference, FEMORAL_CONDYLE_SLAB_MM))
         if cut:
-            reasons.append(f"distal femur not in view: cut by the {_edges(cut)}")
+            reasons.append(f"distal femur not in view: cut by the {edges(cut)}")
         else:
             landmarks["femoral_knee_centre"] = knee_f
             if head is not None:
@@ -119,7 +119,7 @@ def _femoral_head(femur: BoneSurface, hip: BoneSurface | None) -> tuple[np.ndarr
     points = femur.points
     top_cut = femur.cut_faces(_near_end(points, _proximal_end(femur) - points.mean(axis=0), 10.0))
     not_in_view = (
-        f"femoral head not in view: the femur touches the {_edges(top_cut)}" if top_cut else None
+        f"femoral head not in view: the femur touches the {edges(top_cut)}" if top_cut else None
     )
     sphere = femoral_head_sphere(points, None if hip is None else hip.points)
     if sphere is None:
@@ -130,7 +130,7 @@ def _femoral_head(femur: BoneSurface, hip: BoneSurface | None) -> tuple[np.ndarr
         return not_in_view or f"femoral head not found: no sphere of {low:.0f}-{high:.0f} mm radius"
     cut = femur.cut_faces(np.linalg.norm(points - centre, axis=1) < radius + CUT_MARGIN_MM)
     if cut:
-        return f"femoral head not in view: cut by the {_edges(cut)}"
+        return f"femoral head not in view: cut by the {edges(cut)}"
     return centre, radius
 
 
@@ -170,7 +170,7 @@ def _tibial_landmarks(
         landmarks["ankle_centre"] = ankle
     cut = tibia.cut_faces(_near_end(tibia.points, axis, TIBIAL_PLATEAU_SLAB_MM))
     if cut:
-        reasons.append(f"proximal tibia not in view: cut by the {_edges(cut)}")
+        reasons.append(f"proximal tibia not in view: cut by the {edges(cut)}")
     else:
         landmarks["tibial_knee_centre"] = knee
     return ankle_from
@@ -191,5 +191,6 @@ def _near_end(points: np.ndarray, direction: np.ndarray, depth_mm: float) -> np.
     return t > t.max() - depth_mm - CUT_MARGIN_MM
 
 
-def _edges(faces: list[str]) -> str:
+def edges(faces: list[str]) -> str:
+    """The edges of the field of view named in ``faces``, in words."""
     return " and ".join(f"{face} edge" for face in faces) + " of the field of view"

@@ -73,23 +73,13 @@ def bone_surfaces(sided: Volume, side: Side, bones: tuple[Bone, ...]) -> dict[Bo
     faces = face_names(sided)
     out = {}
     for bone in bones:
-        box = boxes[sided_label(bone, side) - 1]
-        if box is None:
+        found = _largest_piece(array, boxes, sided_label(bone, side))
+        if found is None:
             continue
-        # One voxel of margin, so the outer surface is inside the box where the grid allows.
-        box = tuple(
-            slice(max(s.start - 1, 0), min(s.stop + 1, n))
-            for s, n in zip(box, array.shape, strict=True)
-        )
-        mask = array[box] == sided_label(bone, side)
-        pieces, count = ndimage.label(mask)
-        if count > 1:
-            sizes = np.bincount(pieces.ravel())
-            sizes[0] = 0
-            mask = pieces == int(np.argmax(sizes))
+        mask, start = found
         inner = mask & ~ndimage.binary_erosion(mask, border_value=0)
         outer = ndimage.binary_dilation(mask) & ~mask
-        index = np.argwhere(inner | outer) + np.array([s.start for s in box])
+        index = np.argwhere(inner | outer) + start
         out[bone] = BoneSurface(
             points=index_to_physical(sided, index),
             cut_by=_face_of(index[:, ::-1], array.shape[::-1]),
@@ -97,6 +87,38 @@ def bone_surfaces(sided: Volume, side: Side, bones: tuple[Bone, ...]) -> dict[Bo
             voxels=int(mask.sum()),
         )
     return out
+
+
+def bone_voxels(sided: Volume, side: Side, bone: Bone) -> np.ndarray | None:
+    """The centres (N, 3, LPS mm) of the voxels of the bone's largest piece: its solid, whose
+    centroids and axes, unlike its surface's, do not lean with anisotropic voxels."""
+    boxes = ndimage.find_objects(sided.array, max_label=2 * len(Bone))
+    found = _largest_piece(sided.array, boxes, sided_label(bone, side))
+    if found is None:
+        return None
+    mask, start = found
+    return index_to_physical(sided, np.argwhere(mask) + start)
+
+
+def _largest_piece(
+    array: np.ndarray, boxes: list, label: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The label's largest connected piece as a mask in its bounding box (one voxel of margin
+    where the grid allows, so the outer surface is inside it) and the box's first index."""
+    box = boxes[label - 1]
+    if box is None:
+        return None
+    box = tuple(
+        slice(max(s.start - 1, 0), min(s.stop + 1, n))
+        for s, n in zip(box, array.shape, strict=True)
+    )
+    mask = array[box] == label
+    pieces, count = ndimage.label(mask)
+    if count > 1:
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        mask = pieces == int(np.argmax(sizes))
+    return mask, np.array([s.start for s in box])
 
 
 def _face_of(index_xyz: np.ndarray, shape_xyz: tuple[int, ...]) -> np.ndarray:

@@ -54,3 +54,17 @@ class LegAlignment:
 
     def landmark(self, name: str) -> tuple[float, float, float] | None:
         return next((lm.position_mm for lm in self.landmarks if lm.name == name), None)
+
+
+@dataclass(frozen=True)
+class FemoralAngles:
+    """One femur's neck and proximal shaft (docs/measurements.md): the axes as unit vectors
+    (LPS; the neck axis from the head centre towards the neck's base, the shaft axis up the
+    shaft), None where not found, and femoral inclination and version (deg, anteversion
+    positive), each with a value or the reason it has none."""
+
+    side: Side
+    neck_axis: tuple[float, float, float] | None
+    shaft_axis: tuple[float, float, float] | None
+    inclination: Measurement
+    version: Measurement

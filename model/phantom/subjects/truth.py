@@ -5,7 +5,8 @@ posed bones' true surfaces (points sampled evenly over the meshes) with the very
 the measurement applies to a label map (:mod:`model.measure.geometry`), the femoral head's
 centre among them (the phantom's ``hip`` landmark, fitted to the coarse mesh's vertices
 before posing, lies up to ~5 mm off the sphere of the dense surface). :func:`true_hka`
-gives the HKA those landmarks make. A difference
+gives the HKA those landmarks make, :func:`true_femoral_angles` the femoral neck axis,
+inclination and version (:mod:`model.measure.femur`) on the femur voxelised at 0.5 mm. A difference
 between it and the HKA measured on a label map is then the label map's (voxels, field of
 view, islands), not a second definition of the landmarks.
 
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.labels import Bone, Side, sided_label
+from model.measure.femur import femoral_angles
 from model.measure.geometry import (
     femoral_head_sphere,
     femoral_knee_centre,
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from model.phantom.subjects.skeleton import BonePart, Skeleton
 
 SURFACE_SAMPLES_PER_MM2 = 2.0
+# The true femoral angles are measured on the femur voxelised this finely (isotropic).
+TRUE_SOLID_SPACING_MM = 0.5
 # Later bones overwrite earlier ones where voxels of two meet: the femoral head stays whole.
 PAINT_ORDER = (Bone.HIP_BONE, Bone.CALCANEUS, Bone.FIBULA, Bone.TALUS, Bone.TIBIA, Bone.FEMUR)
 PART_NAMES = {
@@ -106,6 +110,41 @@ def true_hka(geometry: dict, side: str) -> tuple[float, float]:
         lm[f"posterior_condyle_medial_{side}"],
         lm[f"posterior_condyle_lateral_{side}"],
     )
+
+
+def true_femoral_angles(
+    skeleton: Skeleton, side: str
+) -> tuple[np.ndarray | None, float | None, float | None]:
+    """The phantom's femoral neck axis (unit, from the head centre towards the neck's base),
+    inclination and version (deg, anteversion positive) of ``side``, on its posed femur's
+    bone (voxelised at TRUE_SOLID_SPACING_MM) with the head sphere of its dense surface and
+    the posterior condyles of its landmarks
+    (`model.measure.femur.femoral_angles`). Draws nothing."""
+    meshes = {p.name: p.mesh for p in skeleton.parts}
+    femur = surface_samples(meshes[f"femur_{side}"])
+    sphere = femoral_head_sphere(femur, surface_samples(meshes[f"hip_bone_{side}"]))
+    lm = {k: np.asarray(v, dtype=np.float64) for k, v in skeleton.landmarks.items()}
+    head = lm[f"femoral_head_centre_{side}"]
+    if sphere is None:
+        return None, None, None
+    condyles = (
+        lm[f"knee_femoral_{side}"],
+        lm[f"posterior_condyle_medial_{side}"],
+        lm[f"posterior_condyle_lateral_{side}"],
+    )
+    solid = _solid_points(meshes[f"femur_{side}"], TRUE_SOLID_SPACING_MM)
+    neck, _, inclination, version = femoral_angles(solid, head, sphere[1], condyles)
+    return neck, inclination, version
+
+
+def _solid_points(mesh: Mesh, spacing_mm: float) -> np.ndarray:
+    """The centres of the voxels inside the mesh on an isotropic grid of ``spacing_mm``."""
+    lo = mesh.vertices.min(axis=0) - spacing_mm
+    shape_xyz = np.ceil((mesh.vertices.max(axis=0) + spacing_mm - lo) / spacing_mm).astype(int)
+    step = np.full(3, spacing_mm)
+    nx, ny, nz = (int(n) for n in shape_xyz)
+    inside = voxelise(mesh.vertices, mesh.faces, lo, step, (nz, ny, nx))
+    return np.argwhere(inside)[:, ::-1] * spacing_mm + lo
 
 
 def leg_label_map(
