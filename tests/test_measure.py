@@ -185,9 +185,11 @@ def test_phantom_leg_hka_matches_its_geometry(skeleton, side: str) -> None:
 
 
 def test_the_same_bones_turned_on_another_grid_give_the_same_angle(skeleton) -> None:
+    from model.measure import measure_femoral_angles
     from model.phantom.subjects.truth import leg_label_map
 
-    straight = measure_leg_alignment(leg_label_map(skeleton, "left"))[Side.LEFT]
+    straight_volume = leg_label_map(skeleton, "left")
+    straight = measure_leg_alignment(straight_volume)[Side.LEFT]
     a, b = np.radians(12.0), np.radians(7.0)
     turn = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     tilt = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
@@ -195,6 +197,11 @@ def test_the_same_bones_turned_on_another_grid_give_the_same_angle(skeleton) -> 
     turned = measure_leg_alignment(volume)[Side.LEFT]
     assert turned.hka_coronal.value == pytest.approx(straight.hka_coronal.value, abs=0.3)
     assert turned.hka_3d.value == pytest.approx(straight.hka_3d.value, abs=0.3)
+    # The femoral angles too (check 3 of the issue).
+    femur = measure_femoral_angles(volume)[Side.LEFT]
+    femur_straight = measure_femoral_angles(straight_volume)[Side.LEFT]
+    assert femur.inclination.value == pytest.approx(femur_straight.inclination.value, abs=1.0)
+    assert femur.version.value == pytest.approx(femur_straight.version.value, abs=1.0)
 
 
 def test_a_phantom_cut_above_the_knee_measures_only_the_head(skeleton) -> None:
