@@ -24,19 +24,32 @@ from pydicom.dataset import Dataset
 from dicom_node.app.config import ConfigError, load_config
 from dicom_node.imaging import codes
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
-from dicom_node.imaging.sr import LEG_MEASUREMENTS, SrWriter, not_measurable_text, sr_uids
+from dicom_node.imaging.sr import (
+    FEMORAL_MEASUREMENTS,
+    LEG_MEASUREMENTS,
+    SrWriter,
+    measurements_summary,
+    not_measurable_text,
+    sr_uids,
+)
 from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.pipeline.inference import save_dicom, sr_path_beside
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.node_process import NodeProcess, destination_toml, storescu
 from dicom_node.testbed.peers import OrthancProcess
 from model.labels import Bone, Side
-from model.measure import LegAlignment, measure_leg_alignment
+from model.measure import (
+    FemoralAngles,
+    LegAlignment,
+    measure_femoral_angles,
+    measure_leg_alignment,
+)
 from model.volume_io import Volume
 from tests.support import PhantomSeries, require
 from tests.test_measure import synthetic_leg
 
 ALGORITHM = AlgorithmInfo("dicom-node bone segmentation", "1.0", "ab" * 32)
+BOTH = ("hka", "femoral_angles")
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
@@ -65,9 +78,10 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
     directory = tmp_path_factory.mktemp("measured")
     seg, ct = _leg_case(directory, labels, "sr-measured")
     alignments = measure_leg_alignment(labels)
+    femoral = measure_femoral_angles(labels, legs=alignments)
     path = directory / "sr.dcm"
-    save_dicom(SrWriter(ALGORITHM).write(seg, alignments), path)
-    return {"seg": seg, "ct": ct, "alignments": alignments, "path": path}
+    save_dicom(SrWriter(ALGORITHM, which=BOTH).write(seg, alignments, femoral=femoral), path)
+    return {"seg": seg, "ct": ct, "alignments": alignments, "femoral": femoral, "path": path}
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +92,10 @@ def cut(tmp_path_factory: pytest.TempPathFactory) -> dict:
     directory = tmp_path_factory.mktemp("cut")
     seg, ct = _leg_case(directory, labels, "sr-cut")
     alignments = measure_leg_alignment(labels)
+    femoral = measure_femoral_angles(labels, legs=alignments)
     path = directory / "sr.dcm"
-    save_dicom(SrWriter(ALGORITHM).write(seg, alignments), path)
-    return {"seg": seg, "ct": ct, "alignments": alignments, "path": path}
+    save_dicom(SrWriter(ALGORITHM, which=BOTH).write(seg, alignments, femoral=femoral), path)
+    return {"seg": seg, "ct": ct, "alignments": alignments, "femoral": femoral, "path": path}
 
 
 def _leg_group(
@@ -104,9 +119,15 @@ def _reasons(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[str]:
     ]
 
 
-def _check_report(path: Path, seg: Dataset, alignments: dict[Side, LegAlignment]) -> None:
-    """highdicom reads back what the node measured: values, units, laterality, reasons,
-    landmarks in the CT's frame, and the SEG segments of that side with the source series."""
+def _check_report(
+    path: Path,
+    seg: Dataset,
+    alignments: dict[Side, LegAlignment],
+    femoral: dict[Side, FemoralAngles] | None = None,
+) -> None:
+    """highdicom reads back what the node measured: values, units, laterality, reasons (the
+    femoral angles' too, when given), landmarks in the CT's frame, and the SEG segments of
+    that side with the source series."""
     sr = hd.sr.srread(path)
     report = sr.content
     assert isinstance(report, hd.sr.MeasurementReport)
@@ -117,8 +138,11 @@ def _check_report(path: Path, seg: Dataset, alignments: dict[Side, LegAlignment]
         assert group.finding_sites[0].value == codes.LOWER_LIMB
         made = {m.name.value: m for m in group.get_measurements()}
         failed = {q.name.value: q for q in group.get_qualitative_evaluations()}
-        for reported in LEG_MEASUREMENTS:
-            result = getattr(leg, reported.attribute)
+        reported_results = [(r, getattr(leg, r.attribute)) for r in LEG_MEASUREMENTS]
+        if femoral is not None:
+            angles = femoral[side]
+            reported_results += [(r, getattr(angles, r.attribute)) for r in FEMORAL_MEASUREMENTS]
+        for reported, result in reported_results:
             key = reported.concept.value
             if result.value is not None:
                 measurement = made.pop(key)
@@ -165,15 +189,40 @@ def _check_report(path: Path, seg: Dataset, alignments: dict[Side, LegAlignment]
 def test_a_measured_leg_reads_back_as_measured(measured: dict) -> None:
     leg = measured["alignments"][Side.LEFT]
     assert leg.hka_coronal.value == pytest.approx(-4.0, abs=0.5)  # 4 deg varus: varus negative
-    _check_report(measured["path"], measured["seg"], measured["alignments"])
+    angles = measured["femoral"][Side.LEFT]
+    assert angles.inclination.measurable and angles.version.measurable, angles
+    _check_report(measured["path"], measured["seg"], measured["alignments"], measured["femoral"])
+    group = _leg_group(hd.sr.srread(measured["path"]).content, Side.LEFT)
+    made = {m.name.value: m for m in group.get_measurements()}
+    inclination = made[codes.FEMORAL_INCLINATION.value]
+    assert inclination.value == pytest.approx(angles.inclination.value, abs=1e-9)
+    assert inclination.unit == codes.DEGREE
+    assert inclination.finding_sites[0].value == codes.FEMUR
+    assert inclination.finding_sites[0].laterality == codes.LATERALITY_CODES[Side.LEFT]
+    version = made[codes.FEMORAL_VERSION.value]
+    assert version.value == pytest.approx(angles.version.value, abs=1e-9)
+    summary = measurements_summary(measured["alignments"], measured["femoral"])["left"]
+    assert summary["femoral_inclination"]["value"] == round(angles.inclination.value, 3)
+    assert summary["femoral_version"]["unit"] == "deg"
 
 
 def test_what_was_not_measurable_reads_back_with_the_reason(cut: dict) -> None:
     leg = cut["alignments"][Side.RIGHT]
     assert not leg.hka_3d.measurable and "femoral head not in view" in str(leg.hka_3d.reason)
-    _check_report(cut["path"], cut["seg"], cut["alignments"])
+    angles = cut["femoral"][Side.RIGHT]
+    assert not angles.inclination.measurable and not angles.version.measurable
+    _check_report(cut["path"], cut["seg"], cut["alignments"], cut["femoral"])
     group = _leg_group(hd.sr.srread(cut["path"]).content, Side.RIGHT)
     assert any("not measurable (femoral head not in view" in r for r in _reasons(group))
+    failed = {q.name.value for q in group.get_qualitative_evaluations()}
+    assert {codes.FEMORAL_INCLINATION.value, codes.FEMORAL_VERSION.value} <= failed
+    assert not_measurable_text(codes.FEMORAL_VERSION, angles.version) in _reasons(group)
+    summary = measurements_summary(cut["alignments"], cut["femoral"])["right"]
+    assert summary["femoral_version"] == {
+        "unit": "deg",
+        "value": None,
+        "reason": angles.version.reason,
+    }
 
 
 def test_dciodvfy_finds_no_error(measured: dict, cut: dict) -> None:
@@ -194,6 +243,8 @@ def test_uids_are_derived_and_the_sr_joins_the_seg(measured: dict) -> None:
         source, ALGORITHM, 1, ("hka",)
     )
     assert sr_uids(source, ALGORITHM, 2, ("hka",)) != sr_uids(source, ALGORITHM, 1, ("hka",))
+    assert sr_uids(source, ALGORITHM, 1, BOTH) != sr_uids(source, ALGORITHM, 1, ("hka",))
+    assert sr_uids(source, ALGORITHM, 1, BOTH) == sr_uids(source, ALGORITHM, 1, BOTH[::-1])
     assert first.SOPInstanceUID not in (seg.SOPInstanceUID, seg.SeriesInstanceUID)
     ct = dcmread(measured["ct"], stop_before_pixels=True)
     assert first.StudyInstanceUID == ct.StudyInstanceUID
@@ -214,12 +265,20 @@ def test_writer_and_config_name_what_is_wrong(tmp_path: Path, measured: dict) ->
         SrWriter(ALGORITHM).write(Dataset(), measured["alignments"])
     with pytest.raises(ValueError, match="alignments is empty"):
         SrWriter(ALGORITHM).write(measured["seg"], {})
+    with pytest.raises(TypeError, match=r"SrWriter\.write: femoral"):
+        SrWriter(ALGORITHM, which=BOTH).write(measured["seg"], measured["alignments"])
     config = tmp_path / "config.toml"
     config.write_text('[measurements]\nwhich = ["hka", "alpha"]\n')
     with pytest.raises(ConfigError, match=r"measurements\.which: unknown 'alpha'"):
         load_config(config)
     config.write_text("[measurements]\nenabled = false\n")
     assert load_config(config).measurements.enabled is False
+    config.write_text('[measurements]\nwhich = ["hka", "femoral_angles"]\n')
+    assert load_config(config).measurements.which == ("hka", "femoral_angles")
+    config.write_text('[measurements]\nwhich = ["femoral_angles"]\n')
+    assert load_config(config).measurements.which == ("femoral_angles",)
+    config.write_text("")
+    assert "femoral_angles" in load_config(config).measurements.which  # the default
 
 
 # -- the phantom through the node and the command line (the model runs) ----------------------
@@ -268,6 +327,7 @@ def test_the_node_sends_the_sr_with_the_seg_into_the_study(
     measurements = job["result"]["measurements"]
     for leg in measurements.values():
         assert leg["hka_3d"]["value"] is None and leg["hka_3d"]["reason"]
+        assert {"femoral_inclination", "femoral_version"} <= set(leg)  # the default `which`
     assert "not measurable" in shown
 
 

@@ -261,7 +261,7 @@ def _measurements_table(measurements: dict[str, Any]) -> Table | Text:
     value with its unit, or not measurable and why."""
     if "error" in measurements:
         return Text(f"measurements failed: {measurements['error']}", style="yellow")
-    table = Table(title="measurements (varus negative)", title_justify="left")
+    table = Table(title="measurements (varus negative, anteversion positive)", title_justify="left")
     for column in ("leg", "measurement", "value"):
         table.add_column(column)
     for leg, values in measurements.items():

@@ -152,6 +152,11 @@ def _coined(value: str, meaning: str) -> Code:
 HKA_3D = _coined("HKA-3D", "Hip-knee-ankle angle, 3-D")
 HKA_CORONAL = _coined("HKA-COR", "Hip-knee-ankle angle, coronal")
 RADIUS: Code = codes.SCT.Radius  # 131190003, CID 7470 (linear measurements)
+# Femoral inclination (neck-shaft angle) and version (anteversion positive): no code in PS3.16
+# (pydicom's dictionary) and none that could be checked in a SNOMED CT release here.
+FEMORAL_INCLINATION = _coined("FEM-INCL", "Femoral inclination (neck-shaft angle)")
+FEMORAL_VERSION = _coined("FEM-VERS", "Femoral version")
+FEMUR: Code = codes.SCT.Femur  # 71341001: the finding site of the femoral angles
 
 # Landmarks (the finding of each TID 1410 point group), by model.measure's landmark name.
 LANDMARK_CODES: dict[str, Code] = {

@@ -9,9 +9,11 @@ A TID 1500 Measurement Report (highdicom) built from the SEG the node wrote and
   referencing the SEG segment and the source series: what the numbers were measured on;
 - per leg, a **TID 1501 group "Mechanical alignment of the lower limb"** (finding site lower
   limb with the leg's laterality) holding HKA in 3-D and coronal (UCUM deg) and the femoral
-  head radius (mm, finding site femoral head). A measurement that could not be made is a
-  qualitative evaluation "Measurement failure" (DCM 114006) under the measurement's own
-  concept name, and a TEXT "Qualitative Evaluations" item "<name>: not measurable (<reason>)";
+  head radius (mm, finding site femoral head), and with `which` "femoral_angles" femoral
+  inclination and version (deg, anteversion positive, finding site femur). A measurement
+  that could not be made is a qualitative evaluation "Measurement failure" (DCM 114006)
+  under the measurement's own concept name, and a TEXT "Qualitative Evaluations" item
+  "<name>: not measurable (<reason>)";
 - per landmark found, a **TID 1410 group** whose region is a SCOORD3D POINT in the CT's frame
   of reference (LPS mm), its finding the landmark's code, its site the bone and laterality.
 
@@ -37,6 +39,9 @@ from dicom_node import __version__
 from dicom_node.imaging.codes import (
     DEGREE,
     FEMORAL_HEAD,
+    FEMORAL_INCLINATION,
+    FEMORAL_VERSION,
+    FEMUR,
     HKA_3D,
     HKA_CORONAL,
     LANDMARK_CODES,
@@ -55,7 +60,7 @@ from dicom_node.imaging.codes import (
 )
 from dicom_node.imaging.seg import AlgorithmInfo, _check_lo, result_uids
 from model.labels import Bone, Side
-from model.measure import LegAlignment, Measurement
+from model.measure import FemoralAngles, LegAlignment, Measurement
 
 _UID_NAMESPACE = "dicom-node/sr"
 # The segments an alignment is measured on, per leg.
@@ -65,7 +70,7 @@ MEASURED_BONES = (Bone.FEMUR, Bone.TIBIA)
 @dataclass(frozen=True)
 class ReportedMeasurement:
     """One measurement as the SR carries it: its concept, unit, finding site and the
-    `LegAlignment` attribute it comes from."""
+    `LegAlignment` (or `FemoralAngles`) attribute it comes from."""
 
     attribute: str
     concept: Code
@@ -78,6 +83,11 @@ LEG_MEASUREMENTS = (
     ReportedMeasurement("hka_3d", HKA_3D, DEGREE, LOWER_LIMB),
     ReportedMeasurement("hka_coronal", HKA_CORONAL, DEGREE, LOWER_LIMB),
     ReportedMeasurement("femoral_head_radius", RADIUS, MILLIMETRE, FEMORAL_HEAD),
+)
+# `which` "femoral_angles": the femur's measurements, in the same leg group, after those.
+FEMORAL_MEASUREMENTS = (
+    ReportedMeasurement("inclination", FEMORAL_INCLINATION, DEGREE, FEMUR),
+    ReportedMeasurement("version", FEMORAL_VERSION, DEGREE, FEMUR),
 )
 
 
@@ -135,10 +145,16 @@ class SrWriter:
         )
 
     def write(
-        self, seg: Dataset, alignments: Mapping[Side, LegAlignment], generation: int = 1
+        self,
+        seg: Dataset,
+        alignments: Mapping[Side, LegAlignment],
+        generation: int = 1,
+        femoral: Mapping[Side, FemoralAngles] | None = None,
     ) -> hd.sr.Comprehensive3DSR:
         """The measurement report of `alignments` (`model.measure.measure_leg_alignment` on
-        the sided labels `seg` encodes), in `seg`'s study and frame of reference."""
+        the sided labels `seg` encodes), in `seg`'s study and frame of reference; with
+        `which` "femoral_angles", `femoral` (`model.measure.measure_femoral_angles` on those
+        alignments) in each leg's group."""
         if str(getattr(seg, "SOPClassUID", "")) != SegmentationStorage:
             raise TypeError("SrWriter.write: seg must be a DICOM Segmentation dataset")
         if not isinstance(alignments, Mapping) or not all(
@@ -148,6 +164,17 @@ class SrWriter:
             raise TypeError("SrWriter.write: alignments must map Side to LegAlignment")
         if not alignments:
             raise ValueError("SrWriter.write: alignments is empty: no leg to report")
+        if "femoral_angles" in self.which:
+            if not isinstance(femoral, Mapping) or not all(
+                isinstance(angles, FemoralAngles) and angles.side is side
+                for side, angles in femoral.items()
+            ):
+                raise TypeError(
+                    "SrWriter.write: femoral must map Side to FemoralAngles (which has "
+                    "'femoral_angles')"
+                )
+            if set(femoral) != set(alignments):
+                raise ValueError("SrWriter.write: femoral and alignments differ in their legs")
         source = seg.ReferencedSeriesSequence[0]
         source_series_uid = str(source.SeriesInstanceUID)
         frame_of_reference = str(seg.FrameOfReferenceUID)
@@ -157,7 +184,8 @@ class SrWriter:
         for side in sorted(alignments, key=lambda s: s.value):
             leg = alignments[side]
             groups += self._segment_groups(seg, source_series_uid, side, algorithm_id)
-            groups.append(self._leg_group(leg, algorithm_id))
+            angles = femoral[side] if femoral is not None else None
+            groups.append(self._leg_group(leg, angles, algorithm_id))
             groups += self._landmark_groups(leg, frame_of_reference, algorithm_id)
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
@@ -222,14 +250,27 @@ class SrWriter:
             )
         return groups
 
+    def _reported(
+        self, leg: LegAlignment, angles: FemoralAngles | None
+    ) -> list[tuple[ReportedMeasurement, Measurement]]:
+        """The measurements of one leg that `which` picks, with their results."""
+        out: list[tuple[ReportedMeasurement, Measurement]] = []
+        if "hka" in self.which:
+            out += [(r, getattr(leg, r.attribute)) for r in LEG_MEASUREMENTS]
+        if "femoral_angles" in self.which and angles is not None:
+            out += [(r, getattr(angles, r.attribute)) for r in FEMORAL_MEASUREMENTS]
+        return out
+
     def _leg_group(
-        self, leg: LegAlignment, algorithm_id: hd.sr.AlgorithmIdentification
+        self,
+        leg: LegAlignment,
+        angles: FemoralAngles | None,
+        algorithm_id: hd.sr.AlgorithmIdentification,
     ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
         """The TID 1501 group of one leg's measurements, made or not."""
         laterality = LATERALITY_CODES[leg.side]
         measurements, failures, reasons = [], [], []
-        for reported in LEG_MEASUREMENTS:
-            result: Measurement = getattr(leg, reported.attribute)
+        for reported, result in self._reported(leg, angles):
             if result.value is not None:
                 measurements.append(
                     hd.sr.Measurement(
@@ -326,15 +367,26 @@ def _source_instances(seg: Dataset) -> list[Dataset]:
     return out
 
 
-def measurements_summary(alignments: Mapping[Side, LegAlignment]) -> dict[str, Any]:
-    """The alignments as JSON for the job summary: per leg, each measurement's value and unit
-    or its reason, and the landmarks in LPS mm."""
+def measurements_summary(
+    alignments: Mapping[Side, LegAlignment],
+    femoral: Mapping[Side, FemoralAngles] | None = None,
+) -> dict[str, Any]:
+    """The alignments (and femoral angles, when given) as JSON for the job summary: per leg,
+    each measurement's value and unit or its reason, and the landmarks in LPS mm."""
     legs = {}
     for side, leg in sorted(alignments.items(), key=lambda item: item[0].value):
+        angles = femoral.get(side) if femoral is not None else None
         legs[side.name.lower()] = {
             **{
                 reported.attribute: _measurement_json(getattr(leg, reported.attribute))
                 for reported in LEG_MEASUREMENTS
+            },
+            **{
+                f"femoral_{reported.attribute}": _measurement_json(
+                    getattr(angles, reported.attribute)
+                )
+                for reported in FEMORAL_MEASUREMENTS
+                if angles is not None
             },
             "ankle_centre_from": leg.ankle_centre_from,
             "landmarks_mm": {

@@ -27,7 +27,7 @@ from dicom_node.imaging.sr import SrWriter, measurements_summary
 from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.imaging.volume.policy import AssemblyError, AssemblyPolicy
 from dicom_node.pipeline.spool import write_durably
-from model.measure import measure_leg_alignment
+from model.measure import measure_femoral_angles, measure_leg_alignment
 from model.verdict import Verdict
 from model.volume_io import Volume
 
@@ -175,13 +175,19 @@ def segment_series(
 def _measure(
     sided: Volume, seg: Dataset, writer: SrWriter, generation: int, summary: dict[str, Any]
 ) -> Dataset | None:
-    """The SR of the measurements picked (today "hka": the leg alignment), their numbers into
+    """The SR of the measurements picked ("hka": the leg alignment; "femoral_angles": femoral
+    inclination and version, on the alignment's landmarks, measured once), their numbers into
     `summary["measurements"]`; None (and the error's type in the summary) if they fail."""
     t = time.perf_counter()
     try:
-        alignments = measure_leg_alignment(sided) if "hka" in writer.which else {}
-        summary["measurements"] = measurements_summary(alignments)
-        sr = writer.write(seg, alignments, generation) if alignments else None
+        alignments = measure_leg_alignment(sided) if writer.which else {}
+        femoral = (
+            measure_femoral_angles(sided, legs=alignments)
+            if "femoral_angles" in writer.which
+            else None
+        )
+        summary["measurements"] = measurements_summary(alignments, femoral)
+        sr = writer.write(seg, alignments, generation, femoral) if alignments else None
     except Exception as error:  # the SEG still goes out; the reason is in the job
         log.error("measurements failed: %s", type(error).__name__)
         log.debug("measurements failed", exc_info=True)

@@ -108,7 +108,9 @@ class SegConfig:
 
 
 # The measurements `[measurements] which` can pick (model/measure, docs/measurements.md).
-MEASUREMENT_NAMES = ("hka",)  # hka: mechanical axes, hip-knee-ankle angle, femoral head
+# hka: mechanical axes, hip-knee-ankle angle, femoral head; femoral_angles: femoral
+# inclination and version (on the landmarks the leg alignment found).
+MEASUREMENT_NAMES = ("hka", "femoral_angles")
 
 
 @dataclass(frozen=True)
