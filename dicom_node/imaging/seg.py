@@ -1,21 +1,17 @@
 """Label map -> DICOM Segmentation: what the node sends back.
 
-The SEG is written on the source images' own grid, frame for frame, not on the assembled
-volume's grid: a viewer overlays a SEG frame on the source frame it references, and for a
-gantry-tilted or irregularly spaced series the volume's slices are not the source frames.
-`labels_on_frames` brings the label map back onto every source frame (what
-`SourceGeometry.resample_to_frames` does, without its SimpleITK call per frame).
+The SEG lies on the source images' own frames, not the assembled volume's grid (a viewer
+overlays a SEG frame on the source frame it references; a tilted or irregular series' volume
+slices are not its frames): `labels_on_frames` brings the labels back onto every frame.
 
 The SEG is BINARY (bit-packed frames, Explicit VR Little Endian: what every viewer reads), one
 segment per sided label present, coded by `dicom_node.imaging.codes`. Frames where a segment is
 empty are left out. Patient, study and frame of reference come from the source headers (highdicom
 copies them), so the SEG lands in the source study.
 
-UIDs are derived, not random (`seg_uids`): the same source series, model and generation give
-the same SEG series and instance, so delivering a result twice (a retry after a lost answer,
-a restart mid-send) sends the same instance again instead of a second copy. A reopened series
-(more instances arrived after a result was sent) is a new generation and gets a new SEG series,
-its Series Description ending ", generation N"; Series Date and Time are when it was made.
+UIDs are derived, not random (`result_uids`): the same source series, model and generation
+give the same instance, so a result delivered twice is the same instance. A reopened series is
+a new generation: a new SEG series, its Series Description ending ", generation N".
 """
 
 from __future__ import annotations
@@ -90,7 +86,7 @@ class SegError(ValueError):
     """A SEG that cannot be written for this series; str() is the reason."""
 
 
-def _check_lo(owner: str, name: str, value: object, *, required: bool = True) -> None:
+def check_lo(owner: str, name: str, value: object, *, required: bool = True) -> None:
     """A DICOM Long String: text, at most 64 characters, no backslash or control characters."""
     if not isinstance(value, str):
         raise TypeError(f"{owner}.{name}: expected str, got {type(value).__name__}")
@@ -116,14 +112,14 @@ class AlgorithmInfo:
     weights_sha256: str
 
     def __post_init__(self) -> None:
-        _check_lo("AlgorithmInfo", "name", self.name)
-        _check_lo("AlgorithmInfo", "version", self.version)
+        check_lo("AlgorithmInfo", "name", self.name)
+        check_lo("AlgorithmInfo", "version", self.version)
         if not isinstance(self.weights_sha256, str) or not _SHA256.fullmatch(self.weights_sha256):
             raise ValueError(
                 "AlgorithmInfo.weights_sha256: expected 64 lowercase hex digits, "
                 f"got {self.weights_sha256!r}"
             )
-        _check_lo("AlgorithmInfo", "algorithm_version", self.algorithm_version)
+        check_lo("AlgorithmInfo", "algorithm_version", self.algorithm_version)
 
     @property
     def algorithm_version(self) -> str:
@@ -286,6 +282,18 @@ def _renumbered(frames: np.ndarray, present: list[int], slab: int = 16) -> np.nd
     return out
 
 
+def check_result_series(owner: str, algorithm: object, series_number: object) -> None:
+    """What every result writer (SEG, SR) is given: its model and its Series Number (IS)."""
+    if not isinstance(algorithm, AlgorithmInfo):
+        raise TypeError(
+            f"{owner}.algorithm: expected AlgorithmInfo, got {type(algorithm).__name__}"
+        )
+    if isinstance(series_number, bool) or not isinstance(series_number, int):
+        raise TypeError(f"{owner}.series_number: expected int, got {series_number!r}")
+    if not 1 <= series_number <= 2**31 - 1:
+        raise ValueError(f"{owner}.series_number: must be 1..2147483647, got {series_number}")
+
+
 class SegWriter:
     """Writes the node's DICOM SEGs: one writer per model, configured once.
 
@@ -307,14 +315,7 @@ class SegWriter:
         content_description: str | None = None,
     ) -> None:
         owner = "SegWriter"
-        if not isinstance(algorithm, AlgorithmInfo):
-            raise TypeError(
-                f"{owner}.algorithm: expected AlgorithmInfo, got {type(algorithm).__name__}"
-            )
-        if isinstance(series_number, bool) or not isinstance(series_number, int):
-            raise TypeError(f"{owner}.series_number: expected int, got {series_number!r}")
-        if not 1 <= series_number <= 2**31 - 1:
-            raise ValueError(f"{owner}.series_number: must be 1..2147483647, got {series_number}")
+        check_result_series(owner, algorithm, series_number)
         for name, value in (
             ("series_description", series_description),
             ("manufacturer", manufacturer),
@@ -322,14 +323,14 @@ class SegWriter:
             ("software_versions", software_versions),
             ("device_serial_number", device_serial_number),
         ):
-            _check_lo(owner, name, value)
+            check_lo(owner, name, value)
         if not isinstance(content_label, str) or not _CS.fullmatch(content_label):
             raise ValueError(
                 f"{owner}.content_label: 1-16 of A-Z, 0-9, space, underscore; got {content_label!r}"
             )
         if content_description is None:
             content_description = f"{algorithm.name} {algorithm.algorithm_version}"[:_LO_MAX]
-        _check_lo(owner, "content_description", content_description)
+        check_lo(owner, "content_description", content_description)
         self.algorithm = algorithm
         self.series_number = series_number
         self.series_description = series_description

@@ -58,7 +58,7 @@ from dicom_node.imaging.codes import (
     RADIUS,
     SEGMENTS,
 )
-from dicom_node.imaging.seg import AlgorithmInfo, _check_lo, result_uids
+from dicom_node.imaging.seg import AlgorithmInfo, check_lo, check_result_series, result_uids
 from model.labels import Bone, Side
 from model.measure import FemoralAngles, LegAlignment, Measurement
 
@@ -119,16 +119,9 @@ class SrWriter:
         manufacturer: str = "dicom-node",
     ) -> None:
         owner = "SrWriter"
-        if not isinstance(algorithm, AlgorithmInfo):
-            raise TypeError(
-                f"{owner}.algorithm: expected AlgorithmInfo, got {type(algorithm).__name__}"
-            )
-        if isinstance(series_number, bool) or not isinstance(series_number, int):
-            raise TypeError(f"{owner}.series_number: expected int, got {series_number!r}")
-        if not 1 <= series_number <= 2**31 - 1:
-            raise ValueError(f"{owner}.series_number: must be 1..2147483647, got {series_number}")
-        _check_lo(owner, "series_description", series_description)
-        _check_lo(owner, "manufacturer", manufacturer)
+        check_result_series(owner, algorithm, series_number)
+        check_lo(owner, "series_description", series_description)
+        check_lo(owner, "manufacturer", manufacturer)
         if isinstance(which, str) or not all(isinstance(w, str) and w for w in which):
             raise TypeError(f"{owner}.which: expected a sequence of names, got {which!r}")
         self.algorithm = algorithm
