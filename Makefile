@@ -9,11 +9,13 @@ STAMP := $(VENV)/.installed
 # PostgreSQL is the node's other state database (dicom_node/testbed/postgres.py runs a
 # throw-away server). Its server binaries are not on PATH (/usr/lib/postgresql/<version>/bin);
 # pg_ctlcluster, from postgresql-common which the server package pulls in, is, so it stands
-# for them here.
+# for them here. RabbitMQ is the broker of the node as a cluster (dicom_node/testbed/rabbitmq.py
+# runs a throw-away one from /usr/lib/rabbitmq/bin; rabbitmq-server, on root's PATH, stands for
+# it).
 # Node.js and npm (for dcmjs, the OHIF viewer's SEG reader, tests/viewer) come with the
 # machine (NodeSource's build, which bundles npm: Debian's npm package would conflict with it).
-APT_PACKAGES := dicom3tools dcmtk orthanc postgresql
-APT_BINARIES := dciodvfy storescu Orthanc pg_ctlcluster
+APT_PACKAGES := dicom3tools dcmtk orthanc postgresql rabbitmq-server
+APT_BINARIES := dciodvfy storescu Orthanc pg_ctlcluster rabbitmq-server
 APT_STAMP := $(VENV)/.apt-installed
 # dcmjs at the version tests/viewer/package-lock.json pins.
 VIEWER := tests/viewer

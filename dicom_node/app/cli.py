@@ -228,11 +228,17 @@ def _add_serve(sub: SubParsers) -> None:
         "until it is complete and selected. Stops cleanly on SIGTERM or SIGINT.",
     )
     parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    parser.add_argument(
+        "--role",
+        choices=("receive", "worker"),
+        help="with [cluster] enabled: a reception node (receive, select, hand queued series to "
+        "the broker, deliver) or an inference worker (take series from the broker)",
+    )
     parser.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dicom_node.app.config import load_config
+    from dicom_node.app.config import ConfigError, load_config
     from dicom_node.app.daemon import serve
 
     try:
@@ -243,7 +249,16 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(config.log.format, _log_level(args))  # [log] format; the worker follows it
     # pynetdicom's debug output dumps datasets: never below INFO, so no identifiers in logs.
     logging.getLogger("pynetdicom").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    serve(config, args.config)
+    if config.cluster.enabled != (args.role is not None):
+        raise ConfigError(
+            "serve --role: receive or worker with [cluster] enabled = true, none without"
+        )
+    if args.role == "worker":
+        from dicom_node.cluster.worker import run_worker  # Celery: the `cluster` extra
+
+        run_worker(config)
+    else:
+        serve(config, args.config)
     return 0
 
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -36,6 +37,8 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.app.config import Config
+from dicom_node.cluster.storage import NodeSpool
+from dicom_node.cluster.storage import results_dir as shared_results_dir
 from dicom_node.net.access import check_permissions, start_server
 from dicom_node.net.receive import Reception, build_ae, event_handlers
 from dicom_node.net.tls import server_context
@@ -49,6 +52,9 @@ from dicom_node.pipeline.worker import InferenceWorker
 from dicom_node.web.health import node_checks
 from dicom_node.web.metrics import NodeMetrics
 from dicom_node.web.server import HttpEndpoint
+
+if TYPE_CHECKING:
+    from dicom_node.cluster.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +108,33 @@ def serve(config: Config, config_path: Path | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    state = NodeState(node.database_url)
-    spool = Spool(data_dir / SPOOL_DIR, node.min_free_mb << 20)  # the watermark, in bytes
-    results_dir = data_dir / RESULTS_DIR
+    cluster = config.cluster
+    state = NodeState(node.database_url, cluster.owner)
+    min_free = node.min_free_mb << 20  # the watermark, in bytes
+    if cluster.enabled:  # a reception node: files on the shared path, workers elsewhere
+        spool: Spool = NodeSpool(cluster, min_free)
+        results_dir = shared_results_dir(cluster)
+        worker = None
+    else:
+        spool = Spool(data_dir / SPOOL_DIR, min_free)
+        results_dir = data_dir / RESULTS_DIR
+        worker = InferenceWorker(config)
     scheduler = BackgroundScheduler(timezone=UTC)
-    worker = InferenceWorker(config)
     metrics = NodeMetrics(state, spool, worker, [d.name for d in config.destinations])
     http = HttpEndpoint(config.http, metrics.registry) if config.http.enabled else None
     if http is not None:
         http.start()  # a taken port fails the start before the model loads
-    worker.start()  # a broken model or config fails the start, not the first series
     delivery = DeliveryStage(config, state, results_dir, scheduler, metrics)
-    segmentation = SegmentationStage(
-        config, state, spool, results_dir, worker, delivery.wake, metrics
-    )
+    segmentation: SegmentationStage | Dispatcher
+    if worker is None:
+        from dicom_node.cluster.dispatch import Dispatcher  # Celery: the `cluster` extra
+
+        segmentation = Dispatcher(state, cluster)
+    else:
+        worker.start()  # a broken model or config fails the start, not the first series
+        segmentation = SegmentationStage(
+            config, state, spool, results_dir, worker, delivery.wake, metrics
+        )
     completion = SeriesCompletion(
         state, spool, config.series, scheduler, segmentation.wake, metrics
     )
@@ -157,7 +176,8 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         segmentation.stop()
         delivery.stop()
         scheduler.shutdown(wait=True)
-        worker.stop()
+        if worker is not None:
+            worker.stop()
         state.close()
         if http is not None:
             http.stop()

@@ -146,13 +146,13 @@ class SegmentationStage:
         if claim.attempt <= retries:
             self.state.requeue(claim, f"{reason}; retry {claim.attempt} of {retries}")
         else:
-            self.state.mark_failed(claim.series_id, claim.generation, reason)
+            self.state.fail_claim(claim, reason)
 
     def _record(self, claim: ClaimedSeries, seg_name: str, outcome: WorkOutcome) -> None:
         self._observe(outcome.summary.get("timings_s", {}))
         summary = json.dumps(outcome.summary)
         if outcome.reason is not None:
-            self.state.mark_failed(claim.series_id, claim.generation, outcome.reason)
+            self.state.fail_claim(claim, outcome.reason)
         elif outcome.seg_uids is None:
             self.state.mark_no_findings(claim, summary, outcome.summary["no_findings"])
         elif outcome.unsure and self.config.verdict.policy == UnsurePolicy.HOLD:

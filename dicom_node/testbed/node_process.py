@@ -27,6 +27,7 @@ from dicom_node.testbed.peers import PEER_ENV, PeerDidNotStartError, find_binary
 # from there, so that it runs the same code (a checkout's, not some other installed copy).
 PACKAGE_PARENT = Path(dicom_node.__file__).resolve().parents[1]
 AE_TITLE = "BONESEG"
+WORKER_READY = b"ready: taking jobs"  # dicom_node.cluster.worker's line
 
 
 def _toml(value: Any) -> str:
@@ -44,13 +45,16 @@ class NodeProcess:
         series: dict[str, Any] | None = None,
         threads: int = 2,
         verbose: bool = False,
+        role: str | None = None,
         **node: Any,
     ) -> None:
         """`node` and `series`: keys of those config sections; `extra_config`: more sections;
         `threads`: [inference] threads (the tests' two: they share one or two cores with other
-        work; 0 lets the node use every core); `verbose`: `dicom-node -v serve` (DEBUG)."""
+        work; 0 lets the node use every core); `verbose`: `dicom-node -v serve` (DEBUG);
+        `role`: `serve --role` (receive or worker, with a [cluster] section)."""
         self.directory = directory
         self.verbose = verbose
+        self.role = role
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.data_dir = directory / "data"
@@ -78,6 +82,9 @@ class NodeProcess:
         inference worker loads its model first, hence the long `timeout_s`."""
         verbosity = ["-v"] if self.verbose else []
         command = [sys.executable, "-m", "dicom_node", *verbosity, "serve"]
+        if self.role is not None:
+            command += ["--role", self.role]
+        log_start = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--config", str(self.config)],
@@ -86,12 +93,22 @@ class NodeProcess:
                 cwd=PACKAGE_PARENT,
             )
         deadline = time.monotonic() + timeout_s
-        while self._pid_in_file() != self.process.pid:  # written once it listens
+        while not self._started(log_start):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise PeerDidNotStartError(f"node did not start:\n{self.log.read_text()}")
             time.sleep(0.05)
         return self
+
+    def _started(self, log_start: int) -> bool:
+        """A node listens (its pid file names it); a cluster worker listens on no port: it
+        says in its log (past `log_start`) when it takes jobs."""
+        assert self.process is not None
+        if self.role == "worker":
+            with self.log.open("rb") as log:
+                log.seek(log_start)
+                return WORKER_READY in log.read()
+        return self._pid_in_file() == self.process.pid
 
     def _pid_in_file(self) -> int | None:
         try:  # a SIGKILLed node leaves its pid file behind

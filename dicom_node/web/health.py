@@ -98,20 +98,23 @@ def node_checks(
     state: NodeState,
     spool: Spool,
     data_dir: Path,
-    worker: InferenceWorker,
+    worker: InferenceWorker | None,
     scheduler: BaseScheduler,
     server: socketserver.TCPServer,
     address: str,
 ) -> dict[str, ReadinessCheck]:
-    """The checks of a running node, by the name `/readyz` reports them under."""
-    return {
+    """The checks of a running node, by the name `/readyz` reports them under (no `worker`
+    on a cluster's reception node: its workers run elsewhere)."""
+    checks: dict[str, ReadinessCheck] = {
         "database": partial(database_reachable, state),
         "data_dir": partial(data_dir_writable, data_dir),
         "free_space": partial(free_space, spool),
-        "worker": partial(worker_ready, worker),
-        "scheduler": partial(scheduler_running, scheduler),
-        "scp": partial(dicom_port_listening, server, address),
     }
+    if worker is not None:
+        checks["worker"] = partial(worker_ready, worker)
+    checks["scheduler"] = partial(scheduler_running, scheduler)
+    checks["scp"] = partial(dicom_port_listening, server, address)
+    return checks
 
 
 def readiness(checks: Mapping[str, ReadinessCheck]) -> tuple[bool, dict[str, dict[str, Any]]]:

@@ -65,7 +65,7 @@ class NodeMetrics:
         self,
         state: NodeState,
         spool: Spool,
-        worker: InferenceWorker,
+        worker: InferenceWorker | None,  # None: a cluster's reception node (no worker)
         destinations: Sequence[str] = (),
     ) -> None:
         self.registry = CollectorRegistry()
@@ -158,7 +158,7 @@ class _ScrapeTimeCollector(Collector):
     """What is read from its source at each scrape. A source that fails (the database down)
     leaves its metrics out of that scrape, logged, instead of failing the whole scrape."""
 
-    def __init__(self, state: NodeState, spool: Spool, worker: InferenceWorker) -> None:
+    def __init__(self, state: NodeState, spool: Spool, worker: InferenceWorker | None) -> None:
         self.state = state
         self.spool = spool
         self.worker = worker
@@ -171,6 +171,8 @@ class _ScrapeTimeCollector(Collector):
             value=_associations_in_progress(),
         )
         yield from self._disk()
+        if self.worker is None:
+            return
         yield CounterMetricFamily(
             "dicom_node_worker_restarts",
             "Inference worker processes replaced after dying or hanging (since the node started)",

@@ -8,6 +8,7 @@ Callers import from here. The sections live by theme:
 - `pipeline`: what the node does with a series: [series], [inference], [worker], [seg],
   [measurements], [verdict], [delivery], [retention];
 - `load`: `Config` (every section, [log] from `dicom_node.logs` among them) and the loaders;
+- `cluster`: [cluster], reception nodes and workers on several machines;
 - `checks`: `ConfigError` and the value checks the sections share.
 
 Loading stays light: no SimpleITK (tests/test_config.py checks it), torch or SQLAlchemy.
@@ -16,6 +17,7 @@ Loading stays light: no SimpleITK (tests/test_config.py checks it), torch or SQL
 from __future__ import annotations
 
 from dicom_node.app.config.checks import ConfigError
+from dicom_node.app.config.cluster import ClusterConfig
 from dicom_node.app.config.load import (
     Config,
     load_assembly_policy,
@@ -39,6 +41,7 @@ from dicom_node.logs import LogConfig  # [log], beside the formats it picks
 
 __all__ = [
     "MEASUREMENT_NAMES",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "DeliveryConfig",

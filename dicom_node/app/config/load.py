@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.app.config.checks import ConfigError
+from dicom_node.app.config.cluster import ClusterConfig
 from dicom_node.app.config.network import (
     DESTINATION_TLS_FILES,
     NODE_TLS_FILES,
@@ -47,6 +48,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     destinations: tuple[Destination, ...] = ()
 
     def __post_init__(self) -> None:
@@ -56,6 +58,10 @@ class Config:
         if self.http.enabled and self.http.port == self.node.port:
             raise ConfigError(
                 f"http.port: must differ from node.port (the DICOM port), got {self.http.port}"
+            )
+        if self.cluster.enabled and not self.node.database.startswith("postgresql"):
+            raise ConfigError(
+                "node.database: a cluster shares its state in PostgreSQL; set a postgresql:// URL"
             )
 
     def destination(self, name: str) -> Destination:
@@ -126,12 +132,16 @@ def load_config(path: Path) -> Config:
     # data_dir is relative to the config file, not to wherever the daemon happens to start.
     data_dir = (path.parent / config.node.data_dir).resolve()
     node = dataclasses.replace(config.node, data_dir=str(data_dir))
+    cluster = config.cluster
+    if cluster.shared_dir:  # likewise
+        shared_dir = str((path.parent / cluster.shared_dir).resolve())
+        cluster = dataclasses.replace(cluster, shared_dir=shared_dir)
     node = _with_files(node, "node", NODE_TLS_FILES, path.parent)
     destinations = tuple(
         _with_files(d, f"destinations[{d.name}]", DESTINATION_TLS_FILES, path.parent)
         for d in config.destinations
     )
-    return dataclasses.replace(config, node=node, destinations=destinations)
+    return dataclasses.replace(config, node=node, destinations=destinations, cluster=cluster)
 
 
 def load_inference_config(path: Path | None, **overrides: Any) -> InferenceConfig:

@@ -58,6 +58,15 @@ class ClaimedSeries:
 
 
 @dataclass(frozen=True)
+class ClaimAnswer:
+    """What `NodeState.claim_series` made of a request to segment one series: the claim, or
+    None with, while another owner's lease on it runs, the seconds until it expires."""
+
+    claim: ClaimedSeries | None
+    held_for_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Target:
     """Where a SEG goes: a configured destination, resolved for this series."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select
@@ -22,6 +22,7 @@ from dicom_node.pipeline.state.machine import (
     SeriesState,
 )
 from dicom_node.pipeline.state.records import (
+    ClaimedSeries,
     DeliveryRecord,
     JobRecord,
     ReceivedInstance,
@@ -29,7 +30,14 @@ from dicom_node.pipeline.state.records import (
     Target,
     TransitionRecord,
 )
-from dicom_node.pipeline.state.schema import Delivery, Instance, Series, Transition, utcnow
+from dicom_node.pipeline.state.schema import (
+    Claim,
+    Delivery,
+    Instance,
+    Series,
+    Transition,
+    utcnow,
+)
 
 # One logger for the whole store, named for the package, as its lines always were.
 if TYPE_CHECKING:
@@ -106,6 +114,34 @@ def current(session: Session, series_id: int, generation: int) -> Series | None:
     series = session.get_one(Series, series_id, with_for_update=True)
     if series.generation != generation:
         log.info("series %d: generation %d superseded", series_id, generation)
+        return None
+    return series
+
+
+def claim(session: Session, series: Series, owner: str, lease_s: float | None) -> ClaimedSeries:
+    """A queued series on to `segmenting` for `owner`: a new attempt, and its claim (with a
+    lease of `lease_s` from now; None: no lease)."""
+    series.attempts += 1
+    reason = f"attempt {series.attempts}" + (f" on {owner}" if lease_s is not None else "")
+    transition(session, series, SeriesState.SEGMENTING, reason)
+    expires_at = utcnow() + timedelta(seconds=lease_s) if lease_s is not None else None
+    session.merge(
+        Claim(series_id=series.id, attempt=series.attempts, owner=owner, expires_at=expires_at)
+    )
+    names = file_names(session, series.id)
+    return ClaimedSeries(
+        series.id, series.generation, series.attempts, series.series_instance_uid, names
+    )
+
+
+def held(session: Session, claimed: ClaimedSeries) -> Series | None:
+    """The claim check: the series (locked) if `claimed` is still its running attempt, else
+    None (the generation was superseded, or another worker took the series over)."""
+    series = current(session, claimed.series_id, claimed.generation)
+    if series is None:
+        return None
+    if series.state != SeriesState.SEGMENTING or series.attempts != claimed.attempt:
+        log.info("series %d: attempt %d was taken over", series.id, claimed.attempt)
         return None
     return series
 

@@ -110,6 +110,19 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class Claim(Base):
+    """Who runs the attempt of a `segmenting` series: the node or worker that claimed it and,
+    in a cluster, until when its lease runs (renewed while it works; None: the one-machine
+    node, no lease). Written with each claim and left afterwards, naming the last owner."""
+
+    __tablename__ = "claims"
+
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), primary_key=True)
+    attempt: Mapped[int]
+    owner: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class Transition(Base):
     """Every state change, with its time: the series' timeline for status and audits."""
 

@@ -27,6 +27,7 @@ from dicom_node.pipeline.state import rows
 from dicom_node.pipeline.state.machine import DeliveryState, IllegalTransitionError, SeriesState
 from dicom_node.pipeline.state.queries import Queries
 from dicom_node.pipeline.state.records import (
+    ClaimAnswer,
     ClaimedSeries,
     DueDelivery,
     ReceivedInstance,
@@ -36,6 +37,7 @@ from dicom_node.pipeline.state.records import (
 )
 from dicom_node.pipeline.state.schema import (
     Base,
+    Claim,
     Delivery,
     Instance,
     Series,
@@ -49,9 +51,13 @@ log = logging.getLogger(__package__)
 
 class NodeState(Queries):
     """The database and every operation on it; each method is one transaction. The reads,
-    which change nothing, are inherited from `Queries`."""
+    which change nothing, are inherited from `Queries`.
 
-    def __init__(self, url: str) -> None:
+    `owner` names this process among those sharing the database (`[cluster] node_id`): the
+    series it claims are its own, and a restart requeues its own only."""
+
+    def __init__(self, url: str, owner: str = "") -> None:
+        self.owner = owner
         if url.startswith("sqlite"):
             self.engine = create_engine(url, connect_args={"timeout": 30})
             configure_sqlite(self.engine)
@@ -184,25 +190,72 @@ class NodeState(Queries):
             )
             if series is None:
                 return None
-            series.attempts += 1
-            rows.transition(session, series, SeriesState.SEGMENTING, f"attempt {series.attempts}")
-            names = rows.file_names(session, series.id)
-            return ClaimedSeries(
-                series.id,
-                series.generation,
-                series.attempts,
-                series.series_instance_uid,
-                names,
-            )
+            return rows.claim(session, series, self.owner, None)
+
+    def claim_series(
+        self, series_id: int, generation: int, lease_s: float, retries: int
+    ) -> ClaimAnswer:
+        """A cluster worker's claim on one series (a broker delivered its job), under a lease
+        of `lease_s`. Only a `queued` series of that generation is claimed; a `segmenting` one
+        whose owner's lease ran out (or that this owner held before a restart) is taken over,
+        or fails once `retries` are spent; one whose lease runs is left to its owner (the
+        answer says how long it runs); anything else was done or superseded. So a job the
+        broker delivers twice is claimed once."""
+        with self._session() as session:
+            series = session.get(Series, series_id, with_for_update=True)
+            if series is None or series.generation != generation:
+                return ClaimAnswer(None)
+            if series.state == SeriesState.SEGMENTING:
+                lease = session.get(Claim, series_id)
+                now = utcnow()
+                if lease is not None and lease.owner != self.owner:
+                    if lease.expires_at is None:  # a one-machine node's: it requeues it
+                        return ClaimAnswer(None, lease_s)
+                    if lease.expires_at > now:
+                        return ClaimAnswer(None, (lease.expires_at - now).total_seconds())
+                lost = f"{lease.owner if lease else 'its worker'} lost attempt {series.attempts}"
+                if series.attempts > retries:
+                    rows.transition(session, series, SeriesState.FAILED, lost)
+                    return ClaimAnswer(None)
+                rows.transition(session, series, SeriesState.QUEUED, f"{lost}; retrying")
+            if series.state != SeriesState.QUEUED:
+                return ClaimAnswer(None)
+            return ClaimAnswer(rows.claim(session, series, self.owner, lease_s))
+
+    def renew(self, claim: ClaimedSeries, lease_s: float) -> bool:
+        """Extend this owner's lease on `claim` to `lease_s` from now; False if the claim is
+        no longer its running attempt (taken over or superseded)."""
+        with self._session() as session:
+            lease = session.get(Claim, claim.series_id, with_for_update=True)
+            if lease is None or lease.owner != self.owner or lease.attempt != claim.attempt:
+                return False
+            if rows.held(session, claim) is None:
+                return False
+            lease.expires_at = utcnow() + timedelta(seconds=lease_s)
+            return True
 
     def requeue(self, claim: ClaimedSeries, reason: str) -> bool:
         """A worker crash or hang interrupted `claim`: queue it again (the caller checks
         retries)."""
-        return self._move_if_current(claim.series_id, claim.generation, SeriesState.QUEUED, reason)
+        with self._session() as session:
+            series = rows.held(session, claim)
+            if series is None:
+                return False
+            rows.transition(session, series, SeriesState.QUEUED, reason)
+            return True
+
+    def fail_claim(self, claim: ClaimedSeries, reason: str) -> bool:
+        """The attempt `claim` failed for good: `failed`, with the reason."""
+        with self._session() as session:
+            series = rows.held(session, claim)
+            if series is None:
+                return False
+            rows.transition(session, series, SeriesState.FAILED, reason)
+            return True
 
     def mark_no_findings(self, claim: ClaimedSeries, result: str, reason: str) -> bool:
         with self._session() as session:
-            series = rows.current(session, claim.series_id, claim.generation)
+            series = rows.held(session, claim)
             if series is None:
                 return False
             series.result = result
@@ -250,7 +303,7 @@ class NodeState(Queries):
         result: str,
     ) -> Series | None:
         """The claimed series with its SEG recorded, or None if the claim was superseded."""
-        series = rows.current(session, claim.series_id, claim.generation)
+        series = rows.held(session, claim)
         if series is not None:
             series.seg_file = seg_file
             series.seg_series_instance_uid, series.seg_sop_instance_uid = seg_uids
@@ -401,13 +454,29 @@ class NodeState(Queries):
 
     # Restart ---------------------------------------------------------------------------
 
-    def resume(self) -> Resumed:
-        """After a restart: re-queue interrupted segmentation, make deliveries that were in
-        flight due again, and say which series need their idle timer or selection again."""
+    def requeue_own(self) -> list[int]:
+        """After a restart: re-queue the segmentation this owner had claimed (and series
+        claimed before claims were recorded); never another owner's. Returns their ids."""
         with self._session() as session:
-            segmenting = select(Series).where(Series.state == SeriesState.SEGMENTING)
-            for series in session.scalars(segmenting):
-                rows.transition(session, series, SeriesState.QUEUED, "node restarted")
+            segmenting = (
+                select(Series)
+                .outerjoin(Claim, Claim.series_id == Series.id)
+                .where(Series.state == SeriesState.SEGMENTING)
+                .where((Claim.owner == self.owner) | Claim.owner.is_(None))
+                .with_for_update(of=Series)
+            )
+            requeued = list(session.scalars(segmenting))
+            reason = f"{self.owner or 'node'} restarted"
+            for series in requeued:
+                rows.transition(session, series, SeriesState.QUEUED, reason)
+            return [series.id for series in requeued]
+
+    def resume(self) -> Resumed:
+        """After a restart: re-queue this owner's interrupted segmentation, make deliveries
+        that were in flight due again, and say which series need their idle timer or
+        selection again."""
+        self.requeue_own()
+        with self._session() as session:
             in_flight = select(Delivery).where(
                 Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at.is_(None)
             )

@@ -1,0 +1,149 @@
+"""`dicom-node serve --role worker`: a Celery worker that segments the series the broker hands
+it, one at a time.
+
+Each job names a series and its generation. The worker claims the series through the store
+(`NodeState.claim_series`), which moves it to `segmenting` under this worker's node id with a
+lease; nothing else moves a series there, so a job delivered twice, or one whose series was
+done, reopened or taken by another worker, does nothing. While the inference worker process
+(`pipeline.worker`, the model loaded once and kept warm) runs, a thread renews the lease; the
+outcome is recorded as the one-machine node records it (`pipeline.segment`), and only then is
+the job acknowledged.
+
+A worker that dies loses its broker connection, and RabbitMQ hands its job to another worker
+at once. That worker finds the series `segmenting` under the dead worker's lease and waits for
+the lease to run out (the job comes back after it, `held_for_s`), then takes the series over:
+the claim check (`rows.held`) discards whatever the first worker might still record. A job
+the broker delivers for the first time while another worker's lease runs is a duplicate (each
+reception node publishes each queue entry) and is dropped.
+
+At start-up the worker requeues the series it held before a restart (its own, by node id),
+never another's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_ready
+
+from dicom_node.app.config import Config
+from dicom_node.cluster.broker import SEGMENT_TASK, celery_app
+from dicom_node.cluster.storage import results_dir, shared_spool
+from dicom_node.pipeline.segment import SegmentationStage
+from dicom_node.pipeline.state import ClaimedSeries, NodeState
+from dicom_node.pipeline.worker import InferenceWorker
+
+log = logging.getLogger(__name__)
+
+# A job whose series another worker's lease holds comes back this long after the lease's end.
+_AFTER_LEASE_S = 0.5
+
+
+class LeaseKeeper:
+    """The thread that renews the lease on the claim being worked on, every lease_s / 3."""
+
+    def __init__(self, state: NodeState, lease_s: float) -> None:
+        self.state = state
+        self.lease_s = lease_s
+        self._claim: ClaimedSeries | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lease", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @contextmanager
+    def holding(self, claim: ClaimedSeries) -> Iterator[None]:
+        with self._lock:
+            self._claim = claim
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._claim = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            with self._lock:
+                claim = self._claim
+            if claim is None:
+                continue
+            try:
+                if not self.state.renew(claim, self.lease_s):
+                    log.warning(
+                        "series %d: attempt %d is no longer this worker's (taken over or "
+                        "superseded); its result will be discarded",
+                        claim.series_id,
+                        claim.attempt,
+                    )
+            except Exception:  # the database away for a moment: the lease has margin
+                log.exception("series %d: lease not renewed", claim.series_id)
+
+
+def run_worker(config: Config) -> None:
+    """Load the model, then take jobs until SIGTERM (the job in hand is finished first)."""
+    cluster = config.cluster
+    state = NodeState(config.node.database_url, cluster.owner)
+    results = results_dir(cluster)
+    results.mkdir(parents=True, exist_ok=True)
+    inference = InferenceWorker(config)
+    lease = LeaseKeeper(state, cluster.lease_s)
+    # Delivery is the reception nodes' (they poll the state for SEGs to send): nothing to wake.
+    stage = SegmentationStage(config, state, shared_spool(cluster), results, inference, _nothing)
+    app = celery_app(cluster)
+
+    @app.task(name=SEGMENT_TASK, bind=True, max_retries=None)
+    def segment(task: Task, series_id: int, generation: int, takeover: bool = False) -> str:
+        answer = state.claim_series(series_id, generation, cluster.lease_s, config.worker.retries)
+        if answer.claim is None:
+            # Redelivered: its worker may have died holding it. Look again after the lease.
+            redelivered = takeover or bool((task.request.delivery_info or {}).get("redelivered"))
+            if answer.held_for_s is not None and redelivered:
+                kwargs = {"series_id": series_id, "generation": generation, "takeover": True}
+                raise task.retry(kwargs=kwargs, countdown=answer.held_for_s + _AFTER_LEASE_S)
+            log.info("series %d: nothing to do (claimed elsewhere, done or superseded)", series_id)
+            return "not claimed"
+        with lease.holding(answer.claim):
+            stage.process(answer.claim)
+        return "processed"
+
+    def ready(**_: Any) -> None:
+        log.info("cluster worker %s ready: taking jobs", cluster.owner)
+
+    worker_ready.connect(ready, weak=False)
+    inference.start()  # a broken model or config fails the start, not the first job
+    requeued = state.requeue_own()
+    if requeued:
+        log.info("requeued %d series this worker held before its restart", len(requeued))
+    lease.start()
+    try:
+        worker = app.Worker(
+            hostname=f"{cluster.owner}@dicom-node",
+            pool_cls="solo",  # jobs in this process, one at a time; the model is in `inference`
+            concurrency=1,
+            without_mingle=True,
+            without_gossip=True,
+            without_heartbeat=True,
+            quiet=True,
+            loglevel=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        )
+        worker.start()
+    finally:
+        lease.stop()
+        inference.stop()
+        state.close()
+    log.info("stopped")
+
+
+def _nothing() -> None:
+    pass

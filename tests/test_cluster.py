@@ -1,0 +1,280 @@
+"""The node as a cluster (`[cluster]`, `dicom_node.cluster`): two reception nodes and up to
+three inference workers as separate processes, on a real RabbitMQ broker, a real PostgreSQL
+and a shared folder, delivering to a real Orthanc.
+
+A worker's inference is held still where a test needs it running (SIGSTOP of the inference
+process, whose worker keeps renewing its lease), so that "mid-inference" does not depend on
+how fast two busy cores segment a small phantom.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from pydicom import dcmread
+from sqlalchemy import create_engine, text
+
+from dicom_node.app.config import ClusterConfig
+from dicom_node.pipeline.state import NodeState, SeriesRecord
+from dicom_node.testbed.node_process import (
+    NodeProcess,
+    destination_toml,
+    start_storescu,
+    storescu,
+)
+from dicom_node.testbed.peers import OrthancProcess
+from dicom_node.testbed.postgres import PostgresServer
+from dicom_node.testbed.rabbitmq import RabbitMQServer, running_rabbitmq
+from tests.support import PhantomSeries
+
+LEASE_S = 4.0
+DELIVERY = {"backoff_initial_s": 0.5, "backoff_max_s": 1, "max_attempts": 100}
+FINAL = {"done", "no_findings", "failed", "skipped"}
+
+
+@pytest.fixture(scope="module")
+def rabbitmq() -> Iterator[RabbitMQServer]:
+    with running_rabbitmq() as broker:
+        yield broker
+
+
+@dataclass
+class Cluster:
+    directory: Path
+    database: str
+    broker: str
+    orthanc: OrthancProcess
+    processes: dict[str, NodeProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.state = NodeState(self.database)
+
+    @property
+    def shared(self) -> Path:
+        return self.directory / "shared"
+
+    def cluster_config(self, node_id: str) -> ClusterConfig:
+        return ClusterConfig(True, node_id, self.broker, str(self.shared), LEASE_S)
+
+    def start(self, node_id: str, role: str) -> NodeProcess:
+        """Start (or restart) reception node or worker `node_id`."""
+        if node_id not in self.processes:
+            config = self.cluster_config(node_id)
+            extra = destination_toml(self.orthanc.destination(), **DELIVERY)
+            extra += "[cluster]\nenabled = true\n" + "\n".join(
+                f'{key} = "{getattr(config, key)}"' for key in ("node_id", "broker", "shared_dir")
+            )
+            extra += f"\nlease_s = {LEASE_S}\n"
+            self.processes[node_id] = NodeProcess(
+                self.directory / node_id,
+                extra_config=extra,
+                role=role,
+                threads=1,
+                database=self.database,
+            )
+        return self.processes[node_id].start()
+
+    def job(self, uid: str) -> SeriesRecord | None:
+        found = [job for job in self.state.jobs(limit=None) if job.series_instance_uid == uid]
+        return found[0] if found else None
+
+    def wait_for(self, uid: str, states: set[str], timeout: float = 240) -> SeriesRecord:
+        deadline = time.monotonic() + timeout
+        while (job := self.job(uid)) is None or job.state not in states:
+            assert time.monotonic() < deadline, f"{uid} not {states} after {timeout} s: {job}"
+            time.sleep(0.1)
+        return job
+
+    def reasons(self, series_id: int) -> list[str]:
+        return [t.reason or "" for t in self.state.job(series_id).transitions]
+
+    def owner(self, series_id: int) -> str:
+        """The worker that claimed the series' running attempt (from its timeline)."""
+        claims = [r for r in self.reasons(series_id) if r.startswith("attempt ")]
+        return claims[-1].rsplit(" on ", 1)[1]
+
+    def seg_instances(self, job: SeriesRecord) -> int:
+        """The SEG instances the PACS holds of the series' SEG series."""
+        found = self.orthanc.find_series("SEG", SeriesInstanceUID=job.seg_series_instance_uid)
+        return sum(len(series["Instances"]) for series in found)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.kill()
+        self.state.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres: PostgresServer,
+    rabbitmq: RabbitMQServer,
+    orthanc: OrthancProcess,
+) -> Iterator[Cluster]:
+    database = postgres.create_database(f"cluster_{uuid.uuid4().hex}")
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), database, rabbitmq.url, orthanc)
+    try:
+        for node_id in ("recv-a", "recv-b"):
+            cluster.start(node_id, "receive")
+        for node_id in ("worker-1", "worker-2"):
+            cluster.start(node_id, "worker")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def inference_process(worker: NodeProcess) -> psutil.Process:
+    """The worker's inference process (`pipeline.worker`, spawned)."""
+    assert worker.process is not None
+    (child,) = [
+        p
+        for p in psutil.Process(worker.process.pid).children()
+        if "spawn_main" in " ".join(p.cmdline())
+    ]
+    return child
+
+
+@contextmanager
+def held_still(worker: NodeProcess) -> Iterator[None]:
+    """The worker's inference stopped (SIGSTOP) meanwhile; its lease is still renewed."""
+    child = inference_process(worker)
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if child.is_running():
+            os.kill(child.pid, signal.SIGCONT)
+
+
+def test_a_worker_killed_mid_inference_hands_its_series_to_another(
+    cluster: Cluster, phantom_series: PhantomSeries
+) -> None:
+    """SIGKILL the worker that runs a series: the broker hands the job to another worker,
+    which takes the series over once the dead worker's lease ran out; the PACS holds one SEG."""
+    uid = cluster.processes["recv-a"].send_series(phantom_series(1001)["ct"])
+    job = cluster.wait_for(uid, {"segmenting"})
+    first = cluster.owner(job.id)
+    worker = cluster.processes[first]
+    with held_still(worker):
+        assert cluster.job(uid).state == "segmenting"  # type: ignore[union-attr]
+        worker.crash()  # its inference process dies with it, stopped or not
+    job = cluster.wait_for(uid, FINAL)
+    assert job.state == "done", job
+    second = cluster.owner(job.id)
+    assert second != first
+    reasons = cluster.reasons(job.id)
+    assert f"attempt 1 on {first}" in reasons
+    assert f"{first} lost attempt 1; retrying" in reasons
+    assert f"attempt 2 on {second}" in reasons
+    assert cluster.seg_instances(job) == 1
+    cluster.start(first, "worker")  # back for the next tests
+
+
+def test_no_node_requeues_or_claims_another_s_running_work(
+    cluster: Cluster, phantom_series: PhantomSeries
+) -> None:
+    """While a worker runs a series: both reception nodes and the other worker restart after a
+    SIGKILL, and a duplicate of the job reaches the broker. None of them touches the series:
+    it finishes on its first attempt, on its first worker."""
+    uid = cluster.processes["recv-b"].send_series(phantom_series(1002)["ct"])
+    job = cluster.wait_for(uid, {"segmenting"})
+    owner = cluster.owner(job.id)
+    other = next(w for w in ("worker-1", "worker-2") if w != owner)
+    with held_still(cluster.processes[owner]):
+        for node_id in ("recv-a", "recv-b", other):
+            cluster.processes[node_id].crash()
+            cluster.start(node_id, cluster.processes[node_id].role or "")
+        # What another reception node publishes for the same queue entry: the idle worker
+        # takes it, and drops it.
+        from dicom_node.cluster.broker import celery_app, publish
+
+        publish(celery_app(cluster.cluster_config("test")), job.id, job.generation)
+        time.sleep(LEASE_S * 1.5)  # past a lease, had it not been renewed
+        assert cluster.job(uid).state == "segmenting"  # type: ignore[union-attr]
+    job = cluster.wait_for(uid, FINAL)
+    assert job.state == "done", job
+    reasons = cluster.reasons(job.id)
+    assert [r for r in reasons if r.startswith("attempt ")] == [f"attempt 1 on {owner}"]
+    assert not [r for r in reasons if "restarted" in r or "lost" in r], reasons
+    other_log = cluster.processes[other].log.read_text()
+    assert f"series {job.id}: nothing to do" in other_log
+    assert cluster.seg_instances(job) == 1
+
+
+def test_a_reception_node_killed_mid_transfer_loses_no_acknowledged_instance(
+    cluster: Cluster, phantom_series: PhantomSeries
+) -> None:
+    """SIGKILL a reception node after some instances were acknowledged: after its restart they
+    are all recorded, in its own folder of the shared spool; the sender sends the series again
+    to the other node, and the series, now in two nodes' folders, is segmented whole."""
+    files = sorted(phantom_series(1003)["ct"].iterdir())
+    uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    node = cluster.processes["recv-a"]
+    sender = start_storescu(node.port, *files)
+    assert sender.stdout is not None
+    acknowledged = 0
+    for line in sender.stdout:
+        if "Received Store Response" in line and "Success" in line:
+            acknowledged += 1
+            if acknowledged == len(files) // 2:
+                node.crash()
+                break
+    sender.kill()
+    sender.wait()
+    told_stored = {
+        str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files[:acknowledged]
+    }
+    cluster.start("recv-a", "receive")
+    recorded = _instances(cluster.database)
+    assert told_stored <= set(recorded)
+    for sop in told_stored:
+        assert recorded[sop].startswith("recv-a/")
+        assert (cluster.shared / "spool" / recorded[sop]).is_file()
+    assert storescu(cluster.processes["recv-b"].port, *files).returncode == 0
+    job = cluster.wait_for(uid, FINAL)
+    assert job.state == "done", job
+    assert job.instance_count == len(files)
+    every_sop = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    recorded = _instances(cluster.database)
+    assert {recorded[sop].split("/")[0] for sop in every_sop} == {"recv-a", "recv-b"}
+    assert cluster.seg_instances(job) == 1
+
+
+def test_a_worker_added_mid_load_takes_jobs(
+    cluster: Cluster, phantom_series: PhantomSeries
+) -> None:
+    """One worker, held on its series, and a second series waiting: a worker started now
+    takes the waiting series."""
+    cluster.processes["worker-1"].stop()
+    busy = cluster.processes["worker-2"]
+    first = cluster.processes["recv-a"].send_series(phantom_series(1004)["ct"])
+    cluster.wait_for(first, {"segmenting"})
+    with held_still(busy):
+        second = cluster.processes["recv-b"].send_series(phantom_series(1005)["ct"])
+        cluster.wait_for(second, {"queued"})
+        cluster.start("worker-3", "worker")
+        job = cluster.wait_for(second, FINAL)
+        assert job.state == "done", job
+        assert cluster.owner(job.id) == "worker-3"
+    job = cluster.wait_for(first, FINAL)
+    assert job.state == "done" and cluster.owner(job.id) == "worker-2", job
+
+
+def _instances(database: str) -> dict[str, str]:
+    """SOP Instance UID -> file name under the shared spool, straight from the database."""
+    engine = create_engine(database)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT sop_instance_uid, file_name FROM instances"))
+            return {sop: name for sop, name in rows}
+    finally:
+        engine.dispose()
