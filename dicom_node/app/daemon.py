@@ -171,6 +171,7 @@ def serve(config: Config, config_path: Path | None = None) -> None:
             log.info("stopping")
         finally:
             _stop_server(ae, server)
+            reception.records.close()  # what the associations stored, recorded before stopping
             pid_file.unlink(missing_ok=True)
     finally:
         segmentation.stop()

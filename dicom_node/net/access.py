@@ -43,6 +43,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.app.config import Config, IPNetwork, NodeConfig
+from dicom_node.net.reactors import make_prompt
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class NodeRequestHandler(RequestHandler):
         # pynetdicom makes its AssociationSocket right there, with no parameter for another
         # class; the subclass adds no state, so the object can take its class instead.
         assoc.dul.socket.__class__ = BoundedReadSocket
+        make_prompt(assoc)
         return assoc
 
 

@@ -1,10 +1,15 @@
 """Reception: the DICOM network layer (C-ECHO, C-STORE) and what a C-STORE does.
 
-The pynetdicom handler is deliberately thin: it persists the instance (spool, then state) and
-answers a status, nothing more; everything slower (completion, selection, segmentation)
-happens later, off the association. Success (0x0000) is answered only once the instance is
-durably on disk and committed in the state database; a failure to do either answers a DICOM
-failure status so the sender keeps the instance and retries, never a false success.
+The pynetdicom handler is deliberately thin: it persists the instance and answers a status,
+nothing more; everything slower (completion, selection, segmentation) happens later, off the
+association. Success (0x0000) is answered only once the instance is durably on disk (the
+spool's fsyncs); a failure answers a DICOM failure status so the sender keeps the instance
+and retries, never a false success. Its record in the state database is committed by one
+background thread (`InstanceRecords`), in the order received, while the sender sends the
+next instance: the spool is the durable record, and `Reception.recover` records at the next
+start what a crash left unrecorded. Before an association's release is answered, every
+instance it stored is recorded, so a sender that has finished sees its instances in the
+database (and `dicom-node status`).
 
 A PACS pushes whole studies (scouts, dose reports, secondary captures beside the CT), so
 every storage SOP class in every transfer syntax is accepted and kept; selection decides
@@ -22,11 +27,12 @@ reason, by selection and the worker.
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import threading
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import cast
 
@@ -39,8 +45,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
-from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.app.config import NodeConfig
 from dicom_node.logs import escape
@@ -67,11 +73,63 @@ _LAST_TAG_READ = 0x0020000E
 MAX_INFLATED_BYTES = 256 << 20
 _INFLATED_HEAD_BYTES = 16 << 20  # of the inflated data, kept to parse the leading elements
 _INFLATE_CHUNK = 1 << 20
+# Instances answered but not yet recorded: past this many, an association waits for the
+# database before it answers (memory stays bounded, ~1 KiB an instance).
+RECORDS_QUEUED_MAX = 256
 
 
 class UnusableInstanceError(ValueError):
     """The dataset lacks what the node needs to file it (its series and study UIDs), or it
     is too big to inflate."""
+
+
+class InstanceRecords:
+    """Records of spooled instances, committed by one thread in the order they were queued.
+
+    `record` is called there for each (received, spooled, dataset bytes); the thread starts
+    with the first instance, so a `Reception` built only to `recover` starts none."""
+
+    def __init__(self, record: Callable[[ReceivedInstance, SpooledFile, int], None]) -> None:
+        self._record = record
+        self._queue: queue.Queue[tuple[ReceivedInstance, SpooledFile, int] | None]
+        self._queue = queue.Queue(RECORDS_QUEUED_MAX)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def put(self, received: ReceivedInstance, spooled: SpooledFile, size: int) -> None:
+        """Queue a record; waits while RECORDS_QUEUED_MAX are queued."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="records", daemon=True)
+                self._thread.start()
+        self._queue.put((received, spooled, size))
+
+    def drain(self) -> None:
+        """Wait until every record queued so far is committed (or has failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Commit what is queued and end the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            received, spooled, size = item
+            try:
+                self._record(received, spooled, size)
+            except Exception as error:  # the file is durable: the next start records it
+                log.error(
+                    "could not record %s (recorded at the next start): %s",
+                    received.sop_instance_uid,
+                    _describe(error),
+                )
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
 
 
 @dataclass(frozen=True)
@@ -82,22 +140,30 @@ class Reception:
     state: NodeState
     on_recorded: Callable[[Recorded], None]  # e.g. restart the series' idle timer
     observer: PipelineObserver = UNOBSERVED  # counts each answer (the node's metrics)
+    records: InstanceRecords = field(init=False, repr=False)
 
-    def store(self, received: ReceivedInstance, parts: Sequence[bytes | memoryview]) -> bool:
-        """Spool and record one instance; False if it was a duplicate (nothing changed).
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "records", InstanceRecords(self._record))
 
-        Raises OSError or SQLAlchemyError if the instance could not be made durable (its
-        subclass LowDiskSpaceError, before anything is written, below the free-space
-        watermark). A duplicate is written before the database says so: resends are rare,
-        and asking first would cost every instance a query.
+    def store(self, received: ReceivedInstance, head: bytes, dataset: memoryview) -> None:
+        """Spool one instance durably and queue its record; once this returns, success may
+        be answered.
+
+        The file is `head` (preamble and file meta), then the encoded `dataset`. Raises
+        OSError if the instance could not be made durable (its subclass
+        LowDiskSpaceError, before anything is written, below the free-space watermark).
+        A duplicate is written before the database says so, and discarded when recorded:
+        resends are rare, and asking first would cost every instance a query.
         """
-        spooled = self.spool.write(parts)
-        try:
-            recorded = self.state.record_instance(received, spooled)
-        except BaseException:
-            self.spool.discard(spooled.name)  # never acknowledged: the sender still has it
-            raise
-        return self._recorded(recorded, spooled.name)
+        spooled = self.spool.write((head, dataset))
+        self.records.put(received, spooled, dataset.nbytes)
+
+    def _record(self, received: ReceivedInstance, spooled: SpooledFile, size: int) -> None:
+        """In the records' thread: commit the record, tell the pipeline, count the answer
+        (with the dataset's bytes if it was new)."""
+        new = self._recorded(self.state.record_instance(received, spooled), spooled.name)
+        log.debug("C-STORE %s%s", received.sop_instance_uid, "" if new else " (again)")
+        self.observer.instance_answered(SUCCESS, size if new else 0)
 
     def _recorded(self, recorded: Recorded, name: str) -> bool:
         if recorded.duplicate:  # the instance was there already, in another file
@@ -105,6 +171,13 @@ class Reception:
             return False
         self.on_recorded(recorded)
         return True
+
+    def on_acse_received(self, event: Event) -> None:
+        """EVT_ACSE_RECV: before a peer's release request is answered, its instances are
+        recorded (the association thread waits here)."""
+        primitive = event.primitive  # type: ignore[attr-defined]  # EVT_ACSE_RECV's
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:
+            self.records.drain()
 
     def recover(self) -> int:
         """At start: record the spooled files the database lacks; returns how many.
@@ -210,17 +283,19 @@ def _describe(error: BaseException) -> str:
 
 
 def handle_store(event: Event, reception: Reception) -> int:
-    """EVT_C_STORE: persist the instance and answer a status (see the module doc); the answer
-    is counted (a counter incremented: nothing that could slow the sender down)."""
-    status, stored_bytes = _persist(event, reception)
-    reception.observer.instance_answered(status, stored_bytes)
+    """EVT_C_STORE: persist the instance and answer a status (see the module doc). A refusal
+    is counted here, a success once recorded (a counter incremented: nothing that could slow
+    the sender down)."""
+    status = _persist(event, reception)
+    if status != SUCCESS:
+        reception.observer.instance_answered(status, 0)
     return status
 
 
-def _persist(event: Event, reception: Reception) -> tuple[int, int]:
-    """The status to answer and the bytes of dataset stored (0 unless stored anew)."""
+def _persist(event: Event, reception: Reception) -> int:
+    """The status to answer."""
     if event.assoc.is_aborted:  # e.g. by InstanceSizeCap: the dataset arrived, but too big
-        return OUT_OF_RESOURCES, 0
+        return OUT_OF_RESOURCES
     try:
         file_meta = event.file_meta  # from the request: SOP class and instance, syntax
         # Who sent it, kept in the file (PS3.10 Source AE Title) so a recovery can restore it.
@@ -236,19 +311,17 @@ def _persist(event: Event, reception: Reception) -> tuple[int, int]:
     except Exception as error:  # malformed data makes pydicom and zlib raise many kinds
         sop_class = event.request.AffectedSOPClassUID
         log.warning("C-STORE of %s refused: %s", sop_class, _describe(error))
-        return CANNOT_UNDERSTAND, 0
+        return CANNOT_UNDERSTAND
     try:
         with stream.getbuffer() as dataset:
-            new = reception.store(received, (head, dataset))
-            size = dataset.nbytes
+            reception.store(received, head, dataset)
     except LowDiskSpaceError as error:  # the spool logs when refusals start and end
         log.debug("C-STORE of %s refused: %s", received.sop_instance_uid, error)
-        return OUT_OF_RESOURCES, 0
-    except (OSError, SQLAlchemyError) as error:
+        return OUT_OF_RESOURCES
+    except OSError as error:
         log.error("C-STORE: could not store %s: %s", received.sop_instance_uid, _describe(error))
-        return OUT_OF_RESOURCES, 0
-    log.debug("C-STORE %s%s", received.sop_instance_uid, "" if new else " (again)")
-    return SUCCESS, size if new else 0
+        return OUT_OF_RESOURCES
+    return SUCCESS
 
 
 class InstanceSizeCap:
@@ -318,4 +391,8 @@ def event_handlers(
 ) -> list[tuple[evt.EventType, Callable, list]]:
     # C-ECHO needs no handler: pynetdicom answers success by default.
     cap = InstanceSizeCap(node.max_instance_mb << 20)
-    return [(evt.EVT_C_STORE, handle_store, [reception]), (evt.EVT_PDU_RECV, cap.on_pdu, [])]
+    return [
+        (evt.EVT_C_STORE, handle_store, [reception]),
+        (evt.EVT_PDU_RECV, cap.on_pdu, []),
+        (evt.EVT_ACSE_RECV, reception.on_acse_received, []),
+    ]
