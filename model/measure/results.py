@@ -68,3 +68,27 @@ class FemoralAngles:
     shaft_axis: tuple[float, float, float] | None
     inclination: Measurement
     version: Measurement
+
+
+@dataclass(frozen=True)
+class HipParameters:
+    """One hip's acetabular parameters and alpha angle (docs/measurements.md): the landmarks
+    found (asis, pubic_tubercle, acetabular_centre, acetabular_lateral_edge), the acetabular
+    axis (unit, LPS, out of the cup; None where not found), the pelvic frame the angles are
+    taken in (in words; None when none was found), and acetabular version (deg, anteversion
+    positive), the lateral centre-edge angle (deg), the acetabular coverage of the femoral
+    head (% of its sphere) and the alpha angle (deg, the largest from 12 to 3 o'clock, at
+    ``alpha_clock`` hours), each with a value or the reason it has none."""
+
+    side: Side
+    landmarks: tuple[Landmark, ...]
+    acetabular_axis: tuple[float, float, float] | None
+    pelvic_frame: str | None
+    acetabular_version: Measurement
+    lateral_centre_edge: Measurement
+    coverage: Measurement
+    alpha: Measurement
+    alpha_clock: float | None
+
+    def landmark(self, name: str) -> tuple[float, float, float] | None:
+        return next((lm.position_mm for lm in self.landmarks if lm.name == name), None)

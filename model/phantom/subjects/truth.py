@@ -6,13 +6,16 @@ the measurement applies to a label map (:mod:`model.measure.geometry`), the femo
 centre among them (the phantom's ``hip`` landmark, fitted to the coarse mesh's vertices
 before posing, lies up to ~5 mm off the sphere of the dense surface). :func:`true_hka`
 gives the HKA those landmarks make, :func:`true_femoral_angles` the femoral neck axis,
-inclination and version (:mod:`model.measure.femur`) on the femur voxelised at 0.5 mm. A difference
-between it and the HKA measured on a label map is then the label map's (voxels, field of
-view, islands), not a second definition of the landmarks.
+inclination and version (:mod:`model.measure.femur`) on the femur voxelised at 0.5 mm, and
+:func:`true_hip_parameters` the pelvic frame of the anterior pelvic plane on the hip bones'
+dense surfaces and the acetabular parameters and alpha angle (:mod:`model.measure.acetabulum`)
+read from the hip voxelised at 0.5 mm. A difference between it and a measurement on a label
+map is then the label map's (voxels, field of view, islands), not a second definition.
 
 :func:`leg_label_map` voxelises one leg's bones (and the hip bone) on any grid, turned and
 cut as asked: the whole leg at once, which no phantom region holds (a `long` phantom spans
-250-420 mm). :func:`sided_phantom_labels` splits a phantom's bone labels into sides.
+250-420 mm); :func:`pelvis_label_map` both hip bones and the femurs' tops.
+:func:`sided_phantom_labels` splits a phantom's bone labels into sides.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.labels import Bone, Side, sided_label
+from model.measure.acetabulum import HipMeasures, LabelReader, hip_parameters
+from model.measure.bones import bone_surfaces
 from model.measure.femur import femoral_angles
 from model.measure.geometry import (
     femoral_head_sphere,
@@ -31,6 +36,7 @@ from model.measure.geometry import (
     posterior_condyles,
     tibial_centres,
 )
+from model.measure.pelvis import PelvicFrame, anterior_pelvic_plane
 from model.phantom.subjects.shapes import Mesh
 from model.phantom.subjects.voxelise import voxelise
 from model.volume_io import Volume
@@ -42,6 +48,9 @@ if TYPE_CHECKING:
 SURFACE_SAMPLES_PER_MM2 = 2.0
 # The true femoral angles are measured on the femur voxelised this finely (isotropic).
 TRUE_SOLID_SPACING_MM = 0.5
+# The true hip parameters read the hip voxelised in a cube this many head radii (plus 10 mm)
+# around the head: the cup's sphere and the surface it is fitted to lie within it.
+TRUE_HIP_BOX_RADII = 2.5
 # Later bones overwrite earlier ones where voxels of two meet: the femoral head stays whole.
 PAINT_ORDER = (Bone.HIP_BONE, Bone.CALCANEUS, Bone.FIBULA, Bone.TALUS, Bone.TIBIA, Bone.FEMUR)
 PART_NAMES = {
@@ -135,6 +144,99 @@ def true_femoral_angles(
     solid = _solid_points(meshes[f"femur_{side}"], TRUE_SOLID_SPACING_MM)
     neck, _, inclination, version = femoral_angles(solid, head, sphere[1], condyles)
     return neck, inclination, version
+
+
+def true_hip_parameters(
+    skeleton: Skeleton, necks: dict[str, np.ndarray | None]
+) -> tuple[dict[str, HipMeasures], PelvicFrame]:
+    """The phantom's acetabular parameters and alpha angle per side of ``necks`` ("left",
+    "right": `true_femoral_angles`' neck axis, or None), by
+    `model.measure.acetabulum.hip_parameters`, and its pelvic frame: the anterior pelvic
+    plane of both hip bones' dense surfaces; each head the sphere of the femur's dense
+    surface; read from the hip bone and femur voxelised at TRUE_SOLID_SPACING_MM around the
+    head. Draws nothing."""
+    meshes = {p.name: p.mesh for p in skeleton.parts}
+    hips, heads = {}, {}
+    for side in ("left", "right"):
+        hips[side] = surface_samples(meshes[f"hip_bone_{side}"])
+        sphere = femoral_head_sphere(surface_samples(meshes[f"femur_{side}"]), hips[side])
+        if sphere is None:
+            raise ValueError(f"the phantom's {side} femoral head has no sphere")
+        heads[side] = (sphere[0], sphere[1])
+    label_sides = {"left": Side.LEFT, "right": Side.RIGHT}
+    frame = anterior_pelvic_plane(
+        {label_sides[s]: hips[s] for s in hips}, {label_sides[s]: heads[s][0] for s in heads}
+    )
+    found = {}
+    for side, neck in necks.items():
+        centre, radius = heads[side]
+        fine = hip_region_label_map(skeleton, side, centre, TRUE_HIP_BOX_RADII * radius + 10.0)
+        hip_bone = bone_surfaces(fine, label_sides[side], (Bone.HIP_BONE,))[Bone.HIP_BONE]
+        found[side] = hip_parameters(
+            LabelReader(fine), label_sides[side], hip_bone.points, heads[side], neck, frame
+        )
+    return found, frame
+
+
+def hip_region_label_map(
+    skeleton: Skeleton,
+    side: str,
+    centre: np.ndarray,
+    half_mm: float,
+    spacing_mm: float = TRUE_SOLID_SPACING_MM,
+) -> Volume:
+    """The hip bone and femur of ``side`` as sided labels (the femur painted over the hip bone,
+    as in `leg_label_map`) on an isotropic grid of ``spacing_mm`` in the cube of ``half_mm``
+    around ``centre``."""
+    lo = np.asarray(centre, dtype=np.float64) - half_mm
+    step = np.full(3, spacing_mm)
+    count = int(np.ceil(2 * half_mm / spacing_mm)) + 1
+    labels = np.zeros((count, count, count), np.uint8)
+    label_side = Side.LEFT if side == "left" else Side.RIGHT
+    for bone in (Bone.HIP_BONE, Bone.FEMUR):
+        mesh = next(p.mesh for p in skeleton.parts if p.name == f"{PART_NAMES[bone]}_{side}")
+        labels[voxelise(mesh.vertices, mesh.faces, lo, step, labels.shape)] = sided_label(
+            bone, label_side
+        )
+    ox, oy, oz = (float(v) for v in lo)
+    return Volume(labels, (spacing_mm, spacing_mm, spacing_mm), (ox, oy, oz))
+
+
+def pelvis_label_map(
+    skeleton: Skeleton,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 2.0),
+    below_heads_mm: float = 120.0,
+    margin_mm: float = 10.0,
+) -> Volume:
+    """Both hip bones and the femurs' tops as sided labels on a grid of ``spacing`` (x, y, z
+    mm, LPS axes): from the iliac crests (plus ``margin_mm``) to ``below_heads_mm`` below the
+    lower femoral head, where the femurs meet the grid's edge as in a pelvic scan."""
+    wanted = [
+        (bone, side, p)
+        for bone in (Bone.HIP_BONE, Bone.FEMUR)
+        for side in ("right", "left")
+        for p in skeleton.parts
+        if p.name == f"{PART_NAMES[bone]}_{side}"
+    ]
+    heads = [skeleton.landmarks[f"femoral_head_centre_{side}"][2] for side in ("right", "left")]
+    hips = [p.mesh for bone, _, p in wanted if bone is Bone.HIP_BONE]
+    lo = np.min([m.lo for m in hips], axis=0) - margin_mm
+    hi = np.max([m.hi for m in hips], axis=0) + margin_mm
+    lo[2] = min(heads) - below_heads_mm
+    # Wide enough for the greater trochanters, which stand out of the hip bones.
+    tops = np.vstack([p.mesh.vertices for _, _, p in wanted])
+    tops = tops[tops[:, 2] > lo[2]]
+    lo[:2] = np.minimum(lo[:2], tops[:, :2].min(axis=0) - margin_mm)
+    hi[:2] = np.maximum(hi[:2], tops[:, :2].max(axis=0) + margin_mm)
+    step = np.asarray(spacing, dtype=np.float64)
+    shape_xyz = np.ceil((hi - lo) / step).astype(int) + 1
+    labels = np.zeros(tuple(shape_xyz[::-1]), np.uint8)
+    for bone, side, part in wanted:
+        inside = voxelise(part.mesh.vertices, part.mesh.faces, lo, step, labels.shape)
+        labels[inside] = sided_label(bone, Side.LEFT if side == "left" else Side.RIGHT)
+    sx, sy, sz = (float(s) for s in step)
+    ox, oy, oz = (float(o) for o in lo)
+    return Volume(labels, (sx, sy, sz), (ox, oy, oz))
 
 
 def _solid_points(mesh: Mesh, spacing_mm: float) -> np.ndarray:
