@@ -26,8 +26,10 @@ from dicom_node.imaging import codes
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
 from dicom_node.imaging.sr import (
     FEMORAL_MEASUREMENTS,
+    HIP_MEASUREMENTS,
     LEG_MEASUREMENTS,
     SrWriter,
+    clock_text,
     measurements_summary,
     not_measurable_text,
     sr_uids,
@@ -40,12 +42,15 @@ from dicom_node.testbed.peers import OrthancProcess
 from model.labels import Bone, Side
 from model.measure import (
     FemoralAngles,
+    HipParameters,
     LegAlignment,
     measure_femoral_angles,
+    measure_hip_parameters,
     measure_leg_alignment,
 )
 from model.volume_io import Volume
 from tests.support import PhantomSeries, require
+from tests.test_hip_measure import synthetic_pelvis
 from tests.test_measure import synthetic_leg
 
 ALGORITHM = AlgorithmInfo("dicom-node bone segmentation", "1.0", "ab" * 32)
@@ -98,6 +103,29 @@ def cut(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"seg": seg, "ct": ct, "alignments": alignments, "femoral": femoral, "path": path}
 
 
+@pytest.fixture(scope="module")
+def hips(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Both hips of the synthetic pelvis (femurs and hip bones, no knee): the hip parameters
+    made, HKA not measurable."""
+    labels = synthetic_pelvis()
+    directory = tmp_path_factory.mktemp("hips")
+    seg, ct = _leg_case(directory, labels, "sr-hips")
+    alignments = measure_leg_alignment(labels)
+    femoral = measure_femoral_angles(labels, legs=alignments)
+    hip = measure_hip_parameters(labels, alignments, femoral)
+    path = directory / "sr.dcm"
+    writer = SrWriter(ALGORITHM, which=(*BOTH, "hip"))
+    save_dicom(writer.write(seg, alignments, femoral=femoral, hips=hip), path)
+    return {
+        "seg": seg,
+        "ct": ct,
+        "alignments": alignments,
+        "femoral": femoral,
+        "hips": hip,
+        "path": path,
+    }
+
+
 def _leg_group(
     report: hd.sr.MeasurementReport, side: Side
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -124,12 +152,14 @@ def _check_report(
     seg: Dataset,
     alignments: dict[Side, LegAlignment],
     femoral: dict[Side, FemoralAngles] | None = None,
+    hips: dict[Side, HipParameters] | None = None,
 ) -> None:
     """highdicom reads back what the node measured: values, units, laterality, reasons (the
-    femoral angles' too, when given), landmarks in the CT's frame, and the SEG segments of
-    that side with the source series."""
+    femoral angles' and hip parameters' too, when given), landmarks in the CT's frame, and the
+    SEG segments of that side with the source series."""
     sr = hd.sr.srread(path)
     report = sr.content
+    labels = {str(s.SegmentLabel) for s in seg.SegmentSequence}
     assert isinstance(report, hd.sr.MeasurementReport)
     assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.PatientID == seg.PatientID
     for side, leg in alignments.items():
@@ -142,6 +172,10 @@ def _check_report(
         if femoral is not None:
             angles = femoral[side]
             reported_results += [(r, getattr(angles, r.attribute)) for r in FEMORAL_MEASUREMENTS]
+        landmarks = leg.landmarks
+        if hips is not None:
+            reported_results += [(r, getattr(hips[side], r.attribute)) for r in HIP_MEASUREMENTS]
+            landmarks += hips[side].landmarks
         for reported, result in reported_results:
             key = reported.concept.value
             if result.value is not None:
@@ -159,8 +193,8 @@ def _check_report(
             for g in report.get_planar_roi_measurement_groups()
             if g.finding_sites[0].laterality == laterality
         }
-        assert len(points) == len(leg.landmarks)
-        for landmark in leg.landmarks:
+        assert len(points) == len(landmarks)
+        for landmark in landmarks:
             group_ = points[codes.LANDMARK_CODES[landmark.name].value]
             assert group_.roi.graphic_type == hd.sr.GraphicTypeValues3D.POINT
             assert group_.roi.frame_of_reference_uid == seg.FrameOfReferenceUID
@@ -171,9 +205,12 @@ def _check_report(
             if g.finding_sites[0].laterality == laterality
         ]
         segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
-        assert {g.finding_type.value for g in volumes} == {
-            codes.BONE_CODES[b].value for b in (Bone.FEMUR, Bone.TIBIA)
+        in_seg = {
+            codes.BONE_CODES[d.bone].value
+            for d in codes.SEGMENTS.values()
+            if d.side is side and d.bone in (Bone.FEMUR, Bone.TIBIA) and d.label in labels
         }
+        assert {g.finding_type.value for g in volumes} == in_seg
         for g in volumes:
             reference = g.referenced_segment
             segment_item = reference[0].ReferencedSOPSequence[0]
@@ -225,8 +262,34 @@ def test_what_was_not_measurable_reads_back_with_the_reason(cut: dict) -> None:
     }
 
 
-def test_dciodvfy_finds_no_error(measured: dict, cut: dict) -> None:
-    for case in (measured, cut):
+def test_the_hip_parameters_read_back_as_measured(hips: dict) -> None:
+    _check_report(hips["path"], hips["seg"], hips["alignments"], hips["femoral"], hips["hips"])
+    report = hd.sr.srread(hips["path"]).content
+    for side, hip in hips["hips"].items():
+        assert hip.acetabular_version.measurable and hip.alpha.measurable, hip
+        group = _leg_group(report, side)
+        made = {m.name.value: m for m in group.get_measurements()}
+        coverage = made[codes.ACETABULAR_COVERAGE.value]
+        assert coverage.unit == codes.PERCENT and coverage.finding_sites[0].value == (
+            codes.ACETABULUM
+        )
+        texts = {
+            str(item.ConceptNameCodeSequence[0].CodeValue): str(item.TextValue)
+            for item in group[0].ContentSequence
+            if item.ValueType == "TEXT"
+        }
+        assert texts[codes.PELVIC_FRAME.value] == hip.pelvic_frame
+        assert hip.alpha_clock is not None
+        assert texts[codes.ALPHA_CLOCK.value] == clock_text(hip.alpha_clock)
+        summary = measurements_summary(hips["alignments"], hips["femoral"], hips["hips"])
+        entry = summary[side.name.lower()]
+        assert entry["lateral_centre_edge"]["value"] == round(hip.lateral_centre_edge.value, 3)
+        assert "asis" in entry["landmarks_mm"]
+    assert clock_text(12.5) == "12:30" and clock_text(3.0) == "3:00"
+
+
+def test_dciodvfy_finds_no_error(measured: dict, cut: dict, hips: dict) -> None:
+    for case in (measured, cut, hips):
         assert _dciodvfy_errors(case["path"]) == []
 
 

@@ -157,6 +157,19 @@ RADIUS: Code = codes.SCT.Radius  # 131190003, CID 7470 (linear measurements)
 FEMORAL_INCLINATION = _coined("FEM-INCL", "Femoral inclination (neck-shaft angle)")
 FEMORAL_VERSION = _coined("FEM-VERS", "Femoral version")
 FEMUR: Code = codes.SCT.Femur  # 71341001: the finding site of the femoral angles
+# The hip parameters (`which` "hip"): acetabular version (anteversion positive), the lateral
+# centre-edge angle (Wiberg), acetabular coverage of the femoral head and the alpha angle
+# (Nötzli): none in PS3.16 (pydicom's dictionary; DCM 121224 "Acetabular angle" is an
+# obstetric ultrasound measurement) nor in a SNOMED CT or LOINC release that could be checked.
+ACETABULAR_VERSION = _coined("ACET-VERS", "Acetabular version")
+LATERAL_CENTRE_EDGE = _coined("LCE", "Lateral centre-edge angle")
+ACETABULAR_COVERAGE = _coined("ACET-COV", "Acetabular coverage of the femoral head")
+ALPHA_ANGLE = _coined("ALPHA", "Alpha angle")
+ACETABULUM: Code = codes.SCT.Acetabulum  # 37783008: the finding site of the acetabular ones
+# TEXT items of the hip: the pelvic frame the angles were taken in, the alpha angle's clock
+# position.
+PELVIC_FRAME = _coined("PELVIC-FRAME", "Pelvic reference frame")
+ALPHA_CLOCK = _coined("ALPHA-CLOCK", "Alpha angle clock position")
 
 # Landmarks (the finding of each TID 1410 point group), by model.measure's landmark name.
 LANDMARK_CODES: dict[str, Code] = {
@@ -166,6 +179,10 @@ LANDMARK_CODES: dict[str, Code] = {
     "ankle_centre": _coined("ANKLE-CTR", "Ankle centre"),
     "posterior_condyle_medial": _coined("PCOND-MED", "Medial posterior condyle point"),
     "posterior_condyle_lateral": _coined("PCOND-LAT", "Lateral posterior condyle point"),
+    "asis": _coined("ASIS", "Anterior superior iliac spine point"),
+    "pubic_tubercle": _coined("PUB-TUB", "Pubic tubercle point"),
+    "acetabular_centre": codes.DCM.AcetabularCenterOfRotation,  # 112303, CID 7305
+    "acetabular_lateral_edge": _coined("ACET-EDGE", "Lateral edge of the acetabular roof"),
 }
 # Where each landmark lies (finding site, with the leg's laterality).
 LANDMARK_SITES: dict[str, Code] = {
@@ -175,6 +192,10 @@ LANDMARK_SITES: dict[str, Code] = {
     "ankle_centre": codes.SCT.AnkleJoint,  # 70258002
     "posterior_condyle_medial": codes.SCT.Femur,
     "posterior_condyle_lateral": codes.SCT.Femur,
+    "asis": HIP_BONE,
+    "pubic_tubercle": HIP_BONE,
+    "acetabular_centre": codes.SCT.Acetabulum,
+    "acetabular_lateral_edge": codes.SCT.Acetabulum,
 }
 LOWER_LIMB: Code = codes.SCT.LowerLimb  # 61685007: the finding site of a leg's angles
 FEMORAL_HEAD: Code = codes.SCT.FemoralHead  # the finding site of its radius
@@ -185,3 +206,4 @@ MEASUREMENT_FAILURE: Code = codes.DCM.MeasurementFailure  # 114006
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 DEGREE: Code = codes.UCUM.Degree  # deg
 MILLIMETRE: Code = codes.UCUM.Millimeter  # mm
+PERCENT: Code = codes.UCUM.Percent  # %

@@ -10,7 +10,10 @@ A TID 1500 Measurement Report (highdicom) built from the SEG the node wrote and
 - per leg, a **TID 1501 group "Mechanical alignment of the lower limb"** (finding site lower
   limb with the leg's laterality) holding HKA in 3-D and coronal (UCUM deg) and the femoral
   head radius (mm, finding site femoral head), and with `which` "femoral_angles" femoral
-  inclination and version (deg, anteversion positive, finding site femur). A measurement
+  inclination and version (deg, anteversion positive, finding site femur), and with `which`
+  "hip" acetabular version, the lateral centre-edge angle and acetabular coverage (deg, deg,
+  %, finding site acetabulum) and the alpha angle (deg, finding site femoral head), with
+  TEXT items naming the pelvic frame and the alpha angle's clock position. A measurement
   that could not be made is a qualitative evaluation "Measurement failure" (DCM 114006)
   under the measurement's own concept name, and a TEXT "Qualitative Evaluations" item
   "<name>: not measurable (<reason>)";
@@ -37,6 +40,11 @@ from pydicom.uid import SegmentationStorage, generate_uid
 
 from dicom_node import __version__
 from dicom_node.imaging.codes import (
+    ACETABULAR_COVERAGE,
+    ACETABULAR_VERSION,
+    ACETABULUM,
+    ALPHA_ANGLE,
+    ALPHA_CLOCK,
     DEGREE,
     FEMORAL_HEAD,
     FEMORAL_INCLINATION,
@@ -46,6 +54,7 @@ from dicom_node.imaging.codes import (
     HKA_CORONAL,
     LANDMARK_CODES,
     LANDMARK_SITES,
+    LATERAL_CENTRE_EDGE,
     LATERALITY_CODES,
     LEG_ALIGNMENT,
     LOWER_LIMB,
@@ -54,13 +63,15 @@ from dicom_node.imaging.codes import (
     MEASURE_SCHEME_ORGANIZATION,
     MEASUREMENT_FAILURE,
     MILLIMETRE,
+    PELVIC_FRAME,
+    PERCENT,
     QUALITATIVE_EVALUATIONS,
     RADIUS,
     SEGMENTS,
 )
 from dicom_node.imaging.seg import AlgorithmInfo, check_lo, check_result_series, result_uids
 from model.labels import Bone, Side
-from model.measure import FemoralAngles, LegAlignment, Measurement
+from model.measure import FemoralAngles, HipParameters, Landmark, LegAlignment, Measurement
 
 _UID_NAMESPACE = "dicom-node/sr"
 # The segments an alignment is measured on, per leg.
@@ -70,7 +81,7 @@ MEASURED_BONES = (Bone.FEMUR, Bone.TIBIA)
 @dataclass(frozen=True)
 class ReportedMeasurement:
     """One measurement as the SR carries it: its concept, unit, finding site and the
-    `LegAlignment` (or `FemoralAngles`) attribute it comes from."""
+    `LegAlignment` (or `FemoralAngles`, `HipParameters`) attribute it comes from."""
 
     attribute: str
     concept: Code
@@ -88,6 +99,13 @@ LEG_MEASUREMENTS = (
 FEMORAL_MEASUREMENTS = (
     ReportedMeasurement("inclination", FEMORAL_INCLINATION, DEGREE, FEMUR),
     ReportedMeasurement("version", FEMORAL_VERSION, DEGREE, FEMUR),
+)
+# `which` "hip": the acetabular parameters and the alpha angle, in the same leg group, last.
+HIP_MEASUREMENTS = (
+    ReportedMeasurement("acetabular_version", ACETABULAR_VERSION, DEGREE, ACETABULUM),
+    ReportedMeasurement("lateral_centre_edge", LATERAL_CENTRE_EDGE, DEGREE, ACETABULUM),
+    ReportedMeasurement("coverage", ACETABULAR_COVERAGE, PERCENT, ACETABULUM),
+    ReportedMeasurement("alpha", ALPHA_ANGLE, DEGREE, FEMORAL_HEAD),
 )
 
 
@@ -143,11 +161,13 @@ class SrWriter:
         alignments: Mapping[Side, LegAlignment],
         generation: int = 1,
         femoral: Mapping[Side, FemoralAngles] | None = None,
+        hips: Mapping[Side, HipParameters] | None = None,
     ) -> hd.sr.Comprehensive3DSR:
         """The measurement report of `alignments` (`model.measure.measure_leg_alignment` on
         the sided labels `seg` encodes), in `seg`'s study and frame of reference; with
         `which` "femoral_angles", `femoral` (`model.measure.measure_femoral_angles` on those
-        alignments) in each leg's group."""
+        alignments) in each leg's group, with "hip" `hips`
+        (`model.measure.measure_hip_parameters`) there too, and their landmarks."""
         if str(getattr(seg, "SOPClassUID", "")) != SegmentationStorage:
             raise TypeError("SrWriter.write: seg must be a DICOM Segmentation dataset")
         if not isinstance(alignments, Mapping) or not all(
@@ -168,6 +188,15 @@ class SrWriter:
                 )
             if set(femoral) != set(alignments):
                 raise ValueError("SrWriter.write: femoral and alignments differ in their legs")
+        if "hip" in self.which:
+            if not isinstance(hips, Mapping) or not all(
+                isinstance(hip, HipParameters) and hip.side is side for side, hip in hips.items()
+            ):
+                raise TypeError(
+                    "SrWriter.write: hips must map Side to HipParameters (which has 'hip')"
+                )
+            if set(hips) != set(alignments):
+                raise ValueError("SrWriter.write: hips and alignments differ in their legs")
         source = seg.ReferencedSeriesSequence[0]
         source_series_uid = str(source.SeriesInstanceUID)
         frame_of_reference = str(seg.FrameOfReferenceUID)
@@ -178,8 +207,10 @@ class SrWriter:
             leg = alignments[side]
             groups += self._segment_groups(seg, source_series_uid, side, algorithm_id)
             angles = femoral[side] if femoral is not None else None
-            groups.append(self._leg_group(leg, angles, algorithm_id))
-            groups += self._landmark_groups(leg, frame_of_reference, algorithm_id)
+            hip = hips[side] if hips is not None and "hip" in self.which else None
+            groups.append(self._leg_group(leg, angles, hip, algorithm_id))
+            landmarks = leg.landmarks + (hip.landmarks if hip is not None else ())
+            groups += self._landmark_groups(side, landmarks, frame_of_reference, algorithm_id)
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -244,7 +275,7 @@ class SrWriter:
         return groups
 
     def _reported(
-        self, leg: LegAlignment, angles: FemoralAngles | None
+        self, leg: LegAlignment, angles: FemoralAngles | None, hip: HipParameters | None
     ) -> list[tuple[ReportedMeasurement, Measurement]]:
         """The measurements of one leg that `which` picks, with their results."""
         out: list[tuple[ReportedMeasurement, Measurement]] = []
@@ -252,18 +283,21 @@ class SrWriter:
             out += [(r, getattr(leg, r.attribute)) for r in LEG_MEASUREMENTS]
         if "femoral_angles" in self.which and angles is not None:
             out += [(r, getattr(angles, r.attribute)) for r in FEMORAL_MEASUREMENTS]
+        if hip is not None:
+            out += [(r, getattr(hip, r.attribute)) for r in HIP_MEASUREMENTS]
         return out
 
     def _leg_group(
         self,
         leg: LegAlignment,
         angles: FemoralAngles | None,
+        hip: HipParameters | None,
         algorithm_id: hd.sr.AlgorithmIdentification,
     ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
         """The TID 1501 group of one leg's measurements, made or not."""
         laterality = LATERALITY_CODES[leg.side]
         measurements, failures, reasons = [], [], []
-        for reported, result in self._reported(leg, angles):
+        for reported, result in self._reported(leg, angles, hip):
             if result.value is not None:
                 measurements.append(
                     hd.sr.Measurement(
@@ -285,10 +319,15 @@ class SrWriter:
             measurements=measurements or None,
             qualitative_evaluations=failures or None,
         )
-        for text in reasons:
+        texts = [(QUALITATIVE_EVALUATIONS, text) for text in reasons]
+        if hip is not None and hip.pelvic_frame is not None:
+            texts.append((PELVIC_FRAME, hip.pelvic_frame))
+        if hip is not None and hip.alpha_clock is not None:
+            texts.append((ALPHA_CLOCK, clock_text(hip.alpha_clock)))
+        for concept, text in texts:
             group[0].ContentSequence.append(
                 hd.sr.TextContentItem(
-                    name=QUALITATIVE_EVALUATIONS,
+                    name=concept,
                     value=text,
                     relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
                 )
@@ -297,21 +336,22 @@ class SrWriter:
 
     def _landmark_groups(
         self,
-        leg: LegAlignment,
+        side: Side,
+        landmarks: Sequence[Landmark],
         frame_of_reference: str,
         algorithm_id: hd.sr.AlgorithmIdentification,
     ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
         """A TID 1410 group per landmark found: a SCOORD3D POINT in the CT's frame."""
-        laterality = LATERALITY_CODES[leg.side]
+        laterality = LATERALITY_CODES[side]
         groups = []
-        for landmark in leg.landmarks:
+        for landmark in landmarks:
             if landmark.name not in LANDMARK_CODES:
-                raise ValueError(f"LegAlignment.landmarks: no code for {landmark.name!r}")
+                raise ValueError(f"landmarks: no code for {landmark.name!r}")
             concept = LANDMARK_CODES[landmark.name]
             groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=_tracking(
-                        f"{leg.side.name.capitalize()} {concept.meaning.lower()}"
+                        f"{side.name.capitalize()} {concept.meaning.lower()}"
                     ),
                     referenced_region=hd.sr.ImageRegion3D(
                         graphic_type=hd.sr.GraphicTypeValues3D.POINT,
@@ -324,6 +364,12 @@ class SrWriter:
                 )
             )
         return groups
+
+
+def clock_text(hours: float) -> str:
+    """A clock position in hours as a clock reads it: 12.5 -> "12:30"."""
+    whole = int(hours) % 12 or 12
+    return f"{whole}:{round((hours % 1) * 60):02d}"
 
 
 def not_measurable_text(concept: Code, result: Measurement) -> str:
@@ -363,12 +409,15 @@ def _source_instances(seg: Dataset) -> list[Dataset]:
 def measurements_summary(
     alignments: Mapping[Side, LegAlignment],
     femoral: Mapping[Side, FemoralAngles] | None = None,
+    hips: Mapping[Side, HipParameters] | None = None,
 ) -> dict[str, Any]:
-    """The alignments (and femoral angles, when given) as JSON for the job summary: per leg,
-    each measurement's value and unit or its reason, and the landmarks in LPS mm."""
+    """The alignments (and femoral angles and hip parameters, when given) as JSON for the job
+    summary: per leg, each measurement's value and unit or its reason, and the landmarks in
+    LPS mm."""
     legs = {}
     for side, leg in sorted(alignments.items(), key=lambda item: item[0].value):
         angles = femoral.get(side) if femoral is not None else None
+        hip = hips.get(side) if hips is not None else None
         legs[side.name.lower()] = {
             **{
                 reported.attribute: _measurement_json(getattr(leg, reported.attribute))
@@ -381,9 +430,20 @@ def measurements_summary(
                 for reported in FEMORAL_MEASUREMENTS
                 if angles is not None
             },
+            **{
+                reported.attribute: _measurement_json(getattr(hip, reported.attribute))
+                for reported in HIP_MEASUREMENTS
+                if hip is not None
+            },
+            **(
+                {"alpha_clock": hip.alpha_clock, "pelvic_frame": hip.pelvic_frame}
+                if hip is not None
+                else {}
+            ),
             "ankle_centre_from": leg.ankle_centre_from,
             "landmarks_mm": {
-                lm.name: [round(float(v), 2) for v in lm.position_mm] for lm in leg.landmarks
+                lm.name: [round(float(v), 2) for v in lm.position_mm]
+                for lm in leg.landmarks + (hip.landmarks if hip is not None else ())
             },
         }
     return legs
