@@ -1,22 +1,29 @@
-"""Load benchmark: eight concurrent senders, each a different 300-slice series, plus one that
-re-sends a series it already sent, into one node; stored once, grouped, processed, memory.
+"""Load benchmark: concurrent senders into one node, with and without a segmentation running;
+stored once, grouped, processed, memory.
 
     python -m bench.load [--senders 8] [--slices 300] [--size 256] [--out bench/results/load.json]
 
-Each sender is a DCMTK storescu process (one association, TCP_NODELAY=1) started at the same
-moment; the ninth sends its own series and then sends it again. The series are synthetic legs
-(two soft-tissue cylinders with a cortical ring and marrow, noise, drifting along z), 256 x 256
-pixels of 0.5 mm and 0.5 mm slices: a 128 mm field of view, so that the worker segments each
-in seconds on CPU (the model resamples everything to 0.8 mm; a 512 x 512 series of a whole leg
-takes minutes per series there, bench/README.md). The node runs as `dicom-node serve` with
-`complete_after_s` 5 and two inference threads; the whole pipeline runs: reception, grouping
-by series, completion, selection, segmentation, SEG written (no destination configured).
+Every sender is a DCMTK storescu process (one association, TCP_NODELAY=1) sending its own
+300-slice series. Two nodes, one after the other:
+
+1. Reception alone (`complete_after_s` 600: nothing is selected or segmented meanwhile): one
+   sender on its own, then eight (`--senders`) started at the same moment. Their ratio is
+   what concurrent associations add on this machine.
+2. The whole pipeline (`complete_after_s` 5, two inference threads): a first series is sent
+   and segmented; once it is segmenting, the eight senders start together with a ninth that
+   sends its own series and then sends it again. Reception, grouping by series, completion,
+   selection, segmentation, SEG written (no destination configured).
+
+The series are synthetic legs (two soft-tissue cylinders with a cortical ring and marrow,
+noise, drifting along z), 256 x 256 pixels of 0.5 mm and 0.5 mm slices: a 128 mm field of
+view, so that the worker segments each in seconds on CPU (the model resamples everything to
+0.8 mm; a 512 x 512 series of a whole leg takes minutes per series there, bench/README.md).
 
 Checked: every storescu succeeded; database instances == unique SOP Instance UIDs sent ==
 spool files; each series holds exactly its slices; every series reached a final state.
-Measured: reception throughput (bytes of the distinct series over the senders' wall time),
-time until every series was complete and final, peak RSS of the daemon and of its children
-(the worker), sampled every 0.2 s with psutil, and the daemon's peak thread count.
+Measured: reception throughput (bytes sent over the senders' wall time), time until every
+series was complete and final, peak RSS of the daemon and of its children (the worker),
+sampled every 0.2 s with psutil, and the daemon's peak thread count.
 """
 
 from __future__ import annotations
@@ -129,6 +136,55 @@ def run_sender(command: list[str], repeat: int, log: Path) -> tuple[int, float, 
     return worst, end - start, end
 
 
+def send_together(
+    port: int, jobs: list[tuple[str, Path, int]], work: Path
+) -> tuple[dict[str, tuple[int, float, float]], float, list[threading.Thread]]:
+    """Start one storescu thread per (AE title, folder, times to send it), all at once;
+    returns their results (filled as they end), the start time and the threads."""
+    results: dict[str, tuple[int, float, float]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda a=aet, f=folder, r=repeat: results.__setitem__(
+                a, run_sender(storescu(port, a, f), r, work / f"{a}.log")
+            )
+        )
+        for aet, folder, repeat in jobs
+    ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    return results, started, threads
+
+
+def reception_alone(folders: list[Path], work: Path) -> dict[str, Any]:
+    """Phase 1: the last folder sent alone, then the others together, into a node that
+    segments nothing meanwhile; MB/s of each, and every instance recorded once."""
+    node = NodeProcess(work / "node-receive", complete_after_s=600).start()
+    rates: dict[str, Any] = {}
+    try:
+        for name, batch in (("one_sender", folders[-1:]), ("senders_together", folders[:-1])):
+            jobs = [(f"{name[:5].upper()}{i}", folder, 1) for i, folder in enumerate(batch)]
+            results, started, threads = send_together(node.port, jobs, work)
+            for thread in threads:
+                thread.join()
+            seconds = max(end for _, _, end in results.values()) - started
+            megabytes = sum(p.stat().st_size for f in batch for p in f.iterdir()) / 1e6
+            assert all(code == 0 for code, _, _ in results.values()), results
+            rates[name] = {"senders": len(batch), "seconds": round(seconds, 2)}
+            rates[name]["mb_per_s"] = round(megabytes / seconds, 1)
+            print(f"reception alone, {name}: {megabytes / seconds:.1f} MB/s", flush=True)
+        recorded = len(node.db_instances())
+        spooled = len(node.spool_files())
+    finally:
+        node.stop()
+    sent = sum(len(list(f.iterdir())) for f in folders)
+    rates["together_vs_one"] = round(
+        rates["senders_together"]["mb_per_s"] / rates["one_sender"]["mb_per_s"], 2
+    )
+    rates["every_instance_recorded_once"] = recorded == spooled == sent
+    return rates
+
+
 def series_rows(database: Path) -> list[tuple[str, str, int, str | None]]:
     with sqlite3.connect(database) as db:
         return list(
@@ -151,7 +207,7 @@ def main() -> None:
         work = Path(tmp)
         folders = []
         t = time.perf_counter()
-        for index in range(args.senders + 1):  # the last one is the re-sender's
+        for index in range(args.senders + 2):  # the re-sender's, then the first segmented
             hu = legs(index, args.slices, args.size)
             folder = work / f"series{index}"
             write_ct_series(
@@ -162,9 +218,11 @@ def main() -> None:
             )
             folders.append(folder)
         print(f"wrote {len(folders)} series in {time.perf_counter() - t:.0f} s", flush=True)
+        *folders, first = folders
+        alone = reception_alone(folders, work)
         sent_uids = {
             str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-            for folder in folders
+            for folder in [*folders, first]
             for p in folder.iterdir()
         }
         megabytes = sum(p.stat().st_size for f in folders for p in f.iterdir()) / 1e6
@@ -172,22 +230,16 @@ def main() -> None:
         node = NodeProcess(work / "node", complete_after_s=5).start()
         assert node.process is not None
         sampler = Sampler(node.process.pid).start()
-        results: dict[int, tuple[int, float, float]] = {}
         try:
-            threads = []
-            for index, folder in enumerate(folders):
-                repeat = 2 if index == args.senders else 1  # the re-sender sends twice
-                command = storescu(node.port, f"SENDER{index}", folder)
-                thread = threading.Thread(
-                    target=lambda i=index, c=command, r=repeat: results.__setitem__(
-                        i, run_sender(c, r, work / f"s{i}.log")
-                    )
-                )
-                threads.append(thread)
+            first_uid = node.send_series(first)
+            node.wait_for_db_state(first_uid, {"segmenting"}, args.timeout)
+            jobs = [
+                (f"SENDER{i}", folder, 2 if i == args.senders else 1)  # the re-sender: twice
+                for i, folder in enumerate(folders)
+            ]
             threads_at_start = psutil.Process(node.process.pid).num_threads()
-            started = time.perf_counter()
-            for thread in threads:
-                thread.start()
+            results, started, threads = send_together(node.port, jobs, work)
+            segmenting_at_start = node.db_state(first_uid) == "segmenting"
             # Polled while the senders send: a series completes 5 s after its last new
             # instance, whatever the others do (the re-sent duplicates do not count).
             reception_s = complete_s = final_s = None
@@ -199,7 +251,7 @@ def main() -> None:
                     print(f"received in {reception_s:.1f} s", flush=True)
                 rows = series_rows(node.data_dir / "node.db")
                 states = [state for _, state, _, _ in rows]
-                grouped = len(rows) == len(folders)
+                grouped = len(rows) == len(folders) + 1
                 if complete_s is None and grouped and "receiving" not in states:
                     complete_s = now
                 if reception_s is not None and grouped and all(s in FINAL for s in states):
@@ -224,16 +276,19 @@ def main() -> None:
         "database_equals_unique_sent": recorded == sent_uids,
         "spool_files_equal_unique_sent": spool_files == len(sent_uids),
         "each_series_holds_its_slices": all(count == args.slices for _, _, count, _ in rows),
-        "every_series_grouped": len(rows) == len(folders),
+        "every_series_grouped": len(rows) == len(folders) + 1,
         "every_series_final": final_s is not None,
+        "reception_alone_recorded_once": alone.pop("every_instance_recorded_once"),
+        "a_segmentation_ran_as_the_senders_started": segmenting_at_start,
     }
+    mb_per_s = (megabytes + megabytes / len(folders)) / reception_s
     mib = 2**20
     result: dict[str, Any] = {
         "benchmark": "load",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "series": {
             "concurrent_senders": args.senders + 1,
-            "distinct_series": len(folders),
+            "distinct_series": len(folders) + 1,
             "resent_series": 1,
             "slices": args.slices,
             "rows": args.size,
@@ -244,10 +299,12 @@ def main() -> None:
             "unique_instances": len(sent_uids),
         },
         "sender": "DCMTK storescu, one association each, all started together, TCP_NODELAY=1",
+        "reception_alone": alone,
         "reception_s": round(reception_s, 1),
-        "mb_per_s": round((megabytes + megabytes / len(folders)) / reception_s, 1),
+        "mb_per_s": round(mb_per_s, 1),
+        "mb_per_s_vs_one_sender_alone": round(mb_per_s / alone["one_sender"]["mb_per_s"], 2),
         "instances_per_s": round((len(sent_uids) + args.slices) / reception_s, 1),
-        "sender_seconds": {f"SENDER{i}": round(s, 1) for i, (_, s, _) in sorted(results.items())},
+        "sender_seconds": {aet: round(s, 1) for aet, (_, s, _) in sorted(results.items())},
         "all_complete_s": None if complete_s is None else round(complete_s, 1),
         "all_final_s": None if final_s is None else round(final_s, 1),
         "series_states": {uid[-12:]: [state, reason] for uid, state, _, reason in rows},
@@ -267,12 +324,15 @@ def main() -> None:
         },
         "rss_samples": sampler.samples,
         "notes": [
-            "mb_per_s and instances_per_s count every instance sent (the re-send included) "
-            "over the wall time from the first sender's start to the last one's end",
+            "reception_alone: a node that segments nothing meanwhile; one sender on its own, "
+            "then the eight together, each its own series",
+            "the rest: a node running the whole pipeline; the nine senders start once a first "
+            "series is segmenting (the worker at niceness +10)",
+            "mb_per_s and instances_per_s count every instance the nine sent (the re-send "
+            "included) over the wall time from the first sender's start to the last one's end",
             "all_complete_s: from the start until every series had completed (none "
             "receiving; complete_after_s is 5 s); all_final_s: until every series was done, "
             "no_findings, skipped or failed",
-            "the worker starts on the first complete series while the others still arrive",
             "children: the inference worker (and multiprocessing's resource tracker)",
             "one run, on a machine shared with other work",
         ],
@@ -280,7 +340,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("reception_s", "mb_per_s", "all_final_s")}))
+    keys = ("reception_alone", "mb_per_s", "mb_per_s_vs_one_sender_alone", "all_final_s")
+    print(json.dumps({k: result[k] for k in keys}))
     print(f"checks: {checks}; peak RSS {result['peak_rss_mb']}; written to {args.out}")
     if not all(checks.values()):
         sys.exit(1)

@@ -5,9 +5,10 @@
 One CT series (random int16 HU, written by `dicom_node.ct_series.write_ct_series`) is sent by
 DCMTK storescu over loopback in one association to each receiver in turn, both writing every
 instance to disk; the figure is series bytes / storescu wall time. Not the same work: the node
-fsyncs every file and its directory and commits every instance to SQLite before it answers
-(durability the sender relies on), storescp only writes. The maximum PDU size each receiver
-announces is varied as well, because it sets how the sender fragments every instance.
+fsyncs every file and its directory before it answers (durability the sender relies on) and
+records every instance in SQLite right behind the answer, storescp only writes. The maximum
+PDU size each receiver announces is varied as well, because it sets how the sender fragments
+every instance.
 One run each, on a shared machine: read the figures as indicative, not as a distribution.
 """
 
@@ -188,8 +189,9 @@ def main() -> None:
         "spool_write_ms_per_instance": round(spool_ms, 2),
         "target": 0.5,
         "notes": [
-            "node: temp file + fsync + rename + directory fsync + SQLite commit per instance "
-            "before success; storescp: plain write, no fsync",
+            "node: temp file + fsync + rename + directory fsync per instance before success, "
+            "its SQLite record committed by one thread behind the answer (all of an "
+            "association's before its release is answered); storescp: plain write, no fsync",
             "node_vs_storescp compares the first two runs (both with 128 KiB PDUs on the wire)",
             "'pynetdicom, not storing' answers success without writing: the ceiling of the "
             "network library the node is built on",

@@ -47,6 +47,7 @@ from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
+from sqlalchemy.exc import OperationalError
 
 from dicom_node.app.config import NodeConfig
 from dicom_node.logs import escape
@@ -76,6 +77,7 @@ _INFLATE_CHUNK = 1 << 20
 # Instances answered but not yet recorded: past this many, an association waits for the
 # database before it answers (memory stays bounded, ~1 KiB an instance).
 RECORDS_QUEUED_MAX = 256
+RECORD_RETRY_S = 1.0  # while the database cannot be written (full disk, server down)
 
 
 class UnusableInstanceError(ValueError):
@@ -87,7 +89,11 @@ class InstanceRecords:
     """Records of spooled instances, committed by one thread in the order they were queued.
 
     `record` is called there for each (received, spooled, dataset bytes); the thread starts
-    with the first instance, so a `Reception` built only to `recover` starts none."""
+    with the first instance, so a `Reception` built only to `recover` starts none. While the
+    database cannot be written (OperationalError: a full disk, a server down) the record is
+    retried every RECORD_RETRY_S, the queue fills and associations wait, as they waited for
+    the database before; any other failure, or one at stop, leaves the record to the next
+    start's `recover` (the file is durable)."""
 
     def __init__(self, record: Callable[[ReceivedInstance, SpooledFile, int], None]) -> None:
         self._record = record
@@ -95,6 +101,7 @@ class InstanceRecords:
         self._queue = queue.Queue(RECORDS_QUEUED_MAX)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def put(self, received: ReceivedInstance, spooled: SpooledFile, size: int) -> None:
         """Queue a record; waits while RECORDS_QUEUED_MAX are queued."""
@@ -110,6 +117,7 @@ class InstanceRecords:
 
     def close(self) -> None:
         """Commit what is queued and end the thread."""
+        self._closing.set()
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
@@ -118,18 +126,43 @@ class InstanceRecords:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            received, spooled, size = item
             try:
-                self._record(received, spooled, size)
-            except Exception as error:  # the file is durable: the next start records it
-                log.error(
-                    "could not record %s (recorded at the next start): %s",
-                    received.sop_instance_uid,
-                    _describe(error),
-                )
+                self._commit(*item)
             finally:
                 self._queue.task_done()
         self._queue.task_done()
+
+    def _commit(self, received: ReceivedInstance, spooled: SpooledFile, size: int) -> None:
+        failing = False
+        while True:
+            try:
+                self._record(received, spooled, size)
+            except OperationalError as error:
+                if not self._closing.is_set():
+                    if not failing:
+                        log.error(
+                            "could not record instances, retrying every %g s: %s",
+                            RECORD_RETRY_S,
+                            _describe(error),
+                        )
+                        failing = True
+                    self._closing.wait(RECORD_RETRY_S)
+                    continue
+                self._leave(received, error)
+            except Exception as error:  # the file is durable: the next start records it
+                self._leave(received, error)
+            else:
+                if failing:
+                    log.info("recording instances again")
+            return
+
+    @staticmethod
+    def _leave(received: ReceivedInstance, error: Exception) -> None:
+        log.error(
+            "could not record %s (recorded at the next start): %s",
+            received.sop_instance_uid,
+            _describe(error),
+        )
 
 
 @dataclass(frozen=True)
