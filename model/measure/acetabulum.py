@@ -134,7 +134,9 @@ class Coverage:
 
     @property
     def percent(self) -> float:
-        return 100.0 * float(self.covered.mean())
+        """The covered area as a percentage of a hemisphere of the head (Dandachli et al.
+        2008's scale: 2 pi r2 is 100 %, a head covered beyond its equator more)."""
+        return 200.0 * float(self.covered.mean())
 
 
 def cup_hits(

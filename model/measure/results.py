@@ -77,7 +77,7 @@ class HipParameters:
     axis (unit, LPS, out of the cup; None where not found), the pelvic frame the angles are
     taken in (in words; None when none was found), and acetabular version (deg, anteversion
     positive), the lateral centre-edge angle (deg), the acetabular coverage of the femoral
-    head (% of its sphere) and the alpha angle (deg, the largest from 12 to 3 o'clock, at
+    head (% of a hemisphere of it) and the alpha angle (deg, the largest from 12 to 3 o'clock, at
     ``alpha_clock`` hours), each with a value or the reason it has none."""
 
     side: Side
