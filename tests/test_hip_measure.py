@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from model.labels import Bone, Side, sided_label
-from model.measure import measure_hip_parameters
+from model.measure import HipParameters, measure_hip_parameters
 from model.measure.acetabulum import ALPHA_EXCEEDS_MM
 from model.volume_io import Volume
 
@@ -104,6 +104,16 @@ def synthetic_pelvis(
     return Volume(labels, (sx, sy, sz), (ox, oy, oz), tuple(float(v) for v in rotation.ravel()))
 
 
+@functools.cache
+def measured(
+    direction: tuple[float, ...] | None = None,
+    sides: tuple[Side, ...] = (Side.RIGHT, Side.LEFT),
+    z_top: float = 120.0,
+) -> dict[Side, HipParameters]:
+    """`measure_hip_parameters` of the `synthetic_pelvis` of these arguments."""
+    return measure_hip_parameters(synthetic_pelvis(direction, sides, z_top))
+
+
 def _expected_lce() -> float:
     """The frontal ray from the head centre that meets the opening plane's edge on the cup's
     inner surface: e . axis = offset / inner radius, e = cos(a) up + sin(a) lateral."""
@@ -115,7 +125,7 @@ def _expected_lce() -> float:
 
 
 def test_synthetic_pelvis_gives_its_version_lce_coverage_and_alpha() -> None:
-    hips = measure_hip_parameters(synthetic_pelvis())
+    hips = measured()
     coverage = 100.0 * (1 + CUP_OFFSET_MM / CUP_INNER)  # % of a hemisphere
     alpha = float(np.degrees(np.arcsin(NECK_RADIUS / (HEAD_RADIUS + ALPHA_EXCEEDS_MM))))
     for side in Side:
@@ -129,19 +139,35 @@ def test_synthetic_pelvis_gives_its_version_lce_coverage_and_alpha() -> None:
         assert asis[1] == pytest.approx(-60.0, abs=1.5)  # the ball's front
 
 
+def test_an_island_in_the_joint_changes_nothing() -> None:
+    """A spurious island of hip bone in the cup's opening, over the head beyond the roof's
+    edge, is not read: the measurements stay as they were (read from every voxel, it would
+    cover part of the head)."""
+    volume = synthetic_pelvis()
+    clean = measured()[Side.LEFT]
+    labels = volume.array.copy()
+    beyond_rim = _cup_axis(Side.LEFT) + UP  # between the roof's edge and the neck
+    point = _head(Side.LEFT) + 27.5 * beyond_rim / np.linalg.norm(beyond_rim)
+    x, y, z = np.rint((point - np.asarray(volume.origin)) / np.asarray(volume.spacing)).astype(int)
+    labels[z - 1 : z + 2, y - 1 : y + 2, x - 1 : x + 2] = sided_label(Bone.HIP_BONE, Side.LEFT)
+    island = measure_hip_parameters(volume.with_array(labels))[Side.LEFT]
+    for name in ("acetabular_version", "lateral_centre_edge", "coverage", "alpha"):
+        assert getattr(island, name).value == pytest.approx(getattr(clean, name).value, abs=0.01)
+
+
 def test_the_same_pelvis_turned_on_another_grid_gives_the_same_angles() -> None:
     a, b = np.radians(12.0), np.radians(7.0)
     turn = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     tilt = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    straight = measure_hip_parameters(synthetic_pelvis())[Side.LEFT]
-    turned = measure_hip_parameters(synthetic_pelvis(tuple((turn @ tilt).ravel())))[Side.LEFT]
+    straight = measured()[Side.LEFT]
+    turned = measured(tuple((turn @ tilt).ravel()))[Side.LEFT]
     for name in ("acetabular_version", "lateral_centre_edge", "alpha"):
         assert getattr(turned, name).value == pytest.approx(getattr(straight, name).value, abs=1.5)
     assert turned.coverage.value == pytest.approx(straight.coverage.value, abs=2.0)
 
 
 def test_one_hip_bone_gives_a_frame_of_its_own() -> None:
-    hip = measure_hip_parameters(synthetic_pelvis(sides=(Side.LEFT,)))[Side.LEFT]
+    hip = measured(sides=(Side.LEFT,))[Side.LEFT]
     assert hip.pelvic_frame is not None and "left hip bone alone" in hip.pelvic_frame
     assert hip.acetabular_version.value == pytest.approx(VERSION_DEG, abs=1.0)
     assert hip.lateral_centre_edge.value == pytest.approx(_expected_lce(), abs=1.5)
@@ -150,7 +176,7 @@ def test_one_hip_bone_gives_a_frame_of_its_own() -> None:
 def test_a_field_of_view_below_the_spines_has_no_pelvic_frame() -> None:
     """Cut 50 mm above the head centres: the ASIS (70 mm up) is out of view on both sides, so
     version and LCE are not measurable; coverage and alpha need no frame."""
-    hip = measure_hip_parameters(synthetic_pelvis(z_top=50.0))[Side.RIGHT]
+    hip = measured(z_top=50.0)[Side.RIGHT]
     for result in (hip.acetabular_version, hip.lateral_centre_edge):
         assert not result.measurable
         assert "anterior pelvic plane not found" in str(result.reason)
@@ -160,27 +186,25 @@ def test_a_field_of_view_below_the_spines_has_no_pelvic_frame() -> None:
 
 def test_a_field_of_view_through_the_cup_is_said() -> None:
     """Cut 32 mm above the head centres: the head (24 mm) is whole, its cup (36 mm) is not."""
-    hip = measure_hip_parameters(synthetic_pelvis(z_top=32.0))[Side.LEFT]
+    hip = measured(z_top=32.0)[Side.LEFT]
     assert not hip.coverage.measurable
     assert "acetabulum not in view: cut by the superior edge" in str(hip.coverage.reason)
 
 
 def test_phantom_hips_match_its_geometry() -> None:
+    """A held-out subject's pelvis at 1 x 1.2 x 2 mm against its truth (the hip voxelised at
+    0.5 mm, the frame on the meshes), the alpha angle on the same neck axis."""
     from model.measure import measure_femoral_angles, measure_leg_alignment
     from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
     from model.phantom.subjects.skeleton import build_skeleton
-    from model.phantom.subjects.truth import (
-        pelvis_label_map,
-        true_femoral_angles,
-        true_hip_parameters,
-    )
+    from model.phantom.subjects.truth import pelvis_label_map, true_hip_parameters
 
     skeleton = build_skeleton(np.random.default_rng([1900, 18]), subject=HELD_OUT_SUBJECTS[0])
-    volume = pelvis_label_map(skeleton, spacing=(1.0, 1.2, 2.0))
+    volume = pelvis_label_map(skeleton, spacing=(1.0, 1.2, 2.0), below_heads_mm=70.0)
     legs = measure_leg_alignment(volume)
-    hips = measure_hip_parameters(volume, legs, measure_femoral_angles(volume, legs))
-    truth, _ = true_hip_parameters(skeleton, {"left": true_femoral_angles(skeleton, "left")[0]})
-    hip = hips[Side.LEFT]
+    femoral = measure_femoral_angles(volume, legs)
+    hip = measure_hip_parameters(volume, legs, femoral)[Side.LEFT]
+    truth, _ = true_hip_parameters(skeleton, {"left": np.array(femoral[Side.LEFT].neck_axis)})
     assert hip.acetabular_version.value == pytest.approx(truth["left"].version, abs=2.0)
     assert hip.lateral_centre_edge.value == pytest.approx(truth["left"].lce, abs=2.5)
     assert hip.coverage.value == pytest.approx(truth["left"].coverage, abs=3.0)

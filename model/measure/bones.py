@@ -100,6 +100,23 @@ def bone_voxels(sided: Volume, side: Side, bone: Bone) -> np.ndarray | None:
     return index_to_physical(sided, np.argwhere(mask) + start)
 
 
+def largest_pieces(sided: Volume, bones: tuple[Bone, ...]) -> Volume:
+    """The sided label map with only ``bones`` of either side, each its largest piece: what
+    is read voxel by voxel (:mod:`model.measure.acetabulum`) without the islands."""
+    boxes = ndimage.find_objects(sided.array, max_label=2 * len(Bone))
+    out = np.zeros_like(sided.array)
+    for side in Side:
+        for bone in bones:
+            label = sided_label(bone, side)
+            found = _largest_piece(sided.array, boxes, label)
+            if found is None:
+                continue
+            mask, start = found
+            box = tuple(slice(a, a + n) for a, n in zip(start, mask.shape, strict=True))
+            out[box][mask] = label
+    return sided.with_array(out)
+
+
 def _largest_piece(
     array: np.ndarray, boxes: list, label: int
 ) -> tuple[np.ndarray, np.ndarray] | None:

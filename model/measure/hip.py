@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from model.labels import Bone, Side
-from model.measure.acetabulum import LabelReader, hip_parameters
+from model.measure.acetabulum import CUP_RADIUS_RANGE, LabelReader, hip_parameters
 from model.measure.alignment import CUT_MARGIN_MM, edges, measure_leg_alignment
-from model.measure.bones import BoneSurface, bone_surfaces
+from model.measure.bones import BoneSurface, bone_surfaces, largest_pieces
 from model.measure.femur import measure_femoral_angles
 from model.measure.pelvis import PelvicFrame, anterior_pelvic_plane, landmark_regions
 from model.measure.results import FemoralAngles, HipParameters, Landmark, LegAlignment, Measurement
@@ -50,7 +50,7 @@ def measure_hip_parameters(
         if (centre := leg.landmark("femoral_head_centre")) is not None
     }
     frame, frame_why = pelvic_frame(hips, heads)
-    read = LabelReader(sided)
+    read = LabelReader(largest_pieces(sided, (Bone.HIP_BONE, Bone.FEMUR)))
     out = {}
     for side, leg in legs.items():
         angles = femoral.get(side)
@@ -65,6 +65,7 @@ def pelvic_frame(
     one), or None and why not."""
     sides = [s for s in (Side.RIGHT, Side.LEFT) if s in hips and s in heads]
     reasons = [f"no {s.name.lower()} hip bone" for s in Side if s not in hips]
+    reasons += [f"no {s.name.lower()} femoral head" for s in Side if s in hips and s not in heads]
     while sides:
         frame = anterior_pelvic_plane(
             {s: hips[s].points for s in sides}, {s: heads[s] for s in sides}
@@ -117,7 +118,8 @@ def _hip(
     if hip is None:
         cup_why = "no hip bone"
     else:
-        near = np.linalg.norm(hip.points - head[0], axis=1) < 1.6 * head[1] + CUT_MARGIN_MM
+        reach = CUP_RADIUS_RANGE[1] * head[1] + CUT_MARGIN_MM  # the largest cup's
+        near = np.linalg.norm(hip.points - head[0], axis=1) < reach
         if faces := hip.cut_faces(near):
             cup_why = f"acetabulum not in view: cut by the {edges(faces)}"
     found = hip_parameters(
