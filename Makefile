@@ -14,8 +14,12 @@ STAMP := $(VENV)/.installed
 # it).
 # Node.js and npm (for dcmjs, the OHIF viewer's SEG reader, tests/viewer) come with the
 # machine (NodeSource's build, which bundles npm: Debian's npm package would conflict with it).
-APT_PACKAGES := dicom3tools dcmtk orthanc postgresql rabbitmq-server
-APT_BINARIES := dciodvfy storescu Orthanc pg_ctlcluster rabbitmq-server
+# chromium and chromium-driver: the browser the dashboard is tested in (selenium drives it
+# through chromedriver, nothing downloaded); systemd: systemd-analyze verifies the unit.
+APT_PACKAGES := dicom3tools dcmtk orthanc postgresql rabbitmq-server chromium chromium-driver \
+	systemd
+APT_BINARIES := dciodvfy storescu Orthanc pg_ctlcluster rabbitmq-server chromium chromedriver \
+	systemd-analyze
 APT_STAMP := $(VENV)/.apt-installed
 # dcmjs at the version tests/viewer/package-lock.json pins.
 VIEWER := tests/viewer

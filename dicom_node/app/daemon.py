@@ -9,7 +9,8 @@ answers and `/readyz` says "starting" while the inference worker loads its model
 scheduler resumes idle timers and selections, the database and spool are made consistent
 (partial writes removed, spooled files the database lacks recorded), and only then does the
 node listen; the pid file appears once it listens, so "pid file present and its process
-alive" means "accepting associations".
+alive" means "accepting associations". Under systemd (`Type=notify`) it then says READY=1,
+and its scheduler pings the watchdog (`dicom_node.app.systemd`).
 
 Stop order: stop accepting, give associations in flight `SHUTDOWN_GRACE_S` to finish, abort
 the rest (an aborted C-STORE was never acknowledged, so the sender still has it), stop the
@@ -37,6 +38,7 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.app.config import Config
+from dicom_node.app.systemd import SystemdNotifier
 from dicom_node.cluster.storage import NodeSpool
 from dicom_node.cluster.storage import results_dir as shared_results_dir
 from dicom_node.net.access import check_permissions, start_server
@@ -49,6 +51,7 @@ from dicom_node.pipeline.segment import SegmentationStage
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import NodeState
 from dicom_node.pipeline.worker import InferenceWorker
+from dicom_node.web.dashboard import Dashboard
 from dicom_node.web.health import node_checks
 from dicom_node.web.metrics import NodeMetrics
 from dicom_node.web.server import HttpEndpoint
@@ -121,7 +124,12 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         worker = InferenceWorker(config)
     scheduler = BackgroundScheduler(timezone=UTC)
     metrics = NodeMetrics(state, spool, worker, [d.name for d in config.destinations])
-    http = HttpEndpoint(config.http, metrics.registry) if config.http.enabled else None
+    http = None
+    if config.http.enabled:
+        dashboard = (
+            Dashboard(config.http, state, spool, results_dir) if config.http.dashboard else None
+        )
+        http = HttpEndpoint(config.http, metrics.registry, dashboard)
     if http is not None:
         http.start()  # a taken port fails the start before the model loads
     delivery = DeliveryStage(config, state, results_dir, scheduler, metrics)
@@ -139,6 +147,10 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         state, spool, config.series, scheduler, segmentation.wake, metrics
     )
     reception = Reception(spool, state, completion.received, metrics)
+    systemd = SystemdNotifier()
+    if systemd.watchdog_s is not None:  # pings stop when the scheduler does
+        interval = systemd.watchdog_s / 2
+        scheduler.add_job(systemd.watchdog, "interval", seconds=interval, id="systemd-watchdog")
     scheduler.start()
     try:
         completion.resume()
@@ -166,9 +178,11 @@ def serve(config: Config, config_path: Path | None = None) -> None:
                 " (TLS)" if node.tls else "",
                 data_dir,
             )
+            systemd.ready()
             while not stop.wait(1.0):
                 pass
             log.info("stopping")
+            systemd.stopping()
         finally:
             _stop_server(ae, server)
             reception.records.close()  # what the associations stored, recorded before stopping

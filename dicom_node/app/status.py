@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 
 from dicom_node.app.config import Config
-from dicom_node.app.daemon import running_daemon
 from dicom_node.pipeline.state import NodeState, SeriesRecord, SeriesState
 from model.verdict import Verdict
 
@@ -69,11 +68,22 @@ def recent_jobs(
     if not _has_database(config):
         return []
     with closing(NodeState(config.node.database_url)) as store:
-        return [_series_summary(s) for s in store.jobs(state, limit)]
+        return list_jobs(store, limit, state)
+
+
+def list_jobs(
+    store: NodeState, limit: int | None = RECENT_SERIES, state: SeriesState | None = None
+) -> list[dict[str, Any]]:
+    """The most recent jobs of an open state database, newest first (`recent_jobs`, and the
+    dashboard, which holds the daemon's)."""
+    return [_series_summary(s) for s in store.jobs(state, limit)]
 
 
 def node_status(config: Config, limit: int = RECENT_SERIES) -> dict[str, Any]:
     """The node's status as one JSON-ready object."""
+    # Here, not at the top: the daemon imports this module (its dashboard draws with it).
+    from dicom_node.app.daemon import running_daemon
+
     node = config.node
     data_dir = node.data_path
     daemon = running_daemon(data_dir)
@@ -264,12 +274,21 @@ def _measurements_table(measurements: dict[str, Any]) -> Table | Text:
     table = Table(title="measurements (varus negative, anteversion positive)", title_justify="left")
     for column in ("leg", "measurement", "value"):
         table.add_column(column)
+    for row in measurement_rows(measurements):
+        table.add_row(*row)
+    return table
+
+
+def measurement_rows(measurements: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(leg, measurement, value with its unit or 'not measurable: why') per measured value of
+    a job's measurements that did not fail as a whole."""
+    rows = []
     for leg, values in measurements.items():
         for name, m in values.items():
             if isinstance(m, dict) and "unit" in m:
                 shown = f"{m['value']:.1f} {m['unit']}" if m["value"] is not None else ""
-                table.add_row(leg, name, shown or f"not measurable: {m['reason']}")
-    return table
+                rows.append((leg, name, shown or f"not measurable: {m['reason']}"))
+    return rows
 
 
 def render_jobs(jobs: list[dict[str, Any]]) -> Table:

@@ -291,7 +291,8 @@ def check_permissions(config: Config, config_path: Path | None) -> list[Path]:
     A world-writable config file lets anyone redirect results or open the allow-lists; a
     world-writable data_dir lets anyone swap received instances, results or the database; a
     world-writable weights file lets anyone change the model. A private key others can read
-    is no longer private. The node still starts: the operator decides.
+    is no longer private, nor are the dashboard's credentials in a config file others can
+    read. The node still starts: the operator decides.
     """
     writable = {
         "the config file": config_path,
@@ -310,15 +311,23 @@ def check_permissions(config: Config, config_path: Path | None) -> list[Path]:
                 stat.S_IMODE(mode),
             )
             flagged.append(path)
-    key = Path(config.node.tls_private_key) if config.node.tls_private_key else None
-    mode = _mode(key)
-    if key is not None and mode is not None and mode & stat.S_IROTH:
-        log.warning(
-            "node.tls_private_key %s is readable by everyone (mode %04o); chmod o-r it",
-            key,
-            stat.S_IMODE(mode),
-        )
-        flagged.append(key)
+    http_secrets = config.http.token or config.http.password
+    secret = {
+        "node.tls_private_key": Path(config.node.tls_private_key)
+        if config.node.tls_private_key
+        else None,
+        "the config file (http.token or http.password)": config_path if http_secrets else None,
+    }
+    for what, path in secret.items():
+        mode = _mode(path)
+        if path is not None and mode is not None and mode & stat.S_IROTH:
+            log.warning(
+                "%s %s is readable by everyone (mode %04o); chmod o-r it",
+                what,
+                path,
+                stat.S_IMODE(mode),
+            )
+            flagged.append(path)
     return flagged
 
 

@@ -14,6 +14,7 @@ import ctypes.util
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -92,12 +93,26 @@ def _die_with_parent() -> None:
 WORKER_NICENESS = 10
 
 
+def _limit_memory(memory_max_mb: int) -> None:
+    """Cap this process' address space at `worker.memory_max_mb` (0: none), and make it the
+    kernel's first choice in an out-of-memory kill: the worker, never the daemon, pays for a
+    series too large for the machine, and the daemon replaces it."""
+    if memory_max_mb:
+        limit = memory_max_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:  # raising one's own score needs no privilege
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:  # not Linux
+        log.debug("worker: no /proc/self/oom_score_adj")
+
+
 def _serve(connection: Connection, config: Config, log_level: int = logging.INFO) -> None:
     """The worker process: load the model, then answer requests until the pipe closes. It
     logs as the daemon does ([log] format, at the daemon's level: DEBUG with `-v`), and runs
     at a lower CPU priority than the daemon (WORKER_NICENESS)."""
     _die_with_parent()
     os.nice(WORKER_NICENESS)
+    _limit_memory(config.worker.memory_max_mb)
     setup_logging(config.log.format, log_level, process="worker")
     segmenter = build_segmenter(config.inference)
     writer = build_writer(config, segmenter)

@@ -5,10 +5,12 @@ on `[http] bind:port`, serving
   (OpenMetrics when the scraper asks for it);
 - `GET /healthz`: liveness, 200 and JSON whenever the process answers;
 - `GET /readyz`: readiness (`dicom_node.web.health`), JSON with each check and its reason;
-  200 when all pass, 503 otherwise (also while the node is still starting).
+  200 when all pass, 503 otherwise (also while the node is still starting);
+- the dashboard (`dicom_node.web.dashboard`, `[http] dashboard`): `GET /`, `/jobs/...`,
+  `/static/...` and its one action, `POST /jobs/ID/retry`, with the credentials it asks for.
 
-Read-only and unauthenticated: nothing here changes the node or names a patient, which is
-why it binds to 127.0.0.1 by default.
+The three above are read-only and unauthenticated: they change nothing and name no patient;
+the endpoint binds to 127.0.0.1 by default.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,20 +31,26 @@ from prometheus_client.exposition import choose_encoder
 
 from dicom_node.app.config import HttpConfig
 from dicom_node.logs import escape
+from dicom_node.web.dashboard import Dashboard, Reply
 from dicom_node.web.health import ReadinessCheck, readiness
 
 log = logging.getLogger(__name__)
 
 # A client that sends nothing for this long is dropped (each request holds a thread).
 REQUEST_TIMEOUT_S = 10.0
+# The largest request body read (the retry's form is one token).
+MAX_BODY_BYTES = 4096
 
 
 class HttpEndpoint:
     """The server, its thread, and what it serves."""
 
-    def __init__(self, config: HttpConfig, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, config: HttpConfig, registry: CollectorRegistry, dashboard: Dashboard | None = None
+    ) -> None:
         self.config = config
         self.registry = registry
+        self.dashboard = dashboard
         # The daemon sets these once the node listens; until then /readyz says "starting".
         self.checks: Mapping[str, ReadinessCheck] = {}
         self.started_at = time.monotonic()
@@ -62,7 +70,8 @@ class HttpEndpoint:
         threading.Thread(
             target=self._server.serve_forever, name="dicom-node-http", daemon=True
         ).start()
-        log.info("metrics and health on http://%s:%d", self.config.bind, self.config.port)
+        served = "metrics, health and the dashboard" if self.dashboard else "metrics and health"
+        log.info("%s on http://%s:%d", served, self.config.bind, self.config.port)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -112,19 +121,60 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             ready, report = endpoint.readiness()
             self._send_json(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, report)
+        elif (dashboard := endpoint.dashboard) is not None and dashboard.serves(path):
+            self._send_reply(lambda: dashboard.get(self.path, self.headers))
         else:
-            paths = ["/metrics", "/healthz", "/readyz"]
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": "not found", "paths": paths})
+            self._not_found()
+
+    def do_POST(self) -> None:
+        dashboard = self.server.endpoint.dashboard
+        if dashboard is None or not dashboard.serves(self.path.split("?", 1)[0]):
+            self._not_found()
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY_BYTES:
+            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return
+        body = self.rfile.read(length)
+        self._send_reply(lambda: dashboard.post(self.path, self.headers, body))
+
+    def _not_found(self) -> None:
+        paths = ["/metrics", "/healthz", "/readyz"]
+        if self.server.endpoint.dashboard is not None:
+            paths.insert(0, "/")
+        self._send_json(HTTPStatus.NOT_FOUND, {"error": "not found", "paths": paths})
+
+    def _send_reply(self, answer: Callable[[], Reply]) -> None:
+        """The dashboard's reply, or 500 if drawing it failed (the error is logged)."""
+        try:
+            reply = answer()
+        except Exception as error:  # a page that cannot be drawn: the admin sees it failed
+            log.exception("dashboard: %s %s failed", self.command, escape(self.path, limit=200))
+            body = f"the dashboard failed: {type(error).__name__} (node log)\n".encode()
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, body, "text/plain; charset=utf-8")
+            return
+        self._send(reply.status, reply.body, reply.content_type, reply.headers)
 
     def _send_json(self, status: HTTPStatus, body: dict[str, Any]) -> None:
         data = json.dumps(body, indent=2).encode() + b"\n"
         self._send(status, data, "application/json")
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 

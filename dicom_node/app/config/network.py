@@ -1,6 +1,6 @@
 """What faces the network: [node] (the DICOM daemon: its AE title, port, peers allowed, TLS,
 time-outs and where it keeps everything), [[destinations]] (the peers every SEG goes to) and
-[http] (metrics and health checks)."""
+[http] (metrics, health checks and the dashboard)."""
 
 from __future__ import annotations
 
@@ -163,17 +163,62 @@ class Destination:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """[http]: metrics (Prometheus) and health checks over HTTP, on a port of their own.
+    """[http]: metrics (Prometheus), health checks and the dashboard over HTTP, on a port of
+    their own.
 
-    Off by default; bound to the loopback interface by default, because the endpoints have no
-    authentication: bind it elsewhere only where the network is trusted (the scraper's)."""
+    Off by default; bound to the loopback interface by default. `/metrics`, `/healthz` and
+    `/readyz` have no authentication (a scraper's and a prober's); the dashboard
+    (`dicom_node.web.dashboard`) asks for `token` or `username`/`password` when either is
+    set, and bound elsewhere than loopback it must have one: the node refuses to start
+    without."""
 
     enabled: bool = False
     bind: str = "127.0.0.1"
     port: int = 9104  # not 8042 (Orthanc's HTTP) nor the DICOM port
+    dashboard: bool = True  # the jobs at /, one page per job, and a failed job's retry
+    # The dashboard's credentials: a bearer token (scripts: `Authorization: Bearer ...`; a
+    # browser gives it as the password of HTTP basic auth, any user name), or a user name and
+    # password (HTTP basic auth). Keep the config file unreadable to others when set.
+    token: str = ""
+    username: str = ""
+    password: str = ""
+    # Patient name, ID and birth date on a job's page (read from the series' files). Off:
+    # the dashboard shows UIDs, AE titles and results only, as the node's log does.
+    show_patient_identifiers: bool = False
 
     def __post_init__(self) -> None:
         if not self.bind:
             raise ConfigError("http.bind: must be an address, e.g. '127.0.0.1' or '0.0.0.0'")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"http.port: must be 1..65535, got {self.port}")
+        if bool(self.username) != bool(self.password):
+            raise ConfigError(
+                "http.username and http.password: set both (HTTP basic auth) or neither"
+            )
+        if self.token and len(self.token) < 16:
+            raise ConfigError("http.token: at least 16 characters (e.g. `openssl rand -hex 16`)")
+        if self.enabled and self.dashboard and not self.loopback and not self.authenticated:
+            raise ConfigError(
+                f"http.bind: the dashboard bound to {self.bind} (not loopback) needs "
+                "http.token or http.username and http.password (or http.dashboard = false)"
+            )
+
+    @property
+    def authenticated(self) -> bool:
+        """The dashboard asks for credentials."""
+        return bool(self.token or self.username)
+
+    @property
+    def loopback(self) -> bool:
+        """Bound to this machine only."""
+        return is_loopback(self.bind)
+
+
+def is_loopback(host: str) -> bool:
+    """An address of this machine only: 127.0.0.0/8, ::1 or the name localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: whatever it resolves to, not known to be loopback
+        return False

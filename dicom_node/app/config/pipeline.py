@@ -82,12 +82,20 @@ class WorkerConfig:
 
     timeout_s: float = 1800.0  # one series; longer counts as a hang: the worker is restarted
     retries: int = 1  # a series whose worker crashed or hung is tried this many more times
+    # The worker's address space (MiB, RLIMIT_AS; 0: no limit): past it an allocation in the
+    # worker fails and the series fails with the reason, instead of the kernel's OOM killer
+    # choosing a process. The daemon itself is not limited.
+    memory_max_mb: int = 0
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ConfigError(f"worker.timeout_s: must be > 0, got {self.timeout_s}")
         if self.retries < 0:
             raise ConfigError(f"worker.retries: must be >= 0, got {self.retries}")
+        if self.memory_max_mb < 0:
+            raise ConfigError(
+                f"worker.memory_max_mb: must be >= 0 (0: no limit), got {self.memory_max_mb}"
+            )
 
 
 @dataclass(frozen=True)

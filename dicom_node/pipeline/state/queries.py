@@ -79,6 +79,12 @@ class Queries:
 
     # Reporting -------------------------------------------------------------------------
 
+    def any_file_name(self, series_id: int) -> str | None:
+        """One spooled file of the series (None: none, e.g. purged), to read its header."""
+        query = select(Instance.file_name).where(Instance.series_id == series_id).limit(1)
+        with self._session() as session:
+            return session.scalars(query).first()
+
     def counts(self) -> dict[str, int]:
         with self._session() as session:
             counted = session.execute(select(Series.state, func.count()).group_by(Series.state))
