@@ -38,8 +38,10 @@ _TIMED_STAGES = {
 
 
 def seg_file_name(claim: ClaimedSeries) -> str:
-    """The SEG's file name under results/: chosen by the node, one per series generation."""
-    return f"{claim.series_id}-{claim.generation}.dcm"
+    """The SEG's file name under results/: chosen by the node, one per attempt. An attempt
+    that lost its claim (a cluster worker whose lease ran out while it still worked) then
+    writes, and discards, a file of its own, never the one of the attempt that took over."""
+    return f"{claim.series_id}-{claim.generation}-{claim.attempt}.dcm"
 
 
 def resolve_targets(config: Config, calling_ae: str, calling_host: str) -> list[Target]:
