@@ -18,6 +18,7 @@ from dicom_node.pipeline.retention import purge_expired
 from dicom_node.pipeline.spool import Spool, SpooledFile
 from dicom_node.pipeline.state import (
     TRANSITIONS,
+    ClaimAnswer,
     ClaimedSeries,
     IllegalTransitionError,
     NodeState,
@@ -28,7 +29,7 @@ from dicom_node.pipeline.state import (
     utcnow,
 )
 from dicom_node.pipeline.state.rows import transition
-from dicom_node.pipeline.state.schema import Delivery, Series
+from dicom_node.pipeline.state.schema import Claim, Delivery, Series
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.postgres import PostgresServer
 from model.volume_io import Volume
@@ -366,3 +367,99 @@ def test_failed_series_have_their_own_retention(tmp_path: Path) -> None:
 def test_retention_times_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"retention\.failed_after_h: must be >= 0, got -1"):
         RetentionConfig(failed_after_h=-1)
+
+
+# Claims: several processes on one database (the node as a cluster, dicom_node/cluster) ------
+
+
+def _as_owner(state: NodeState, owner: str) -> NodeState:
+    """Another process on the same database, claiming as `owner`."""
+    return NodeState(state.engine.url.render_as_string(hide_password=False), owner)
+
+
+def _lapse(state: NodeState, series_id: int) -> None:
+    """The series' lease runs out (its worker stopped renewing it)."""
+    with state._session() as session:
+        session.get_one(Claim, series_id).expires_at = utcnow() - timedelta(seconds=1)
+
+
+def _reasons(state: NodeState, series_id: int) -> list[str]:
+    return [t.reason or "" for t in state.job(series_id).transitions]
+
+
+def test_a_job_delivered_twice_is_claimed_once_and_a_lapsed_lease_is_taken_over(
+    state: NodeState,
+) -> None:
+    series_id = _queued(state, "1.1", series="1")
+    first, second = _as_owner(state, "w1"), _as_owner(state, "w2")
+    try:
+        claimed = first.claim_series(series_id, 1, lease_s=60, retries=1).claim
+        assert claimed is not None and claimed.attempt == 1
+        duplicate = second.claim_series(series_id, 1, lease_s=60, retries=1)
+        assert duplicate.claim is None
+        assert duplicate.held_for_s is not None and 0 < duplicate.held_for_s <= 60
+        assert second.claim_series(series_id, 2, 60, 1) == ClaimAnswer(None)  # no such generation
+        assert first.renew(claimed, 60)
+        _lapse(state, series_id)  # w1 died
+        taken = second.claim_series(series_id, 1, lease_s=60, retries=1).claim
+        assert taken is not None and taken.attempt == 2
+        # w1, had it lived on, can neither renew nor record: its attempt was taken over.
+        assert not first.renew(claimed, 60)
+        assert not first.mark_no_findings(claimed, "{}", "none of the six bones found")
+        assert not first.requeue(claimed, "worker died")
+        assert second.mark_no_findings(taken, "{}", "none of the six bones found")
+        assert second.claim_series(series_id, 1, 60, 1) == ClaimAnswer(None)  # done: nothing
+        reasons = _reasons(state, series_id)
+        assert "w1 lost attempt 1; retrying" in reasons
+        assert [r for r in reasons if r.startswith("attempt")] == [
+            "attempt 1 on w1",
+            "attempt 2 on w2",
+        ]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_lapsed_lease_with_no_retries_left_fails_the_series(state: NodeState) -> None:
+    series_id = _queued(state, "1.1", series="1")
+    first, second = _as_owner(state, "w1"), _as_owner(state, "w2")
+    try:
+        assert first.claim_series(series_id, 1, lease_s=60, retries=0).claim is not None
+        _lapse(state, series_id)
+        assert second.claim_series(series_id, 1, lease_s=60, retries=0) == ClaimAnswer(None)
+        job = state.job(series_id).series
+        assert (job.state, job.reason) == (SeriesState.FAILED, "w1 lost attempt 1")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_restart_requeues_its_own_claims_only(state: NodeState) -> None:
+    mine, theirs = _queued(state, "1.1", series="1"), _queued(state, "2.1", series="2")
+    node_a, node_b = _as_owner(state, "a"), _as_owner(state, "b")
+    try:
+        assert node_a.claim_next_queued().series_id == mine  # type: ignore[union-attr]
+        assert node_b.claim_series(theirs, 1, lease_s=60, retries=1).claim is not None
+        assert node_a.resume().requeued == [mine]  # b's series is not a's to requeue
+        assert state.job(theirs).series.state == SeriesState.SEGMENTING
+        assert _reasons(state, mine)[-1] == "a restarted"
+        assert node_b.requeue_own() == [theirs]
+    finally:
+        node_a.close()
+        node_b.close()
+
+
+def test_a_restart_makes_due_again_its_own_deliveries_in_flight_only(state: NodeState) -> None:
+    _queued(state, "1.1", series="1")
+    _segmented(state, [PACS, BACKUP])
+    node_a, node_b = _as_owner(state, "a"), _as_owner(state, "b")
+    try:
+        (theirs,) = node_b.claim_due_deliveries(limit=1)
+        (mine,) = node_a.claim_due_deliveries(limit=1)
+        node_a.resume()
+        (again,) = node_a.claim_due_deliveries()  # its own, not b's still in flight
+        assert (again.delivery_id, again.attempt) == (mine.delivery_id, 2)
+        assert theirs.delivery_id != mine.delivery_id
+    finally:
+        node_a.close()
+        node_b.close()

@@ -25,6 +25,7 @@ from dicom_node.pipeline.state.machine import (
     SeriesState,
 )
 from dicom_node.pipeline.state.records import (
+    ClaimAnswer,
     ClaimedSeries,
     DeliveryRecord,
     DueDelivery,
@@ -59,6 +60,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "FINAL_STATES",
     "TRANSITIONS",
+    "ClaimAnswer",
     "ClaimedSeries",
     "DeliveryRecord",
     "DeliveryState",

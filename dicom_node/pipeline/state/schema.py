@@ -123,6 +123,18 @@ class Claim(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class DeliveryClaim(Base):
+    """Who has a delivery's attempt in flight (`next_attempt_at` None): the node that claimed
+    it, so that a restart makes due again its own attempts only (in a cluster, several
+    reception nodes deliver side by side). Written with each claim and left afterwards."""
+
+    __tablename__ = "delivery_claims"
+
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Transition(Base):
     """Every state change, with its time: the series' timeline for status and audits."""
 

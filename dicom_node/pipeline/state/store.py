@@ -39,6 +39,7 @@ from dicom_node.pipeline.state.schema import (
     Base,
     Claim,
     Delivery,
+    DeliveryClaim,
     Instance,
     Series,
     configure_sqlite,
@@ -332,7 +333,9 @@ class NodeState(Queries):
     # Delivery --------------------------------------------------------------------------
 
     def claim_due_deliveries(self, limit: int = 8) -> list[DueDelivery]:
-        """Pending deliveries whose time has come, marked in flight (next_attempt_at None)."""
+        """Pending deliveries whose time has come, marked in flight (next_attempt_at None) by
+        this owner."""
+        now = utcnow()
         with self._session() as session:
             claimed = session.execute(
                 select(Delivery, Series)
@@ -351,6 +354,9 @@ class NodeState(Queries):
             for delivery, series in claimed:
                 delivery.attempts += 1
                 delivery.next_attempt_at = None
+                session.merge(
+                    DeliveryClaim(delivery_id=delivery.id, owner=self.owner, claimed_at=now)
+                )
                 target = Target(
                     delivery.destination, delivery.ae_title, delivery.host, delivery.port
                 )
@@ -472,13 +478,16 @@ class NodeState(Queries):
             return [series.id for series in requeued]
 
     def resume(self) -> Resumed:
-        """After a restart: re-queue this owner's interrupted segmentation, make deliveries
-        that were in flight due again, and say which series need their idle timer or
-        selection again."""
+        """After a restart: re-queue this owner's interrupted segmentation, make its
+        deliveries that were in flight due again, and say which series need their idle timer
+        or selection again."""
         self.requeue_own()
         with self._session() as session:
-            in_flight = select(Delivery).where(
-                Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at.is_(None)
+            in_flight = (
+                select(Delivery)
+                .outerjoin(DeliveryClaim, DeliveryClaim.delivery_id == Delivery.id)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at.is_(None))
+                .where((DeliveryClaim.owner == self.owner) | DeliveryClaim.owner.is_(None))
             )
             for delivery in session.scalars(in_flight):
                 delivery.next_attempt_at = utcnow()
