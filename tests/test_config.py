@@ -47,6 +47,9 @@ def test_node_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert node.allowed_calling_aets == ("PACS", "CT1")
 
 
+_CLUSTER = "broker = 'amqp://guest:guest@mq//'\nshared_dir = 'shared'\n"
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -91,6 +94,11 @@ def test_node_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
         ("[verdict]\npolicy = 'review'\n", "verdict.policy: expected 'send', 'unverified'"),
         ("[verdict]\npolicy = 1\n", "verdict.policy"),
         ("[verdict]\nunsure = 'hold'\n", "verdict.unsure: unknown key"),
+        ("[cluster]\nenabled = true\nshared_dir = '/mnt/x'\n", "cluster.broker"),
+        ("[cluster]\nenabled = true\nbroker = 'amqp://h//'\n", "cluster.shared_dir"),
+        ("[cluster]\nnode_id = 'recv 1'\n", "cluster.node_id"),
+        ("[cluster]\nlease_s = 0\n", "cluster.lease_s"),
+        (f"[cluster]\nenabled = true\n{_CLUSTER}", "node.database: a cluster shares"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -193,3 +201,33 @@ def test_bad_destination_or_processing_value_is_named(
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_cluster_section_loads_with_shared_dir_relative_to_the_config_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.toml"
+    database = "[node]\ndatabase = 'postgresql+psycopg://u@db/n'\n"
+    path.write_text(f"{database}[cluster]\nenabled = true\nnode_id = 'w-1'\n{_CLUSTER}")
+    cluster = load_config(path).cluster
+    assert (cluster.enabled, cluster.owner, cluster.lease_s) == (True, "w-1", 30.0)
+    assert cluster.shared_dir == str(tmp_path / "shared")
+    assert load_config(ROOT / "config.toml").cluster.enabled is False  # one machine: default
+
+
+@pytest.mark.parametrize("role", [None, "worker"])
+def test_serve_role_and_cluster_go_together(tmp_path: Path, role: str | None) -> None:
+    """--role without [cluster] enabled, or a cluster's process without --role, is refused
+    before anything starts."""
+    path = tmp_path / "config.toml"
+    if role is None:
+        database = "[node]\ndatabase = 'postgresql+psycopg://u@db/n'\n"
+        path.write_text(f"{database}[cluster]\nenabled = true\n{_CLUSTER}")
+    else:
+        path.write_text("[node]\ndata_dir = 'var'\n")
+    command = [sys.executable, "-m", "dicom_node", "serve", "--config", str(path)]
+    command += ["--role", role] if role else []
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode != 0
+    assert "serve --role: receive or worker with [cluster] enabled = true" in result.stderr
+    assert not (tmp_path / "var").exists()
