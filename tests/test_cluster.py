@@ -176,23 +176,23 @@ def test_a_worker_killed_mid_inference_hands_its_series_to_another(
     assert f"{first} lost attempt 1; retrying" in reasons
     assert f"attempt 2 on {second}" in reasons
     assert cluster.seg_instances(job) == 1
-    cluster.start(first, "worker")  # back for the next tests
 
 
 def test_no_node_requeues_or_claims_another_s_running_work(
     cluster: Cluster, phantom_series: PhantomSeries
 ) -> None:
-    """While a worker runs a series: both reception nodes and the other worker restart after a
-    SIGKILL, and a duplicate of the job reaches the broker. None of them touches the series:
-    it finishes on its first attempt, on its first worker."""
+    """While a worker runs a series: both reception nodes restart after a SIGKILL, the worker
+    killed by the test before starts again, and a duplicate of the job reaches the broker.
+    None of them touches the series: it finishes on its first attempt, on its first worker."""
     uid = cluster.processes["recv-b"].send_series(phantom_series(1002)["ct"])
     job = cluster.wait_for(uid, {"segmenting"})
     owner = cluster.owner(job.id)
-    other = next(w for w in ("worker-1", "worker-2") if w != owner)
+    (other,) = [w for w in ("worker-1", "worker-2") if w != owner]
     with held_still(cluster.processes[owner]):
-        for node_id in ("recv-a", "recv-b", other):
-            cluster.processes[node_id].crash()
-            cluster.start(node_id, cluster.processes[node_id].role or "")
+        for node_id, role in (("recv-a", "receive"), ("recv-b", "receive"), (other, "worker")):
+            if cluster.processes[node_id].process is not None:  # the worker died in a test before
+                cluster.processes[node_id].crash()
+            cluster.start(node_id, role)
         # What another reception node publishes for the same queue entry: the idle worker
         # takes it, and drops it.
         from dicom_node.cluster.broker import celery_app, publish
