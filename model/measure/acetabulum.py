@@ -32,6 +32,9 @@ from model.volume_io import Volume
 ACETABULUM_SHELL_MM = 4.0
 CUP_SEED_MM = 10.0
 CUP_RADIUS_RANGE = (0.8, 1.6)  # head radii
+# Refits of the cup's sphere: a cup that is no sphere (the phantoms' are not) has more than one
+# sphere a long refitting settles on, and which one would then be the voxels' choice.
+CUP_ROUNDS = 3
 # Rays from the head centre start this far out (head radii).
 INSIDE_SPHERE = 0.5
 RAY_STEP_MM = 0.25
@@ -108,13 +111,14 @@ def cup_sphere(
 ) -> tuple[np.ndarray, float] | None:
     """The acetabular cup's own sphere (centre, radius) on the hip bone's surface points: first
     fitted to those within CUP_SEED_MM of the head's sphere, then refitted on the surface near
-    it (`refine_sphere`: the rim, the fossa and the bone beyond do not pull it). None when no
+    it CUP_ROUNDS times (`refine_sphere`: the rim, the fossa and the bone beyond do not pull
+    it). None when no
     cup of CUP_RADIUS_RANGE head radii faces the head."""
     near = np.linalg.norm(hip_bone - head_centre, axis=1) < head_radius + CUP_SEED_MM
     if near.sum() < 50:
         return None
     centre, radius = fit_sphere(hip_bone[near])
-    centre, radius, used = refine_sphere(hip_bone, centre, radius)
+    centre, radius, used = refine_sphere(hip_bone, centre, radius, rounds=CUP_ROUNDS)
     low, high = CUP_RADIUS_RANGE
     if used < 50 or not low * head_radius <= radius <= high * head_radius:
         return None

@@ -3,12 +3,13 @@
 The APP is the plane through both anterior superior iliac spines (ASIS) and the pubic
 tubercles (Lewinnek et al. 1978). On a hip bone's points (its surface voxels, or points on a
 mesh) the ASIS is the most anterior point above the acetabulum and the pubic tubercle the most
-anterior point below it and medial of it; "anterior" is the frame's own, found by iterating
-from the patient's: each round, the plane through both ASIS and the middle of the tubercles
-gives the next anterior direction (its normal), until the four points stay put. The plane
-then rests on the pelvis' front, whatever its tilt on the table. With one hip bone whole in
-view its ASIS and tubercle give the plane's tilt, and the scanner's left-right axis (made
-square to them) stands in for the line between the spines. docs/measurements.md defines it.
+anterior point below it and medial of it (above, below and medial along the patient's axes);
+"anterior" is the frame's own, found by iterating from the patient's: each round, the plane
+through both ASIS and the middle of the tubercles gives the next anterior direction (its
+normal), until the four points stay put. The plane then rests on the pelvis' front, whatever
+its tilt on the table. With one hip bone whole in view its ASIS and tubercle give the plane's
+tilt, and the scanner's left-right axis (made square to them) stands in for the line between
+the spines. docs/measurements.md defines it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def anterior_pelvic_plane(
         left, superior, anterior = _frame(centres[Side.LEFT] - centres[Side.RIGHT], SUPERIOR)
     else:
         left, superior, anterior = _frame(LEFT, SUPERIOR)
+    # Where each landmark is looked for stays as the patient's axes put it: a frame turned by
+    # the rounds would move the regions and could run away with them.
+    regions = {
+        side: landmark_regions(hip_bones[side], centres[side], side, left, superior)
+        for side in sides
+    }
     found: dict[Side, dict[str, np.ndarray]] = {}
     for _ in range(FRAME_ROUNDS):
         previous = found
@@ -80,9 +87,7 @@ def anterior_pelvic_plane(
             depth = points @ anterior
             found[side] = {
                 name: points[region][int(np.argmax(depth[region]))]
-                for name, region in landmark_regions(
-                    points, centres[side], side, left, superior
-                ).items()
+                for name, region in regions[side].items()
             }
         if len(sides) == 2:
             asis = (found[Side.LEFT]["asis"] + found[Side.RIGHT]["asis"]) / 2
