@@ -278,3 +278,37 @@ def _instances(database: str) -> dict[str, str]:
             return {sop: name for sop, name in rows}
     finally:
         engine.dispose()
+
+
+def test_a_frozen_worker_s_series_is_taken_over_and_its_late_result_discarded(
+    cluster: Cluster, phantom_series: PhantomSeries
+) -> None:
+    """A worker that hangs whole (SIGSTOP: its broker connection stays open, so RabbitMQ
+    never hands its job on) stops renewing its lease: a reception node publishes the series
+    again and another worker takes it over. Woken up, the frozen worker finishes, and its
+    result is discarded: one SEG at the PACS, and only the new attempt's file."""
+    uid = cluster.processes["recv-a"].send_series(phantom_series(1006)["ct"])
+    job = cluster.wait_for(uid, {"segmenting"})
+    frozen = cluster.processes[cluster.owner(job.id)]
+    assert frozen.process is not None
+    with held_still(frozen):
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        try:
+            job = cluster.wait_for(uid, FINAL)
+        finally:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+    assert job.state == "done", job
+    first, second = f"attempt 1 on {frozen.directory.name}", cluster.owner(job.id)
+    reasons = cluster.reasons(job.id)
+    assert first in reasons and f"attempt 2 on {second}" in reasons, reasons
+    deadline = time.monotonic() + 120
+    while f"series {job.id}: attempt 1 was taken over" not in frozen.log.read_text():
+        assert time.monotonic() < deadline, "the frozen worker never finished its attempt"
+        time.sleep(0.5)
+    # Its SEG and SR, written before it learnt, are deleted right after.
+    expected = {f"{job.id}-1-2.dcm", f"{job.id}-1-2_sr.dcm"}
+    results = cluster.shared / "results"
+    while {p.name for p in results.glob(f"{job.id}-*")} != expected:
+        assert time.monotonic() < deadline, sorted(p.name for p in results.iterdir())
+        time.sleep(0.5)
+    assert cluster.seg_instances(job) == 1

@@ -31,8 +31,9 @@ def celery_app(cluster: ClusterConfig) -> Celery:
         accept_content=["json"],
         task_ignore_result=True,
         # The worker runs a job in its main thread (the solo pool: the model is in the
-        # inference process, `pipeline.worker`), so it cannot answer AMQP heartbeats meanwhile;
-        # a dead peer is still seen at once, its TCP connection closing.
+        # inference process, `pipeline.worker`), so it cannot answer AMQP heartbeats meanwhile.
+        # A worker that dies is seen at once, its TCP connection closing; one that hangs or
+        # vanishes with its machine is seen by its lease running out (`cluster.dispatch`).
         broker_heartbeat=0,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -9,6 +9,12 @@ the store claims a series once, and the other deliveries find nothing to do.
 
 A node that dies between queueing a series and publishing it publishes it at its next start
 (it has published nothing then), or another node does within `POLL_S`.
+
+The dispatcher also publishes, once per attempt, every `segmenting` series whose worker's
+lease ran out: RabbitMQ hands a job on at once when its worker's connection closes (a crash,
+a kill), but a worker that hangs, or whose machine loses power or network, may hold its
+connection, and its job, far longer. The worker that takes the job over finds the lease run
+out and claims the series (`NodeState.claim_series`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class Dispatcher:
         self.state = state
         self.app = celery_app(cluster)
         self._published: set[tuple[int, int, datetime]] = set()
+        self._lapsed: set[tuple[int, int, int]] = set()  # (series, generation, attempt)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dispatch", daemon=True)
@@ -60,7 +67,8 @@ class Dispatcher:
             self._wake.clear()
 
     def dispatch(self) -> int:
-        """Publish the queue entries not published yet; returns how many."""
+        """Publish the queue entries not published yet, and the series whose lease ran out
+        not published yet; returns how many."""
         queued = self.state.jobs(SeriesState.QUEUED, limit=None)
         entries = {(job.id, job.generation, job.state_changed_at) for job in queued}
         new = sorted(entries - self._published, key=lambda entry: entry[2])
@@ -69,4 +77,12 @@ class Dispatcher:
             self._published.add((series_id, generation, at))
             log.info("series %d: job published", series_id)
         self._published &= entries  # forget entries no longer queued
-        return len(new)
+        lapsed = set(self.state.lapsed_claims())
+        for series_id, generation, attempt in sorted(lapsed - self._lapsed):
+            publish(self.app, series_id, generation)
+            log.warning(
+                "series %d: the lease of attempt %d ran out; job published", series_id, attempt
+            )
+        new_lapsed = len(lapsed - self._lapsed)
+        self._lapsed = lapsed
+        return len(new) + new_lapsed

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from dicom_node.pipeline.state import rows
 from dicom_node.pipeline.state.machine import SeriesState
 from dicom_node.pipeline.state.records import JobRecord, SeriesFiles, SeriesRecord
-from dicom_node.pipeline.state.schema import Instance, Series
+from dicom_node.pipeline.state.schema import Claim, Instance, Series, utcnow
 
 _S = SeriesState
 
@@ -71,6 +71,18 @@ class Queries:
                 (series.id, rows.file_names(session, series.id), series.seg_file)
                 for series in session.scalars(query).all()
             ]
+
+    def lapsed_claims(self) -> list[tuple[int, int, int]]:
+        """(series id, generation, attempt) of the `segmenting` series whose lease ran out:
+        their worker stopped renewing it (died, hung, or lost the network) and may never
+        give its job back, so the series must be handed out again."""
+        query = (
+            select(Series.id, Series.generation, Series.attempts)
+            .join(Claim, Claim.series_id == Series.id)
+            .where(Series.state == _S.SEGMENTING, Claim.expires_at < utcnow())
+        )
+        with self._session() as session:
+            return [(series_id, gen, attempt) for series_id, gen, attempt in session.execute(query)]
 
     def file_names(self) -> set[str]:
         """Every spooled file the database knows (the rest of the spool is debris)."""
