@@ -72,6 +72,7 @@ bench: install
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.fuzz --cases 5000
 	$(BIN)/python -m bench.crash --rounds 20
+	$(BIN)/python -m bench.capacity  # from the results above
 
 # The node's main job end to end: phantom CT series -> node (C-STORE) -> SEG at a local PACS
 # (Orthanc), with a report (timings per stage, segments in ml, Dice vs truth) and a PNG preview.
