@@ -99,8 +99,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, phantom_series: PhantomSeries
                 ]
             }
             node.wait_for_states({uids["phantom"]}, {"done"}, timeout=600)
-            node.wait_for_states({uids["no_bone"]}, {"no_findings"}, timeout=60)
-            node.wait_for_states({uids["broken"]}, {"failed"}, timeout=60)
+            node.wait_for_states({uids["no_bone"]}, {"no_findings"}, timeout=600)
+            node.wait_for_states({uids["broken"]}, {"failed"}, timeout=600)
             by_uid = {uid: name for name, uid in uids.items()}
             jobs = {by_uid[s["series_instance_uid"]]: s["id"] for s in node.status()["series"]}
             yield Site(node, port, jobs)

@@ -147,7 +147,7 @@ class Dashboard:
                 return None
             reply = self._error(HTTPStatus.UNAUTHORIZED, "credentials needed")
             challenge = ("WWW-Authenticate", 'Basic realm="dicom-node", charset="UTF-8"')
-            return Reply(reply.status, reply.body, headers=(challenge,))
+            return Reply(reply.status, reply.body, headers=(*reply.headers, challenge))
         host = _host_name(headers.get("Host", ""))
         if host == self.config.bind or is_loopback(host):
             return None
@@ -168,6 +168,7 @@ class Dashboard:
             return False
         if token and _equal(given_password, token):  # a browser's way to give the token
             return True
+        # `&`, not `and`: the password is compared even when the user name is wrong.
         return bool(user) and _equal(given_user, user) & _equal(given_password, password)
 
     def _forgery(self, headers: Message, body: bytes) -> str | None:
