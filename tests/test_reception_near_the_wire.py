@@ -1,6 +1,6 @@
 """Reception's fast path: pynetdicom's reactors woken instead of polling and the C-STORE
 response encoded directly (dicom_node/net/reactors.py), instance records committed by one
-thread behind the answers, and the inference worker at a lower CPU priority.
+thread behind the answers, and the inference worker as a batch job for the scheduler.
 
 The pynetdicom internals reactors.py relies on are pinned here: a pynetdicom release that
 changes one fails the first test, so that the module is reviewed against it.
@@ -35,7 +35,6 @@ from dicom_node.net.receive import Reception, build_ae, event_handlers
 from dicom_node.net.statuses import OUT_OF_RESOURCES, SUCCESS
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import NodeState, Recorded
-from dicom_node.pipeline.worker import WORKER_NICENESS
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.node_process import NodeProcess
 from dicom_node.testbed.peers import free_port
@@ -126,10 +125,13 @@ def test_instances_are_recorded_before_the_release_is_answered(
         server.shutdown()
 
 
-def test_the_worker_runs_below_the_daemons_priority(node: NodeProcess) -> None:
+def test_the_worker_is_a_batch_job_and_the_daemon_is_not(node: NodeProcess) -> None:
     assert node.process is not None
     daemon = psutil.Process(node.process.pid)
     workers = [p for p in daemon.children() if "spawn_main" in " ".join(p.cmdline())]
     assert workers, "the worker process"
-    assert {worker.nice() for worker in workers} == {daemon.nice() + WORKER_NICENESS}
-    assert daemon.nice() == os.getpriority(os.PRIO_PROCESS, 0)  # the daemon itself as started
+    for worker in workers:  # every thread: torch's too
+        threads = [thread.id for thread in worker.threads()]
+        assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_BATCH}
+        assert worker.nice() == daemon.nice()  # its share of the machine is not lowered
+    assert os.sched_getscheduler(daemon.pid) == os.SCHED_OTHER

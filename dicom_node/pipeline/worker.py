@@ -9,6 +9,7 @@ the series as lost with the reason; the segmentation stage decides whether to re
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -87,12 +88,6 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-# Niceness the worker adds to the daemon's: a sender waits for every C-STORE's answer, and a
-# segmentation using every core must not starve reception; a series segmented a little later
-# costs nothing (at 10 the worker gets ~1/10 of the CPU the daemon's threads want).
-WORKER_NICENESS = 10
-
-
 def _limit_memory(memory_max_mb: int) -> None:
     """Cap this process' address space at `worker.memory_max_mb` (0: none), and make it the
     kernel's first choice in an out-of-memory kill: the worker, never the daemon, pays for a
@@ -106,12 +101,26 @@ def _limit_memory(memory_max_mb: int) -> None:
         log.debug("worker: no /proc/self/oom_score_adj")
 
 
+def _yield_to_reception() -> None:
+    """SCHED_BATCH for every thread (Linux; threads started later inherit it from the thread
+    that starts them; imports have started some already): a sender waits for every
+    C-STORE's answer, so the daemon's threads, when they wake, take the CPU from the worker at
+    once, and the worker never preempts them when it wakes. Not a niceness: that would also
+    yield the worker's share to every other process on the machine, and on one shared with
+    other work (a training run) it slowed segmentations to time-outs."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return
+    for thread in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setscheduler(int(thread), os.SCHED_BATCH, os.sched_param(0))
+
+
 def _serve(connection: Connection, config: Config, log_level: int = logging.INFO) -> None:
     """The worker process: load the model, then answer requests until the pipe closes. It
     logs as the daemon does ([log] format, at the daemon's level: DEBUG with `-v`), and runs
-    at a lower CPU priority than the daemon (WORKER_NICENESS)."""
+    as a batch job for the scheduler (`_yield_to_reception`)."""
     _die_with_parent()
-    os.nice(WORKER_NICENESS)
+    _yield_to_reception()
     _limit_memory(config.worker.memory_max_mb)
     setup_logging(config.log.format, log_level, process="worker")
     segmenter = build_segmenter(config.inference)
