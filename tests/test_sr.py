@@ -341,7 +341,7 @@ def test_writer_and_config_name_what_is_wrong(tmp_path: Path, measured: dict) ->
     config.write_text('[measurements]\nwhich = ["femoral_angles"]\n')
     assert load_config(config).measurements.which == ("femoral_angles",)
     config.write_text("")
-    assert "femoral_angles" in load_config(config).measurements.which  # the default
+    assert {"femoral_angles", "hip"} <= set(load_config(config).measurements.which)  # default
 
 
 # -- the phantom through the node and the command line (the model runs) ----------------------
@@ -390,7 +390,10 @@ def test_the_node_sends_the_sr_with_the_seg_into_the_study(
     measurements = job["result"]["measurements"]
     for leg in measurements.values():
         assert leg["hka_3d"]["value"] is None and leg["hka_3d"]["reason"]
-        assert {"femoral_inclination", "femoral_version"} <= set(leg)  # the default `which`
+        # The default `which`: the femoral angles and the hip parameters, each a value or a reason.
+        hip = {"acetabular_version", "lateral_centre_edge", "coverage", "alpha"}
+        assert {"femoral_inclination", "femoral_version"} | hip <= set(leg)
+        assert all(leg[name]["value"] is not None or leg[name]["reason"] for name in hip)
     assert "not measurable" in shown
 
 

@@ -27,7 +27,11 @@ from dicom_node.imaging.sr import SrWriter, measurements_summary
 from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.imaging.volume.policy import AssemblyError, AssemblyPolicy
 from dicom_node.pipeline.spool import write_durably
-from model.measure import measure_femoral_angles, measure_leg_alignment
+from model.measure import (
+    measure_femoral_angles,
+    measure_hip_parameters,
+    measure_leg_alignment,
+)
 from model.verdict import Verdict
 from model.volume_io import Volume
 
@@ -176,7 +180,8 @@ def _measure(
     sided: Volume, seg: Dataset, writer: SrWriter, generation: int, summary: dict[str, Any]
 ) -> Dataset | None:
     """The SR of the measurements picked ("hka": the leg alignment; "femoral_angles": femoral
-    inclination and version, on the alignment's landmarks, measured once), their numbers into
+    inclination and version, on the alignment's landmarks, measured once; "hip": the
+    acetabular parameters and alpha angle, on both of those), their numbers into
     `summary["measurements"]`; None (and the error's type in the summary) if they fail."""
     t = time.perf_counter()
     try:
@@ -186,8 +191,13 @@ def _measure(
             if "femoral_angles" in writer.which
             else None
         )
-        summary["measurements"] = measurements_summary(alignments, femoral)
-        sr = writer.write(seg, alignments, generation, femoral) if alignments else None
+        hips = (
+            measure_hip_parameters(sided, legs=alignments, femoral=femoral)
+            if "hip" in writer.which
+            else None
+        )
+        summary["measurements"] = measurements_summary(alignments, femoral, hips)
+        sr = writer.write(seg, alignments, generation, femoral, hips) if alignments else None
     except Exception as error:  # the SEG still goes out; the reason is in the job
         log.error("measurements failed: %s", type(error).__name__)
         log.debug("measurements failed", exc_info=True)

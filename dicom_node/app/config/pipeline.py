@@ -117,8 +117,9 @@ class SegConfig:
 
 # The measurements `[measurements] which` can pick (model/measure, docs/measurements.md).
 # hka: mechanical axes, hip-knee-ankle angle, femoral head; femoral_angles: femoral
-# inclination and version (on the landmarks the leg alignment found).
-MEASUREMENT_NAMES = ("hka", "femoral_angles")
+# inclination and version (on the landmarks the leg alignment found); hip: acetabular version,
+# lateral centre-edge angle, acetabular coverage and alpha angle in the anterior pelvic plane.
+MEASUREMENT_NAMES = ("hka", "femoral_angles", "hip")
 
 
 @dataclass(frozen=True)
