@@ -327,7 +327,7 @@ def main() -> None:
             "reception_alone: a node that segments nothing meanwhile; one sender on its own, "
             "then the eight together, each its own series",
             "the rest: a node running the whole pipeline; the nine senders start once a first "
-            "series is segmenting (the worker at niceness +10)",
+            "series is segmenting (the worker a batch job for the scheduler, SCHED_BATCH)",
             "mb_per_s and instances_per_s count every instance the nine sent (the re-send "
             "included) over the wall time from the first sender's start to the last one's end",
             "all_complete_s: from the start until every series had completed (none "
