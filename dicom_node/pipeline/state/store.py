@@ -238,20 +238,19 @@ class NodeState(Queries):
     def requeue(self, claim: ClaimedSeries, reason: str) -> bool:
         """A worker crash or hang interrupted `claim`: queue it again (the caller checks
         retries)."""
-        with self._session() as session:
-            series = rows.held(session, claim)
-            if series is None:
-                return False
-            rows.transition(session, series, SeriesState.QUEUED, reason)
-            return True
+        return self._end_held(claim, SeriesState.QUEUED, reason)
 
     def fail_claim(self, claim: ClaimedSeries, reason: str) -> bool:
         """The attempt `claim` failed for good: `failed`, with the reason."""
+        return self._end_held(claim, SeriesState.FAILED, reason)
+
+    def _end_held(self, claim: ClaimedSeries, to: SeriesState, reason: str) -> bool:
+        """Move the series of `claim` to `to`, if the attempt still holds it."""
         with self._session() as session:
             series = rows.held(session, claim)
             if series is None:
                 return False
-            rows.transition(session, series, SeriesState.FAILED, reason)
+            rows.transition(session, series, to, reason)
             return True
 
     def mark_no_findings(self, claim: ClaimedSeries, result: str, reason: str) -> bool:
