@@ -73,6 +73,13 @@ class WorkerLostError(RuntimeError):
     """The worker process died or overran its time-out; str() is the reason."""
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """What a worker that could not load its model sends instead of its algorithm."""
+
+    reason: str
+
+
 def _die_with_parent() -> None:
     """Linux: have the kernel SIGKILL this process when the daemon dies.
 
@@ -123,9 +130,13 @@ def _serve(connection: Connection, config: Config, log_level: int = logging.INFO
     _yield_to_reception()
     _limit_memory(config.worker.memory_max_mb)
     setup_logging(config.log.format, log_level, process="worker")
-    segmenter = build_segmenter(config.inference)
-    writer = build_writer(config, segmenter)
-    sr_writer = build_sr_writer(config, writer.algorithm)
+    try:
+        segmenter = build_segmenter(config.inference)
+        writer = build_writer(config, segmenter)
+        sr_writer = build_sr_writer(config, writer.algorithm)
+    except Exception as error:  # the daemon names the reason it cannot start (no patient data)
+        connection.send(LoadFailure(f"{type(error).__name__}: {error}"))
+        raise
     connection.send(writer.algorithm)  # ready, and which model (for the node's metrics)
     while True:
         try:
@@ -220,11 +231,15 @@ class InferenceWorker:
             self.stop()
             raise WorkerLostError(f"worker not ready after {START_TIMEOUT_S:.0f} s")
         try:
-            self.algorithm = parent.recv()
+            loaded = parent.recv()
         except EOFError:
             code = process.exitcode
             self.stop()
             raise WorkerLostError(f"worker died while loading the model (exit {code})") from None
+        if isinstance(loaded, LoadFailure):
+            self.stop()
+            raise WorkerLostError(f"worker could not load the model: {loaded.reason}")
+        self.algorithm = loaded
         self._ready = True
         log.info("worker %d ready", process.pid)
 
