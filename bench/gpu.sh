@@ -46,8 +46,8 @@ timeout $(( $(left) - 40 )) python3 - "$OUT/run" <<'PY' 2>&1 | tail -n 40 >"$OUT
 import sys
 from pathlib import Path
 
-from model.network import CascadeConfig
-from model.training import TrainingSettings, load_cases, train
+from model.engine.network import CascadeConfig
+from model.training.loop import TrainingSettings, load_cases, train
 
 out = Path(sys.argv[1])
 config = CascadeConfig()

@@ -1,5 +1,5 @@
 """The subject phantoms' CT beside the real extremity CT: tissue HU and noise measured the
-same way on both (`model.ct_statistics`), and a figure of both side by side.
+same way on both (`model.training.ct_statistics`), and a figure of both side by side.
 
     python -m bench.phantom_vs_real [--out bench/results/phantom_vs_real.json]
                                     [--figure docs/phantom_vs_real.png] [--phantoms 6]
@@ -23,11 +23,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from bench.real_ct import CROPS
-from model.ct_statistics import tissue_statistics
+from model.evaluation.phantom_check import scan_with_slices
 from model.phantom.subjects import generate_subject_phantom
 from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
-from model.phantom_check import scan_with_slices
-from model.synthesis import DEFAULT_CHAIN, CtNoise, InPlaneResolution, ThickSlices, synthesise
+from model.training.ct_statistics import tissue_statistics
+from model.training.synthesis import (
+    DEFAULT_CHAIN,
+    CtNoise,
+    InPlaneResolution,
+    ThickSlices,
+    synthesise,
+)
 from model.volume_io import Volume, read_volume
 
 SHOWN_REAL = ("STS_001", "STS_013", "STS_029")
@@ -110,7 +116,7 @@ def main() -> None:
     phantom_rows = {k: tissue_statistics(v.array) for k, v in phantoms.items()}
     figure(real, phantoms, args.figure)
     result = {
-        "method": "model.ct_statistics.tissue_statistics on each whole volume",
+        "method": "model.training.ct_statistics.tissue_statistics on each whole volume",
         "machine": platform.node(),
         "real": {"summary": summary(real_rows), "cases": real_rows},
         "phantom": {"slice_mm": SLICE_MM, "summary": summary(phantom_rows), "cases": phantom_rows},

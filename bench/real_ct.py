@@ -10,16 +10,16 @@ patients and voxels as two of the crops, here through the node's series assembly
 series with none of the six bones (the Philips head phantom, assembled as if its Body Part
 Examined were missing, and TotalSegmentator's example CT), where the right answer is no bone of
 ours. There are no manual labels: each scan is scored against a bone reference derived by
-`model.real_ct_reference.METHOD`, and which bone the largest reference component is was read
-off the montages by eye (`EXPECTED`). The JSON holds per scan the scores, the bones found with
-their volumes and unsure shares, what the anatomy check dropped, and the time; the montages
+`model.evaluation.real_ct_reference.METHOD`, and which bone the largest reference component is
+was read off the montages by eye (`EXPECTED`). The JSON holds per scan the scores, the bones found
+with their volumes and unsure shares, what the anatomy check dropped, and the time; the montages
 (one PNG per scan) show the labels over the CT with the reference's outline.
 
 Phantoms made from shape subjects the weights never saw (`--phantom-subjects`, default the
 five held out of training, `model.phantom.subjects.shapes.HELD_OUT_SUBJECTS`): one hip, knee and
 ankle subject phantom each, scanned at 0.8, 1.5, 3 and 5 mm slices
-(`model.phantom_check.segment_subject_phantoms`), scored per bone against their own truth;
-under "phantoms" in the JSON, aggregated per slice thickness.
+(`model.evaluation.phantom_check.segment_subject_phantoms`), scored per bone against their own
+truth; under "phantoms" in the JSON, aggregated per slice thickness.
 
 One script past 500 lines: the cases, the references, the montages and the report are one
 benchmark's parts, read in that order and used nowhere else.
@@ -46,11 +46,11 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from bench.inference import machine
-from model.inference import InferenceSettings, Segmentation, Segmenter
-from model.labels import BONE_NAMES
-from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
-from model.phantom_check import SLICE_THICKNESSES_MM, segment_subject_phantoms
-from model.real_ct_reference import (
+from model.engine.inference import InferenceSettings, Segmentation, Segmenter
+from model.engine.verdict import Verdict
+from model.engine.weights import DEFAULT_WEIGHTS
+from model.evaluation.phantom_check import SLICE_THICKNESSES_MM, segment_subject_phantoms
+from model.evaluation.real_ct_reference import (
     METHOD,
     BoneReference,
     any_bone_dice,
@@ -60,9 +60,9 @@ from model.real_ct_reference import (
     label_volumes_ml,
     majority_label,
 )
-from model.verdict import Verdict
+from model.labels import BONE_NAMES
+from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
 from model.volume_io import Volume, read_volume
-from model.weights import DEFAULT_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -258,9 +258,9 @@ def score(
     expected: Anatomy | None,
     extremity: bool = True,
 ) -> dict:
-    """The scores of `labels` (0..6) against the reference (model.real_ct_reference.METHOD) and
-    the anatomy read off the images. Scans with none of the six bones (`extremity` False) get
-    only what was found where nothing of ours is."""
+    """The scores of `labels` (0..6) against the reference
+    (model.evaluation.real_ct_reference.METHOD) and the anatomy read off the images. Scans with
+    none of the six bones (`extremity` False) get only what was found where nothing of ours is."""
     found = label_volumes_ml(labels, spacing)
     scores: dict[str, object] = {}
     if expected is not None:  # bones the model found that are not in view

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from model.inference import InferenceSettings, Segmenter
+from model.engine.inference import InferenceSettings, Segmenter
+from model.engine.weights import DEFAULT_WEIGHTS
 from model.volume_io import read_volume, write_volume
-from model.weights import DEFAULT_WEIGHTS
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from model.settings import Device, Precision, Strategy
 
 if TYPE_CHECKING:  # torch loads only when a command needs it
-    from model.inference import Segmenter
+    from model.engine.inference import Segmenter
     from model.phantom import Phantom
 
 SubParsers = argparse._SubParsersAction
@@ -70,15 +70,15 @@ def add_inference_options(parser: argparse.ArgumentParser, defaults: str = "") -
     parser.add_argument(
         "--no-anatomy-check",
         action="store_true",
-        help="keep bone pieces where no lower extremity has them (model/anatomy.py), e.g. to "
-        "score the model's raw output",
+        help="keep bone pieces where no lower extremity has them (model/engine/anatomy.py), "
+        "e.g. to score the model's raw output",
     )
 
 
 def segmenter_from_options(args: argparse.Namespace) -> Segmenter:
     """A Segmenter from the inference options alone; what they leave out is the default."""
-    from model.inference import InferenceSettings, Segmenter
-    from model.weights import DEFAULT_WEIGHTS
+    from model.engine.inference import InferenceSettings, Segmenter
+    from model.engine.weights import DEFAULT_WEIGHTS
 
     chosen = {"strategy": args.strategy, "device": args.device, "precision": args.precision}
     settings = InferenceSettings(
@@ -218,8 +218,8 @@ def add_train(sub: SubParsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from model.network import CascadeConfig
-    from model.training import TrainingSettings, load_cases, train
+    from model.engine.network import CascadeConfig
+    from model.training.loop import TrainingSettings, load_cases, train
 
     if not args.data and not args.phantom_seeds and not args.subject_seeds:
         raise ValueError("give DATA folders, --phantom-seeds or --subject-seeds")
@@ -276,8 +276,8 @@ def segment_volume_file(
 ) -> int:
     """`segment INPUT -o OUTPUT` of a volume file: prints the files written, and warns on
     stderr when the verdict is not plausible."""
-    from model.segment_files import segment_file
-    from model.verdict import Verdict
+    from model.engine.segment_files import segment_file
+    from model.engine.verdict import Verdict
 
     segmentation, paths = segment_file(args.input, args.output, build_segmenter(args))
     print(*paths.values(), sep="\n")
@@ -311,8 +311,8 @@ def _segment_phantom(
 ) -> int:
     from rich.console import Console
 
-    from model.evaluation import format_table, write_json
-    from model.phantom_check import segment_phantoms
+    from model.evaluation.compare import format_table, write_json
+    from model.evaluation.phantom_check import segment_phantoms
 
     result = segment_phantoms(args.seeds, args.size, build_segmenter(args))
     console = Console()
@@ -357,7 +357,7 @@ def add_evaluate(sub: SubParsers) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from model.evaluation import evaluate_paths, format_table, write_json
+    from model.evaluation.compare import evaluate_paths, format_table, write_json
 
     result = evaluate_paths(args.pred, args.truth)
     Console().print(format_table(result))

@@ -19,7 +19,7 @@ Conventions, fixed here so that every number the project reports means the same 
     is the paper's robust variant: a few spurious voxels far away move HD but hardly HD95.
 * Edge cases: both masks empty agree perfectly (Dice 1, distances 0); exactly one empty has
   Dice 0 and infinite distances (there is no surface to measure to). Callers that write JSON
-  must map non-finite values to null (`model.evaluation` does).
+  must map non-finite values to null (`model.evaluation.compare` does).
 """
 
 from __future__ import annotations

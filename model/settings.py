@@ -1,7 +1,8 @@
 """The names inference is run with: strategy, precision and device.
 
 Defined once here, without torch, so that the node's config and command line can check a value
-without loading the model (`dicom_node.app.config` imports this module, not `model.inference`).
+without loading the model (`dicom_node.app.config` imports this module, not
+`model.engine.inference`).
 The members are strings: a member equals its value, and TOML, JSON and argparse see the value.
 """
 
@@ -11,14 +12,14 @@ from enum import StrEnum
 
 
 class Strategy(StrEnum):
-    """How the cascade covers a volume (model/inference.py's module docstring)."""
+    """How the cascade covers a volume (model/engine/inference.py's module docstring)."""
 
     FAST = "fast"  # the first stage everywhere, the finer ones only around label changes
     PAPER = "paper"  # overlapping windows of every patch size, as in Kuiper et al. 2022
 
 
 class Precision(StrEnum):
-    """The dtype the convolutions run in (`model.network.autocast_dtype`)."""
+    """The dtype the convolutions run in (`model.engine.network.autocast_dtype`)."""
 
     AUTO = "auto"  # mixed on CUDA and on CPUs with bfloat16 units, float32 elsewhere
     FLOAT32 = "float32"

@@ -1,11 +1,11 @@
-"""Anatomical plausibility (model/anatomy.py) on label maps with known geometry."""
+"""Anatomical plausibility (model/engine/anatomy.py) on label maps with known geometry."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from model.anatomy import (
+from model.engine.anatomy import (
     AnatomyCheck,
     bone_extents,
     check_anatomy,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.inference import InferenceSettings, Segmenter
+from model.engine.inference import InferenceSettings, Segmenter
 from model.metrics import dice
 from model.phantom import generate_phantom
 
@@ -25,8 +25,8 @@ def test_cuda_segmentation_agrees_with_the_cpu() -> None:
 
 
 def test_a_cuda_training_step_lowers_nothing_to_nan() -> None:
-    from model.network import CascadeConfig, CascadedVNet
-    from model.training import cascade_loss
+    from model.engine.network import CascadeConfig, CascadedVNet
+    from model.training.loop import cascade_loss
 
     config = CascadeConfig()
     model = CascadedVNet(config).cuda()

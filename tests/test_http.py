@@ -37,8 +37,8 @@ from dicom_node.testbed.node_process import AE_TITLE, NodeProcess
 from dicom_node.testbed.peers import PeerDidNotStartError, StoreSCP, free_port
 from dicom_node.web.metrics import NodeMetrics
 from dicom_node.web.server import HttpEndpoint
+from model.engine.weights import DEFAULT_WEIGHTS, sidecar
 from model.volume_io import Volume
-from model.weights import DEFAULT_WEIGHTS, sidecar
 from tests.support import ROOT
 from tests.support.disk import MIB, fill_to
 

@@ -13,14 +13,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from model.anatomy import AnatomyCheck, check_anatomy
-from model.inference import InferenceSettings, Segmenter
-from model.labels import BONE_NAMES
-from model.metrics import dice
-from model.network import CascadeConfig, autocast_dtype
-from model.phantom import generate_phantom
-from model.sampling import normalise_hu
-from model.tiling import (
+from model.engine.anatomy import AnatomyCheck, check_anatomy
+from model.engine.inference import InferenceSettings, Segmenter
+from model.engine.network import CascadeConfig, autocast_dtype
+from model.engine.tiling import (
     ScaledInputs,
     cover_boxes,
     crop_upsampled,
@@ -31,6 +27,10 @@ from model.tiling import (
     window_starts,
     window_weight,
 )
+from model.labels import BONE_NAMES
+from model.metrics import dice
+from model.phantom import generate_phantom
+from model.training.sampling import normalise_hu
 from model.volume_io import Volume, read_volume, write_volume
 
 # Small phantoms (one joint region each) from seeds never used in training (model/MODEL_CARD.md).
@@ -429,7 +429,8 @@ def test_most_probable_equals_torch_max_ties_included(dtype: torch.dtype) -> Non
 
 
 def cpu_has_bfloat16_units() -> bool:
-    """Whether this CPU runs "mixed" (model.network.autocast_dtype refuses it without units)."""
+    """Whether this CPU runs "mixed" (model.engine.network.autocast_dtype refuses it without
+    units)."""
     try:
         return autocast_dtype("mixed", torch.device("cpu")) is not None
     except ValueError:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.engine.network import CascadeConfig, CascadedVNet, count_parameters, upsample_context
 from model.labels import N_CLASSES
-from model.network import CascadeConfig, CascadedVNet, count_parameters, upsample_context
 
 # Table 1 of Kuiper et al. 2022: configuration -> (number of V-nets, input voxels).
 TABLE_1 = {

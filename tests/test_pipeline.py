@@ -115,7 +115,8 @@ def test_ct_series_comes_back_as_seg_in_the_same_study(
     assert _dciodvfy_errors(path) == []
     seg = hd.seg.segread(path)
     assert seg.SOPInstanceUID == status["seg_sop_instance_uid"]
-    # A normal result: confident (model/verdict.py), so sent unmarked under the default policy.
+    # A normal result: confident (model/engine/verdict.py), so sent unmarked under the default
+    # policy.
     assert status["verdict"] == "confident" and status["verdict_reasons"] == []
     assert seg.SeriesDescription == Config().seg.series_description
     assert (seg.StudyInstanceUID, seg.PatientID) == (ct.StudyInstanceUID, ct.PatientID)

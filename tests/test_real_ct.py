@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from model.inference import InferenceSettings, Segmenter
-from model.labels import Bone
-from model.real_ct_reference import (
+from model.engine.inference import InferenceSettings, Segmenter
+from model.evaluation.real_ct_reference import (
     BONE_HU,
     any_bone_dice,
     bone_recall,
@@ -24,6 +23,7 @@ from model.real_ct_reference import (
     outside_field_of_view,
     voxel_ml,
 )
+from model.labels import Bone
 from model.volume_io import read_volume
 
 SPACING = (1.0, 1.0, 3.0)  # mm (x, y, z): in-plane 1 mm, 3 mm slices like the real crops

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.network import CascadeConfig
-from model.sampling import (
+from model.engine.network import CascadeConfig
+from model.training.sampling import (
     Sample,
     TrainingCase,
     augment,
@@ -230,7 +230,7 @@ def test_augment_flip_keeps_stages_aligned() -> None:
 def test_rotated_regions_turn_the_cube_about_the_centre() -> None:
     from scipy.spatial.transform import Rotation
 
-    from model.sampling import rotated_regions
+    from model.training.sampling import rotated_regions
 
     volume = np.random.default_rng(0).integers(0, 20, (90, 90, 90)).astype(np.uint8)
     cube = volume[13:77, 13:77, 13:77]

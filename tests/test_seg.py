@@ -36,9 +36,9 @@ from dicom_node.imaging.seg import (
 from dicom_node.imaging.volume.assemble import AssembledVolume, assemble_volume
 from dicom_node.imaging.volume.policy import AssemblyPolicy
 from dicom_node.pipeline.inference import save_seg
+from model.engine.weights import DEFAULT_WEIGHTS
 from model.labels import Bone, Side, sided_label
 from model.volume_io import Volume, read_volume
-from model.weights import DEFAULT_WEIGHTS
 from tests.support import PhantomSeries, require_data
 
 SHA = "85ab5176e0dca350f83dacf8d9769291e9dbba57c1e1e58bd21d004c0b67cce5"

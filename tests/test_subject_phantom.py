@@ -10,7 +10,7 @@ from scipy import ndimage
 from model.labels import Bone
 from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS, Mesh, shapes_dir
 from model.phantom.subjects.voxelise import voxelise
-from model.synthesis import Tissue
+from model.training.synthesis import Tissue
 
 needs_shapes = pytest.mark.skipif(
     not (shapes_dir() / "llp26" / "llp26_ssm.npz").is_file(),

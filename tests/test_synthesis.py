@@ -1,11 +1,12 @@
-"""The CT synthesis chain (model.synthesis): each named transform on arrays with known answers."""
+"""The CT synthesis chain (model.training.synthesis): each named transform on arrays with known
+answers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from model.synthesis import (
+from model.training.synthesis import (
     DEFAULT_CHAIN,
     HU_RANGE,
     CtNoise,
@@ -127,7 +128,7 @@ def test_quantise_clips_to_the_scanner_range(floor: float) -> None:
 
 
 def test_tissue_statistics_read_back_a_known_image() -> None:
-    from model.ct_statistics import tissue_statistics
+    from model.training.ct_statistics import tissue_statistics
 
     rng = np.random.default_rng(0)
     hu = np.full((6, 80, 80), -90.0, np.float32)
@@ -151,7 +152,7 @@ def test_synthesis_is_the_same_in_every_process() -> None:
     import sys
 
     code = (
-        "import hashlib, numpy as np; from model.synthesis import synthesise; "
+        "import hashlib, numpy as np; from model.training.synthesis import synthesise; "
         "t = np.zeros((40, 40, 40), np.uint8); t[:, :, 20:] = 14; "
         "print(hashlib.sha256(synthesise(t, np.random.default_rng(3)).tobytes()).hexdigest())"
     )

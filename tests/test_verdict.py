@@ -1,4 +1,4 @@
-"""The verdict (model/verdict.py): signals measured on label maps with known geometry, the
+"""The verdict (model/engine/verdict.py): signals measured on label maps with known geometry, the
 findings and verdicts they give, and the verdict on phantoms whose input was damaged."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import math
 import numpy as np
 import pytest
 
-from model.inference import InferenceSettings, Segmenter
-from model.labels import Bone, Side, sided_label
-from model.metrics import dice
-from model.phantom import generate_phantom
-from model.verdict import (
+from model.engine.inference import InferenceSettings, Segmenter
+from model.engine.verdict import (
     MAX_UNSURE_PERCENT,
     SegmentSignals,
     Verdict,
     assess,
     measure_segments,
 )
+from model.labels import Bone, Side, sided_label
+from model.metrics import dice
+from model.phantom import generate_phantom
 from model.volume_io import Volume
 
 SPACING = (1.0, 1.0, 2.0)  # x, y, z mm

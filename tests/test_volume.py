@@ -662,7 +662,7 @@ def test_zero_or_negative_slice_thickness_is_unknown(tmp_path: Path) -> None:
 
 def test_model_spacing_matches_the_network() -> None:
     from dicom_node.imaging.volume.policy import MODEL_SPACING_MM
-    from model.network import CascadeConfig
+    from model.engine.network import CascadeConfig
 
     assert CascadeConfig().spacing_mm == MODEL_SPACING_MM
 

@@ -12,9 +12,8 @@ import SimpleITK as sitk
 import torch
 
 from dicom_node.app.cli import main
-from model.labels import Bone, Side, sided_label, unsided_labels
-from model.network import CascadeConfig, CascadedVNet
-from model.postprocess import (
+from model.engine.network import CascadeConfig, CascadedVNet
+from model.engine.postprocess import (
     bone_pieces,
     remove_detached,
     remove_islands,
@@ -22,10 +21,11 @@ from model.postprocess import (
     slice_label_counts,
     split_sides,
 )
-from model.sampling import TrainingCase
-from model.training import BatchStream, TrainingSettings, batches_from, open_case, train
+from model.engine.weights import file_sha256, load_checkpoint, load_weights, save_weights
+from model.labels import Bone, Side, sided_label, unsided_labels
+from model.training.loop import BatchStream, TrainingSettings, batches_from, open_case, train
+from model.training.sampling import TrainingCase
 from model.volume_io import Volume, write_volume
-from model.weights import file_sha256, load_checkpoint, load_weights, save_weights
 
 
 def test_weights_round_trip_and_tamper_check(tmp_path: Path) -> None:

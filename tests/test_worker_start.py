@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from dicom_node.testbed.node_process import NodeProcess
-from model.weights import DEFAULT_WEIGHTS, sidecar
+from model.engine.weights import DEFAULT_WEIGHTS, sidecar
 
 
 def test_weights_that_fail_their_checksum_stop_the_start_with_the_reason(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from model.cli import (
 )
 
 if TYPE_CHECKING:  # torch loads only when a command needs it: `--help` stays fast
-    from model.inference import Segmenter
+    from model.engine.inference import Segmenter
     from model.phantom import Phantom
 
 

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from dicom_node.app.config import Config
 from dicom_node.pipeline.state import NodeState, SeriesRecord, SeriesState
-from model.verdict import Verdict
+from model.engine.verdict import Verdict
 
 RECENT_SERIES = 20
 
@@ -33,7 +33,7 @@ def _has_database(config: Config) -> bool:
 
 
 def _verdict(s: SeriesRecord) -> dict[str, Any]:
-    """The series' verdict and its reasons (`model.verdict`), once it was segmented."""
+    """The series' verdict and its reasons (`model.engine.verdict`), once it was segmented."""
     verdict = (json.loads(s.result) if s.result else {}).get("verdict") or {}
     return {"verdict": verdict.get("verdict"), "verdict_reasons": verdict.get("reasons", [])}
 

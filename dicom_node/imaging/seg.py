@@ -41,7 +41,7 @@ from dicom_node.imaging.codes import SEGMENTS, SegmentDefinition
 from dicom_node.imaging.source_repairs import repair_copied_attributes
 from dicom_node.imaging.volume.assemble import AssembledVolume
 from dicom_node.imaging.volume.geometry import SourceGeometry
-from model.postprocess import label_counts
+from model.engine.postprocess import label_counts
 from model.volume_io import Volume
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class AlgorithmInfo:
     def from_metadata(
         cls, metadata: Mapping[str, object], version: str | None = None
     ) -> AlgorithmInfo:
-        """From a weights sidecar (`model.weights`: name, weights_sha256).
+        """From a weights sidecar (`model.engine.weights`: name, weights_sha256).
 
         The version is `version`, else the sidecar's "version", else this package's: the
         sidecars carry none today, and the algorithm is this package's code (pre- and

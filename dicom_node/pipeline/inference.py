@@ -27,23 +27,23 @@ from dicom_node.imaging.sr import SrWriter, measurements_summary
 from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.imaging.volume.policy import AssemblyError, AssemblyPolicy
 from dicom_node.pipeline.spool import write_durably
+from model.engine.verdict import Verdict
 from model.measure import (
     measure_femoral_angles,
     measure_hip_parameters,
     measure_leg_alignment,
 )
-from model.verdict import Verdict
 from model.volume_io import Volume
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # torch loads slowly: model.inference is imported where a model is built
-    from model.inference import Segmentation, Segmenter
+if TYPE_CHECKING:  # torch loads slowly: model.engine.inference is imported where a model is built
+    from model.engine.inference import Segmentation, Segmenter
 
 
 class VolumeSegmenter(Protocol):
     """What the node needs of a segmenter: the weights' metadata for the SEG's algorithm
-    identification, and a volume's segmentation. `model.inference.Segmenter` is one."""
+    identification, and a volume's segmentation. `model.engine.inference.Segmenter` is one."""
 
     @property
     def metadata(self) -> Mapping[str, object]: ...
@@ -74,8 +74,8 @@ class SeriesResult:
 def build_segmenter(config: InferenceConfig, anatomy_check: bool = True) -> Segmenter:
     """The cascade from the [inference] section (imported here: torch loads slowly); the CLI
     can leave the anatomy check out to score the raw output."""
-    from model.inference import InferenceSettings, Segmenter
-    from model.weights import DEFAULT_WEIGHTS
+    from model.engine.inference import InferenceSettings, Segmenter
+    from model.engine.weights import DEFAULT_WEIGHTS
 
     settings = InferenceSettings(
         strategy=config.strategy,
@@ -118,7 +118,7 @@ def segment_series(
     """Assemble the series, segment it, write its SEG dataset (not yet to disk).
 
     A series that cannot be assembled fails with the assembler's reason; a volume without any
-    of the six bones, or whose segmentation is implausible (`model.verdict`: bones where no
+    of the six bones, or whose segmentation is implausible (`model.engine.verdict`: bones where no
     lower extremity has them, bones no adult has, a model unsure of much of it), is "no
     findings" (no SEG), with the reason in the summary; a few misplaced bones are left out of
     the SEG. `mark_unsure`: a SEG the verdict is unsure of says UNVERIFIED and why in its
@@ -135,7 +135,7 @@ def segment_series(
         return SeriesResult(None, f"cannot assemble: {error}")
     timings["assemble_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    # The segmentation comes checked for anatomical sense (`model.anatomy`): misplaced pieces
+    # The segmentation comes checked for anatomical sense (`model.engine.anatomy`): misplaced pieces
     # are already left out of it, and an implausible one gets no SEG.
     segmentation = segmenter.segment(assembled.volume)
     timings["segment_s"] = time.perf_counter() - t
@@ -154,9 +154,9 @@ def segment_series(
         "frames": len(assembled.frames),
         "notes": assembled.notes,
         "segments": segmentation.summary["segments"],
-        # Pieces found where no lower extremity has them (model/anatomy.py): not in the SEG.
+        # Pieces found where no lower extremity has them (model/engine/anatomy.py): not in the SEG.
         "dropped_as_misplaced": segmentation.summary["dropped_as_misplaced"],
-        # How far to trust it (model/verdict.py): what the node does with it follows.
+        # How far to trust it (model/engine/verdict.py): what the node does with it follows.
         "verdict": segmentation.summary["verdict"],
         # The source's Patient and Study attributes changed in the SEG (imaging/source_repairs).
         "source_repairs": repairs,

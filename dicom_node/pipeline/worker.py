@@ -36,7 +36,7 @@ from dicom_node.pipeline.inference import (
     segment_series,
     sr_path_beside,
 )
-from model.verdict import Verdict
+from model.engine.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class WorkOutcome:
 
     @property
     def unsure(self) -> bool:
-        """A SEG the verdict is unsure of (`model.verdict`)."""
+        """A SEG the verdict is unsure of (`model.engine.verdict`)."""
         return self.summary.get("verdict", {}).get("verdict") == Verdict.UNSURE
 
 

@@ -30,7 +30,7 @@ class SeriesConfig(AssemblyPolicy):
 class InferenceConfig:
     strategy: Strategy = Strategy.FAST
     device: str = Device.AUTO  # a Device or cuda:N
-    precision: Precision = Precision.AUTO  # model.network.autocast_dtype
+    precision: Precision = Precision.AUTO  # model.engine.network.autocast_dtype
     threads: int = 0  # 0: torch's default (all cores)
     weights: str = ""  # "": the weights shipped in the package
 
@@ -137,7 +137,7 @@ class MeasurementsConfig:
 
 
 class UnsurePolicy(StrEnum):
-    """What the node does with a segmentation whose verdict is unsure (model/verdict.py)."""
+    """What the node does with a segmentation whose verdict is unsure (model/engine/verdict.py)."""
 
     SEND = "send"  # as a confident one
     UNVERIFIED = "unverified"  # sent, its Series and segment descriptions saying UNVERIFIED

@@ -14,7 +14,7 @@ from dicom_node.logs import escape
 
 _POLICY_CHOICES = ("resample", "reject")
 _CHOICE_RULE = "expected 'resample' or 'reject'"
-# The model's grid (model.network.CascadeConfig.spacing_mm; not imported: the daemon and the
+# The model's grid (model.engine.network.CascadeConfig.spacing_mm; not imported: the daemon and the
 # configuration load this module, and they do not load torch).
 MODEL_SPACING_MM = 0.8
 
@@ -52,7 +52,7 @@ class AssemblyPolicy:
     # Body Part Examined values (PS3.16 Annex L, compared ignoring case and spacing) of series
     # that hold none of the six bones: skipped before any inference. A series without the
     # attribute, or with another value (PELVIS, LEG, WHOLEBODY, PARTIALBODY, ...), goes on; what
-    # the model then finds is checked for anatomical sense (model/anatomy.py).
+    # the model then finds is checked for anatomical sense (model/engine/anatomy.py).
     skip_body_parts: tuple[str, ...] = (
         "HEAD", "BRAIN", "SKULL", "FACE", "ORBIT", "SINUS", "IAC", "EAR", "JAW", "TMJ", "NECK",
         "CSPINE", "TSPINE", "CHEST", "THORAX", "LUNG", "HEART", "BREAST", "CLAVICLE", "SHOULDER",

@@ -3,7 +3,7 @@
 :func:`generate_subject_phantom` poses a skeleton of real bones (:mod:`.skeleton`, shapes from
 :mod:`.shapes`), builds the body around it as a tissue map (:mod:`.body`) over a field of view
 (a region of one or both legs, cut anywhere), and gives the tissue map, the bone labels and the
-geometry (landmarks). The CT image is drawn from the tissue map by :mod:`model.synthesis`:
+geometry (landmarks). The CT image is drawn from the tissue map by :mod:`model.training.synthesis`:
 afresh at every training step, or once (`SubjectPhantom.image`) for evaluation. Knows nothing
 of DICOM.
 """
@@ -32,7 +32,7 @@ from model.phantom.subjects.body import (
     paint_vessels,
 )
 from model.phantom.subjects.skeleton import SIDES, Skeleton, build_skeleton
-from model.synthesis import Tissue, nominal_lut, synthesise
+from model.training.synthesis import Tissue, nominal_lut, synthesise
 from model.volume_io import Volume
 
 SUBJECT_PHANTOM_VERSION = "1.2"

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from model.phantom.subjects.skeleton import SIDES, BonePart, Skeleton
 from model.phantom.subjects.voxelise import mesh_box, voxelise
-from model.synthesis import Tissue, smooth_field
+from model.training.synthesis import Tissue, smooth_field
 
 COARSE = 4  # the body outline is computed on a 4x coarser grid (3.2 mm) and interpolated
 

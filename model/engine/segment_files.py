@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.inference import Segmentation, Segmenter
+from model.engine.inference import Segmentation, Segmenter
 from model.labels import BONE_NAMES, sided_label_names
 from model.volume_io import VOLUME_SUFFIXES, read_volume, write_volume
 

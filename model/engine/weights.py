@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.network import CascadeConfig, CascadedVNet
+from model.engine.network import CascadeConfig, CascadedVNet
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "cascade_128-64-32.safetensors"
 MODEL_NAME = "cascaded-vnet-lower-extremity"
 

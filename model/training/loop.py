@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model.network import CascadeConfig, CascadedVNet, pick_device
-from model.postprocess import BODY_HU
+from model.engine.network import CascadeConfig, CascadedVNet, pick_device
+from model.engine.postprocess import BODY_HU
+from model.engine.weights import load_checkpoint, load_weights, save_checkpoint, save_weights
 from model.resample import image_to_model_grid, labels_to_model_grid
-from model.sampling import TrainingCase, augment, draw_sample
 from model.settings import Device
+from model.training.sampling import TrainingCase, augment, draw_sample
 from model.volume_io import is_volume_file, read_volume
-from model.weights import load_checkpoint, load_weights, save_checkpoint, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,17 @@ class TrainingSettings:
     seed: int = 0
     checkpoint_every: int = 100
     bone_fraction: float = 0.67
-    # Samples that see a field of view cut around them (`model.sampling.field_of_view`).
+    # Samples that see a field of view cut around them (`model.training.sampling.field_of_view`).
     truncated_fraction: float = 0.3
-    # Samples centred on dense tissue that is none of the six bones (`model.sampling`). Off by
-    # default: alone (0.15, CHANGELOG.md) it mended the foot and knee but lost the femoral
+    # Samples centred on dense tissue that is none of the six bones (`model.training.sampling`).
+    # Off by default: alone (0.15, CHANGELOG.md) it mended the foot and knee but lost the femoral
     # head on hip crops; the phantom-only weights' last run had 0.1 beside joint samples.
     distractor_fraction: float = 0.0
-    # Samples centred where two bones nearly touch (`model.sampling.joint_surfaces`), to keep
-    # the femoral head that distractor samples alone lost; the phantom-only weights' last run
+    # Samples centred where two bones nearly touch (`model.training.sampling.joint_surfaces`), to
+    # keep the femoral head that distractor samples alone lost; the phantom-only weights' last run
     # had 0.15. Taken before `bone_fraction`: joint + bone + distractor + metal <= 1.
     joint_fraction: float = 0.0
-    # Samples centred on metal implants (`model.sampling.METAL_SAMPLE_HU`); a case without
+    # Samples centred on metal implants (`model.training.sampling.METAL_SAMPLE_HU`); a case without
     # metal gives its share to random voxels.
     metal_fraction: float = 0.0
     threads: int | None = None

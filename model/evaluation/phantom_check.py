@@ -11,11 +11,11 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
-from model.evaluation import aggregate_cases
-from model.inference import Segmenter
+from model.engine.inference import Segmenter
+from model.evaluation.compare import aggregate_cases
 from model.metrics import evaluate_labels
 from model.phantom import generate_phantom
-from model.synthesis import CtNoise
+from model.training.synthesis import CtNoise
 from model.volume_io import Volume
 
 
@@ -68,8 +68,8 @@ def scan_with_slices(
 ) -> tuple[Volume, Volume]:
     """The 0.8 mm phantom as a scanner would reconstruct it with slices ``thickness_mm`` thick
     and as far apart: each slice the mean over its thickness plus, given ``noise``, the
-    scanner's noise drawn on the slices themselves (`model.synthesis.ThickSlices` says why);
-    the labels those of the voxel at its centre."""
+    scanner's noise drawn on the slices themselves (`model.training.synthesis.ThickSlices` says
+    why); the labels those of the voxel at its centre."""
     step = max(1, round(thickness_mm / image.spacing[2]))
     hu = image.array.astype(np.float32)
     if step > 1:
@@ -97,7 +97,7 @@ def segment_subject_phantoms(
 ) -> dict:
     """Metrics per (subject, region, slice thickness) and aggregated per thickness."""
     from model.phantom.subjects import generate_subject_phantom
-    from model.synthesis import DEFAULT_CHAIN, InPlaneResolution, ThickSlices, synthesise
+    from model.training.synthesis import DEFAULT_CHAIN, InPlaneResolution, ThickSlices, synthesise
 
     # The scan's own slices, with their noise, are made by `scan_with_slices`; the chain draws
     # the rest.

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
+from model.engine.network import CascadeConfig
 from model.metrics import bounding_box
-from model.network import CascadeConfig
-from model.sampling import extract, normalise_hu
+from model.training.sampling import extract, normalise_hu
 
 Box = tuple[slice, slice, slice]
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from model.engine.postprocess import slice_label_counts
 from model.labels import BONE_NAMES, Bone
-from model.postprocess import slice_label_counts
 from model.volume_io import Volume
 
 # (upper bone, lower bone): the least distance (mm) along the body's long axis between the

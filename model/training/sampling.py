@@ -23,8 +23,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from model.network import CascadeConfig
-from model.synthesis import synthesise
+from model.engine.network import CascadeConfig
+from model.training.synthesis import synthesise
 
 
 @dataclass
@@ -38,7 +38,7 @@ class TrainingCase:
     distractor_voxels: np.ndarray  # (N, 3) sample of dense voxels away from the six bones
     joint_voxels: np.ndarray  # (N, 3) sample of bone voxels next to another bone
     metal_voxels: np.ndarray  # (N, 3) sample of unlabelled voxels at metal density
-    # Subject phantoms: the tissue map (`model.synthesis.Tissue`) each sample's CT is drawn
+    # Subject phantoms: the tissue map (`model.training.synthesis.Tissue`) each sample's CT is drawn
     # from afresh; `hu` is then the tissues at nominal HU, used to choose sample centres only.
     tissues: np.ndarray | None = None
 
@@ -173,7 +173,7 @@ def extract(
     """array[start : start + size] in 3-D (`size` one int for a cube). Outside the volume, or
     outside `bounds` (lo, hi) within it, the nearest voxel inside repeats: the last plane of a
     field of view. Training sees truncated fields of view this way, and inference pads a scan
-    past its end this way (`model.inference.ScaledInputs.region`)."""
+    past its end this way (`model.engine.inference.ScaledInputs.region`)."""
     start = np.asarray(start)
     shape = np.broadcast_to(size, start.shape)
     lo, hi = bounds if bounds is not None else (0, array.shape)

@@ -2,7 +2,7 @@
 
 A model trained on phantoms labels whatever it is shown. Shown a head, the shipped weights
 found left and right "hip bones" of 42-81 ml and "femurs" of 1-7 ml, and nothing in their
-order along the body was wrong enough for the anatomy check (`model.anatomy`). What gave them
+order along the body was wrong enough for the anatomy check (`model.engine.anatomy`). What gave them
 away was everything else about them: the model was unsure of 29-100 % of their voxels, and a
 "femur" 0.3 cm2 thick is no femur. Four signals, measured per segment (one bone, one side):
 

@@ -32,15 +32,14 @@ import SimpleITK as sitk
 import torch
 from torch import Tensor, nn
 
-from model.anatomy import AnatomyCheck, check_anatomy, without_misplaced
-from model.labels import N_CLASSES, unsided_labels
-from model.network import (
+from model.engine.anatomy import AnatomyCheck, check_anatomy, without_misplaced
+from model.engine.network import (
     CascadedVNet,
     autocast_dtype,
     pick_device,
     upsample_context,
 )
-from model.postprocess import (
+from model.engine.postprocess import (
     counts_summary,
     label_counts,
     remove_detached,
@@ -48,9 +47,7 @@ from model.postprocess import (
     segment_summary,
     split_sides,
 )
-from model.resample import image_to_model_grid, labels_to_grid
-from model.settings import Device, Precision, Strategy
-from model.tiling import (
+from model.engine.tiling import (
     Box,
     ScaledInputs,
     as_box,
@@ -68,9 +65,12 @@ from model.tiling import (
     window_starts,
     window_weight,
 )
-from model.verdict import Assessment, assess, measure_segments
+from model.engine.verdict import Assessment, assess, measure_segments
+from model.engine.weights import DEFAULT_WEIGHTS, load_weights
+from model.labels import N_CLASSES, unsided_labels
+from model.resample import image_to_model_grid, labels_to_grid
+from model.settings import Device, Precision, Strategy
 from model.volume_io import Volume
-from model.weights import DEFAULT_WEIGHTS, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class InferenceSettings:
     # gives each bone's share of unsure voxels.
     certainty: float = 0.9
     min_island_ml: float = 0.5
-    # Leave out the pieces of bone lying where no lower extremity has them (`model.anatomy`),
+    # Leave out the pieces of bone lying where no lower extremity has them (`model.engine.anatomy`),
     # and say when the whole segmentation is implausible. Off only to score the raw output.
     anatomy_check: bool = True
     max_box_voxels: int = 96 * 192 * 192  # fast: bounds one network call's memory (~1.5 GB)
@@ -131,7 +131,7 @@ class Segmentation:
     `anatomy.reason` set: the segmentation as a whole is not of a lower extremity (nothing of it
     should be reported); its misplaced pieces are left out of `labels` and `sided` either way,
     and `summary["dropped_as_misplaced"]` lists them. `assessment`: how far it can be trusted
-    (`model.verdict`; implausible whenever the anatomy check says so), also in
+    (`model.engine.verdict`; implausible whenever the anatomy check says so), also in
     `summary["verdict"]`.
     """
 
@@ -299,12 +299,12 @@ class Segmenter:
             "model": self.metadata.get("name"),
             "weights_sha256": self.metadata.get("weights_sha256"),
             "segments": segment_summary(sided_volume, confidence < sure_percent),
-            # Pieces found where no lower extremity has them (model/anatomy.py): left out.
+            # Pieces found where no lower extremity has them (model/engine/anatomy.py): left out.
             "dropped_as_misplaced": dropped,
             # Pieces far from the rest of their bone (`remove_detached`), on the model's grid.
             "dropped_as_detached": detached,
             "implausible": anatomy.reason,
-            # How far to trust it (model/verdict.py): the verdict, its reasons, the signals.
+            # How far to trust it (model/engine/verdict.py): the verdict, its reasons, the signals.
             "verdict": assessment.as_dict(),
             **stats,
         }
