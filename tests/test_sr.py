@@ -76,17 +76,21 @@ def _leg_case(directory: Path, labels: Volume, seed: str) -> tuple[Dataset, Path
     return seg, paths[0]
 
 
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A whole left leg in 4 deg of varus: every measurement made."""
-    labels, _ = synthetic_leg(4.0, Side.LEFT)
-    directory = tmp_path_factory.mktemp("measured")
-    seg, ct = _leg_case(directory, labels, "sr-measured")
+def _measured_leg_case(directory: Path, labels: np.ndarray, name: str) -> dict:
+    """A leg's SEG and CT, its alignment and femoral angles, and the SR written from them."""
+    seg, ct = _leg_case(directory, labels, name)
     alignments = measure_leg_alignment(labels)
     femoral = measure_femoral_angles(labels, legs=alignments)
     path = directory / "sr.dcm"
     save_dicom(SrWriter(ALGORITHM, which=BOTH).write(seg, alignments, femoral=femoral), path)
     return {"seg": seg, "ct": ct, "alignments": alignments, "femoral": femoral, "path": path}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A whole left leg in 4 deg of varus: every measurement made."""
+    labels, _ = synthetic_leg(4.0, Side.LEFT)
+    return _measured_leg_case(tmp_path_factory.mktemp("measured"), labels, "sr-measured")
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +98,7 @@ def cut(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A right leg cut 5 mm above the femoral head's centre: HKA and the radius not
     measurable, the landmarks below still found."""
     labels, _ = synthetic_leg(6.0, Side.RIGHT, z_top=505.0)
-    directory = tmp_path_factory.mktemp("cut")
-    seg, ct = _leg_case(directory, labels, "sr-cut")
-    alignments = measure_leg_alignment(labels)
-    femoral = measure_femoral_angles(labels, legs=alignments)
-    path = directory / "sr.dcm"
-    save_dicom(SrWriter(ALGORITHM, which=BOTH).write(seg, alignments, femoral=femoral), path)
-    return {"seg": seg, "ct": ct, "alignments": alignments, "femoral": femoral, "path": path}
+    return _measured_leg_case(tmp_path_factory.mktemp("cut"), labels, "sr-cut")
 
 
 @pytest.fixture(scope="module")
