@@ -150,6 +150,11 @@ def test_a_new_run_can_start_from_weights(tmp_path: Path) -> None:
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
     assert meta["training"]["init_weights"]["sha256"] == file_sha256(start)
+    # Stopped after a checkpoint and resumed, the run's weights still name where it started.
+    steps = dict(batch_size=2, checkpoint_every=1, warmup_steps=1, init_weights=start, seed=1)
+    train([tiny_case()], tmp_path / "resumed", config, TrainingSettings(steps=1, **steps))
+    resumed = train([tiny_case()], tmp_path / "resumed", config, TrainingSettings(steps=2, **steps))
+    assert load_weights(resumed)[1]["training"]["init_weights"]["sha256"] == file_sha256(start)
     with pytest.raises(ValueError, match="differs from the run's"):
         train([tiny_case()], tmp_path / "other", CascadeConfig(patch_sizes=(32,)), run)
 

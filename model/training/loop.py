@@ -442,6 +442,8 @@ def train(
     if checkpoint.is_file():
         state = load_checkpoint(checkpoint, model, optimizer)
         step, history = int(state["step"]), list(state["history"])
+        # The run's origin survives a resume, so the weights it ends in still name their parent.
+        initialised_from = state.get("init_weights")
         log.info("resumed from %s at step %d", checkpoint, step)
     elif settings.init_weights is not None:
         initial, meta = load_weights(settings.init_weights)
@@ -481,7 +483,12 @@ def train(
                     "seconds": round(time.monotonic() - started, 1),
                 }
             )
-            save_checkpoint(checkpoint, model, optimizer, {"step": step, "history": history})
+            save_checkpoint(
+                checkpoint,
+                model,
+                optimizer,
+                {"step": step, "history": history, "init_weights": initialised_from},
+            )
             log.info("step %d loss %.4f", step, running)
     bar.close()
     weights = out_dir / f"cascade_{'-'.join(map(str, config.patch_sizes))}.safetensors"
