@@ -129,10 +129,12 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     from dicom_node.pipeline.inference import (
         build_sr_writer,
         build_writer,
+        key_image_path_beside,
         save_dicom,
         segment_series,
         sr_path_beside,
     )
+    from dicom_node.pipeline.spool import write_durably
 
     config = load_config(args.config) if args.config else Config()
     survey = choose_series(survey_series(read_headers([args.input]), config.series), args.series)
@@ -154,6 +156,9 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     if result.sr is not None:  # the measurement report beside the SEG: OUTPUT_sr.dcm
         save_dicom(result.sr, sr_path_beside(args.output))
         print(sr_path_beside(args.output))
+    if result.key_image is not None:  # and its key image: OUTPUT_key.png
+        write_durably(key_image_path_beside(args.output), [result.key_image])
+        print(key_image_path_beside(args.output))
     reported = ("segments", "verdict", "measurements", "timings_s")
     print(json.dumps({k: result.summary[k] for k in reported if k in result.summary}, indent=2))
     return 0

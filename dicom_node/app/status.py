@@ -243,6 +243,8 @@ def render_job(job: dict[str, Any]) -> Group:
         lines.append(segments)
     if result.get("measurements"):
         lines.append(_measurements_table(result["measurements"]))
+    if result.get("key_image"):
+        lines.append(Text(f"key image: {result['key_image']}"))
     timeline = Table(title="timeline", title_justify="left")
     for column in ("at (UTC)", "gen", "state", "reason"):
         timeline.add_column(column)

@@ -4,8 +4,9 @@ reason it failed) out.
 `segment_series` is the whole volume -> segment -> SEG stage as one function, with no process
 or queue around it: the offline `dicom-node segment DICOM_DIR -o seg.dcm` calls it directly, the
 daemon through `dicom_node.pipeline.worker`, which runs it in a process of its own. The
-measurement report (SR: `[measurements]`, `dicom_node.imaging.sr`) lies beside the SEG
-(`sr_path_beside`): the state stores only the SEG's file name; the SR goes where its SEG goes.
+measurement report (SR: `[measurements]`, `dicom_node.imaging.sr`) and its key image (a PNG
+for people, `dicom_node.imaging.key_image`) lie beside the SEG (`sr_path_beside`,
+`key_image_path_beside`): the state stores only the SEG's file name; they go where it goes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from dicom_node.app.config import Config, InferenceConfig
+from dicom_node.imaging.key_image import key_image_png
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
 from dicom_node.imaging.sr import SrWriter, measurements_summary
 from dicom_node.imaging.volume.assemble import assemble_volume
@@ -60,6 +62,7 @@ class SeriesResult:
     summary: dict[str, Any] = field(default_factory=dict)  # segments, timings, notes
     labels: Volume | None = None  # the sided labels the SEG encodes (misplaced pieces left out)
     sr: Dataset | None = None  # the measurement report beside the SEG ([measurements])
+    key_image: bytes | None = None  # its key image, a PNG
 
     @property
     def no_findings(self) -> str | None:
@@ -124,8 +127,8 @@ def segment_series(
     the SEG. `mark_unsure`: a SEG the verdict is unsure of says UNVERIFIED and why in its
     Series Description and each segment's description. `sr_writer`: the measurements
     (`model.measure`, on the sided labels) as an SR beside the SEG, and in the summary under
-    "measurements"; none without a SEG. A measurement that fails outright costs the SR, never
-    the SEG.
+    "measurements", with their key image (PNG); none without a SEG. A measurement that fails
+    outright costs the SR and the key image, never the SEG; a key image that fails, only itself.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -170,19 +173,25 @@ def segment_series(
         implausible = assessment.verdict is Verdict.IMPLAUSIBLE
         summary["no_findings"] = assessment.headline() if implausible else NO_BONE
         return SeriesResult(None, None, summary)
-    sr = None
+    sr, key_image = None, None
     if sr_writer is not None:
-        sr = _measure(sided, dataset, sr_writer, generation, summary)
-    return SeriesResult(dataset, None, summary, sided, sr)
+        sr, key_image = _measure(assembled.volume, sided, dataset, sr_writer, generation, summary)
+    return SeriesResult(dataset, None, summary, sided, sr, key_image)
 
 
 def _measure(
-    sided: Volume, seg: Dataset, writer: SrWriter, generation: int, summary: dict[str, Any]
-) -> Dataset | None:
+    ct: Volume,
+    sided: Volume,
+    seg: Dataset,
+    writer: SrWriter,
+    generation: int,
+    summary: dict[str, Any],
+) -> tuple[Dataset | None, bytes | None]:
     """The SR of the measurements picked ("hka": the leg alignment; "femoral_angles": femoral
     inclination and version, on the alignment's landmarks, measured once; "hip": the
-    acetabular parameters and alpha angle, on both of those), their numbers into
-    `summary["measurements"]`; None (and the error's type in the summary) if they fail."""
+    acetabular parameters and alpha angle, on both of those) and their key image on ``ct``,
+    their numbers into `summary["measurements"]`; None (and the error's type in the summary)
+    for what fails."""
     t = time.perf_counter()
     try:
         alignments = measure_leg_alignment(sided) if writer.which else {}
@@ -202,9 +211,21 @@ def _measure(
         log.error("measurements failed: %s", type(error).__name__)
         log.debug("measurements failed", exc_info=True)
         summary["measurements"] = {"error": f"{type(error).__name__} (node log at debug level)"}
-        sr = None
+        summary["timings_s"]["measure_s"] = round(time.perf_counter() - t, 3)
+        return None, None
     summary["timings_s"]["measure_s"] = round(time.perf_counter() - t, 3)
-    return sr
+    if not alignments:
+        return sr, None
+    t = time.perf_counter()
+    try:
+        key_image = key_image_png(ct, alignments, femoral, hips)
+    except Exception as error:  # the SEG and the SR still go out
+        log.error("key image failed: %s", type(error).__name__)
+        log.debug("key image failed", exc_info=True)
+        summary["key_image_error"] = f"{type(error).__name__} (node log at debug level)"
+        key_image = None
+    summary["timings_s"]["key_image_s"] = round(time.perf_counter() - t, 3)
+    return sr, key_image
 
 
 def save_dicom(dataset: Dataset, path: Path) -> int:
@@ -222,7 +243,19 @@ def sr_path_beside(seg_path: Path) -> Path:
     return seg_path.with_name(f"{seg_path.stem}_sr.dcm")
 
 
+def key_image_path_beside(seg_path: Path) -> Path:
+    """Where the key image of the SEG at `seg_path` lies: `<stem>_key.png` beside it."""
+    return seg_path.with_name(f"{seg_path.stem}_key.png")
+
+
 def result_paths(seg_path: Path) -> list[Path]:
-    """The files of one result: the SEG, and its SR when one was written."""
+    """The DICOM files of one result, the ones delivered: the SEG, and its SR when one was
+    written."""
     sr = sr_path_beside(seg_path)
     return [seg_path, sr] if sr.is_file() else [seg_path]
+
+
+def result_files(seg_path: Path) -> list[Path]:
+    """Every file of one result: its DICOM files and its key image when one was written."""
+    key_image = key_image_path_beside(seg_path)
+    return result_paths(seg_path) + ([key_image] if key_image.is_file() else [])

@@ -18,7 +18,7 @@ from pathlib import Path
 from apscheduler.schedulers.base import BaseScheduler
 
 from dicom_node.app.config import RetentionConfig
-from dicom_node.pipeline.inference import result_paths
+from dicom_node.pipeline.inference import result_files
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import NodeState, utcnow
 
@@ -40,7 +40,7 @@ def purge_expired(
         for name in file_names:
             spool.discard(name)
         if seg_file:
-            for path in result_paths(results_dir / seg_file):  # the SEG and its SR
+            for path in result_files(results_dir / seg_file):  # SEG, SR, key image
                 path.unlink(missing_ok=True)
         state.mark_purged(series_id)
         purged += 1

@@ -32,10 +32,12 @@ from dicom_node.pipeline.inference import (
     build_segmenter,
     build_sr_writer,
     build_writer,
+    key_image_path_beside,
     save_dicom,
     segment_series,
     sr_path_beside,
 )
+from dicom_node.pipeline.spool import write_durably
 from model.engine.verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,12 @@ def _work(
         result.summary["sr_sop_instance_uid"] = str(result.sr.SOPInstanceUID)
     else:  # an attempt before a config change may have left one
         sr_path.unlink(missing_ok=True)
+    key_image_path = key_image_path_beside(Path(request.seg_path))
+    if result.key_image is not None:
+        write_durably(key_image_path, [result.key_image])
+        result.summary["key_image"] = str(key_image_path)
+    else:
+        key_image_path.unlink(missing_ok=True)
     size = save_dicom(result.dataset, Path(request.seg_path))
     result.summary["timings_s"]["seg_write_s"] = round(time.perf_counter() - t, 3)
     result.summary["seg_bytes"] = size

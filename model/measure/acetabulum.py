@@ -313,6 +313,7 @@ class HipMeasures:
     lateral_edge: np.ndarray | None = None
     alpha: float | None = None
     alpha_clock: float | None = None
+    rim: np.ndarray | None = None  # the rim points the opening plane rests on (LPS mm)
 
 
 def hip_parameters(
@@ -335,7 +336,7 @@ def hip_parameters(
     if cup is not None and coverage is not None:
         out.cup_centre = cup[0]
         out.coverage = coverage.percent
-        _, out.axis, _ = opening_plane(coverage, head[0])
+        _, out.axis, out.rim = opening_plane(coverage, head[0])
         if frame is not None:
             out.version = acetabular_version_deg(out.axis, frame, frame.lateral(side))
             edge = lateral_centre_edge_deg(

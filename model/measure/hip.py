@@ -150,7 +150,10 @@ def _hip(
         points["acetabular_lateral_edge"] = found.lateral_edge
     described = frame.description if frame is not None else None
     record = _record(side, values, why, points, found.axis, described)
-    return HipParameters(**{**vars(record), "alpha_clock": found.alpha_clock})
+    rim = (
+        () if found.rim is None else tuple((float(x), float(y), float(z)) for x, y, z in found.rim)
+    )
+    return HipParameters(**{**vars(record), "alpha_clock": found.alpha_clock, "rim_mm": rim})
 
 
 def _record(

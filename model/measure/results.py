@@ -78,7 +78,9 @@ class HipParameters:
     taken in (in words; None when none was found), and acetabular version (deg, anteversion
     positive), the lateral centre-edge angle (deg), the acetabular coverage of the femoral
     head (% of a hemisphere of it) and the alpha angle (deg, the largest from 12 to 3 o'clock, at
-    ``alpha_clock`` hours), each with a value or the reason it has none."""
+    ``alpha_clock`` hours), each with a value or the reason it has none; ``rim_mm`` the points
+    of the acetabular rim the opening plane rests on (LPS mm; empty where no cup was found),
+    for drawing."""
 
     side: Side
     landmarks: tuple[Landmark, ...]
@@ -89,6 +91,7 @@ class HipParameters:
     coverage: Measurement
     alpha: Measurement
     alpha_clock: float | None
+    rim_mm: tuple[tuple[float, float, float], ...] = ()
 
     def landmark(self, name: str) -> tuple[float, float, float] | None:
         return next((lm.position_mm for lm in self.landmarks if lm.name == name), None)
