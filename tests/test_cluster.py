@@ -4,14 +4,18 @@ and a shared folder, delivering to a real Orthanc.
 
 A worker's inference is held still where a test needs it running (SIGSTOP of the inference
 process, whose worker keeps renewing its lease), so that "mid-inference" does not depend on
-how fast two busy cores segment a small phantom.
+how fast two busy cores segment a small phantom; a delivery is held in flight the same way,
+with the PACS stopped (its kernel still accepts the connection, and the association waits).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +35,7 @@ from dicom_node.testbed.node_process import (
     start_storescu,
     storescu,
 )
-from dicom_node.testbed.peers import OrthancProcess
+from dicom_node.testbed.peers import OrthancProcess, free_port
 from dicom_node.testbed.postgres import PostgresServer
 from dicom_node.testbed.rabbitmq import RabbitMQServer, running_rabbitmq
 from tests.support import PhantomSeries
@@ -54,6 +58,7 @@ class Cluster:
     broker: str
     orthanc: OrthancProcess
     processes: dict[str, NodeProcess] = field(default_factory=dict)
+    http_ports: dict[str, int] = field(default_factory=dict)  # /metrics, /readyz
 
     def __post_init__(self) -> None:
         self.state = NodeState(self.database)
@@ -74,6 +79,10 @@ class Cluster:
                 f'{key} = "{getattr(config, key)}"' for key in ("node_id", "broker", "shared_dir")
             )
             extra += f"\nlease_s = {LEASE_S}\n"
+            self.http_ports[node_id] = free_port()
+            extra += (
+                f"[http]\nenabled = true\ndashboard = false\nport = {self.http_ports[node_id]}\n"
+            )
             self.processes[node_id] = NodeProcess(
                 self.directory / node_id,
                 extra_config=extra,
@@ -106,6 +115,37 @@ class Cluster:
         """The SEG instances the PACS holds of the series' SEG series."""
         found = self.orthanc.find_series("SEG", SeriesInstanceUID=job.seg_series_instance_uid)
         return sum(len(series["Instances"]) for series in found)
+
+    def results_of(self, job: SeriesRecord) -> set[str]:
+        """The names of the series' files under the shared results/ folder."""
+        return {p.name for p in (self.shared / "results").glob(f"{job.id}-*")}
+
+    def plant_results(self, job: SeriesRecord, attempt: int) -> set[str]:
+        """Files named as the SEG and SR of `attempt` would be, as a crash leaves them."""
+        names = {f"{job.id}-{job.generation}-{attempt}{end}" for end in (".dcm", "_sr.dcm")}
+        for name in names:
+            (self.shared / "results" / name).write_bytes(b"")
+        return names
+
+    def http(self, node_id: str, path: str) -> tuple[int, bytes]:
+        """GET `path` from the process's HTTP endpoint: status and body."""
+        url = f"http://127.0.0.1:{self.http_ports[node_id]}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def delivery_claim(self, series_id: int) -> tuple[str, int, bool] | None:
+        """(owner, attempt, in flight) of the series' delivery's last claim, if any."""
+        query = text(
+            "SELECT c.owner, c.attempt, d.next_attempt_at IS NULL AND d.state = 'pending' "
+            "FROM delivery_claims c JOIN deliveries d ON d.id = c.delivery_id "
+            "WHERE d.series_id = :series_id"
+        )
+        with self.state.engine.connect() as connection:
+            row = connection.execute(query, {"series_id": series_id}).first()
+        return (row[0], row[1], bool(row[2])) if row is not None else None
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -166,6 +206,8 @@ def test_a_worker_killed_mid_inference_hands_its_series_to_another(
     worker = cluster.processes[first]
     with held_still(worker):
         assert cluster.job(uid).state == "segmenting"  # type: ignore[union-attr]
+        # As if it had written its SEG and SR before it died, and never recorded them.
+        cluster.plant_results(job, 1)
         worker.crash()  # its inference process dies with it, stopped or not
     job = cluster.wait_for(uid, FINAL)
     assert job.state == "done", job
@@ -176,6 +218,8 @@ def test_a_worker_killed_mid_inference_hands_its_series_to_another(
     assert f"{first} lost attempt 1; retrying" in reasons
     assert f"attempt 2 on {second}" in reasons
     assert cluster.seg_instances(job) == 1
+    # The dead attempt's files went once the attempt that took over was recorded.
+    assert cluster.results_of(job) == {f"{job.id}-1-2.dcm", f"{job.id}-1-2_sr.dcm"}
 
 
 def test_no_node_requeues_or_claims_another_s_running_work(
@@ -189,6 +233,8 @@ def test_no_node_requeues_or_claims_another_s_running_work(
     owner = cluster.owner(job.id)
     (other,) = [w for w in ("worker-1", "worker-2") if w != owner]
     with held_still(cluster.processes[owner]):
+        live = cluster.plant_results(job, 1)  # the running attempt's, as if being written
+        ended = cluster.plant_results(job, 7)  # an attempt that ended unrecorded
         for node_id, role in (("recv-a", "receive"), ("recv-b", "receive"), (other, "worker")):
             if cluster.processes[node_id].process is not None:  # the worker died in a test before
                 cluster.processes[node_id].crash()
@@ -200,6 +246,8 @@ def test_no_node_requeues_or_claims_another_s_running_work(
         publish(celery_app(cluster.cluster_config("test")), job.id, job.generation)
         time.sleep(LEASE_S * 1.5)  # past a lease, had it not been renewed
         assert cluster.job(uid).state == "segmenting"  # type: ignore[union-attr]
+        # Each start removed the ended attempt's files, none of the running one's.
+        assert cluster.results_of(job) == live, ended
     job = cluster.wait_for(uid, FINAL)
     assert job.state == "done", job
     reasons = cluster.reasons(job.id)
@@ -312,3 +360,65 @@ def test_a_frozen_worker_s_series_is_taken_over_and_its_late_result_discarded(
         assert time.monotonic() < deadline, sorted(p.name for p in results.iterdir())
         time.sleep(0.5)
     assert cluster.seg_instances(job) == 1
+
+
+def test_a_reception_node_killed_mid_delivery_hands_the_delivery_to_another(
+    cluster: Cluster, phantom_series: PhantomSeries
+) -> None:
+    """With the PACS stopped, a delivery stays in flight on the reception node that claimed
+    it, which renews its lease meanwhile; SIGKILLed, its lease runs out and the other node
+    takes the delivery over (attempt 2). The PACS, resumed, holds one SEG."""
+    pacs = cluster.orthanc.process
+    assert pacs is not None
+    os.kill(pacs.pid, signal.SIGSTOP)
+    try:
+        uid = cluster.processes["recv-a"].send_series(phantom_series(1007)["ct"])
+        job = cluster.wait_for(uid, {"sending"})
+        deadline = time.monotonic() + 60
+        while (claim := cluster.delivery_claim(job.id)) is None or not claim[2]:
+            assert time.monotonic() < deadline, claim
+            time.sleep(0.1)
+        owner = claim[0]
+        time.sleep(LEASE_S * 1.5)  # past a lease, had it not been renewed
+        assert cluster.delivery_claim(job.id) == (owner, 1, True)
+        cluster.processes[owner].crash()
+        deadline = time.monotonic() + LEASE_S * 5
+        while (claim := cluster.delivery_claim(job.id)) is None or claim[1] == 1:
+            assert time.monotonic() < deadline, claim
+            time.sleep(0.1)
+        (other,) = {"recv-a", "recv-b"} - {owner}
+        assert claim == (other, 2, True)
+    finally:
+        os.kill(pacs.pid, signal.SIGCONT)
+    job = cluster.wait_for(uid, FINAL)
+    assert job.state == "done", job
+    (delivery,) = cluster.state.job(job.id).deliveries
+    assert (delivery.state, delivery.attempts) == ("delivered", 2)
+    assert cluster.seg_instances(job) == 1
+
+
+def test_a_worker_serves_metrics_and_is_not_ready_without_its_inference_process(
+    cluster: Cluster,
+) -> None:
+    """A worker's `/readyz` is 200 with every check passing; once its inference process is
+    killed (while idle: it is replaced at the next job) it is 503, naming the worker check."""
+    name = next(n for n, p in cluster.processes.items() if p.role == "worker" and p.process)
+    deadline = time.monotonic() + 60
+    while (ready := cluster.http(name, "/readyz"))[0] != 200:  # the broker connection opens
+        assert time.monotonic() < deadline, ready
+        time.sleep(0.2)
+    checks = json.loads(ready[1])["checks"]
+    assert set(checks) == {"database", "broker", "results_dir", "free_space", "worker"}
+    assert cluster.http(name, "/healthz")[0] == 200
+    status, metrics = cluster.http(name, "/metrics")
+    assert status == 200
+    assert b'dicom_node_series{state="done"}' in metrics
+    assert b"dicom_node_model_info{" in metrics
+    child = inference_process(cluster.processes[name])
+    child.kill()
+    while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:  # not reaped yet
+        time.sleep(0.05)
+    status, body = cluster.http(name, "/readyz")
+    assert status == 503, body
+    report = json.loads(body)
+    assert report["reason"] == "not ready: worker", report

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from dicom_node.app.config import ConfigError, RetentionConfig
 from dicom_node.net.receive import Reception
+from dicom_node.pipeline.results import remove_orphans
 from dicom_node.pipeline.retention import purge_expired
 from dicom_node.pipeline.spool import Spool, SpooledFile
 from dicom_node.pipeline.state import (
@@ -29,7 +30,7 @@ from dicom_node.pipeline.state import (
     utcnow,
 )
 from dicom_node.pipeline.state.rows import transition
-from dicom_node.pipeline.state.schema import Claim, Delivery, Series
+from dicom_node.pipeline.state.schema import Claim, Delivery, DeliveryClaim, Series
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.postgres import PostgresServer
 from model.volume_io import Volume
@@ -463,3 +464,87 @@ def test_a_restart_makes_due_again_its_own_deliveries_in_flight_only(state: Node
     finally:
         node_a.close()
         node_b.close()
+
+
+def _lapse_delivery(state: NodeState, delivery_id: int) -> None:
+    """The delivery attempt's lease runs out (its reception node stopped renewing it)."""
+    with state._session() as session:
+        session.get_one(DeliveryClaim, delivery_id).expires_at = utcnow() - timedelta(seconds=1)
+
+
+def test_a_delivery_in_flight_whose_lease_lapsed_is_taken_over_by_another_node(
+    state: NodeState,
+) -> None:
+    series_id = _queued(state, "1.1", series="1")
+    _segmented(state, [PACS])
+    node_a, node_b = _as_owner(state, "a"), _as_owner(state, "b")
+    try:
+        (sending,) = node_a.claim_due_deliveries(lease_s=60)
+        assert node_b.claim_due_deliveries(lease_s=60) == []  # a's lease runs
+        assert node_a.renew(sending, 60)
+        _lapse_delivery(state, sending.delivery_id)  # node a died mid-send
+        (taken,) = node_b.claim_due_deliveries(lease_s=60)
+        assert (taken.delivery_id, taken.attempt) == (sending.delivery_id, 2)
+        # a, had it lived on, can neither renew nor record: its attempt was taken over.
+        assert not node_a.renew(sending, 60)
+        assert node_a.record_delivery(sending, "association aborted", utcnow()) is None
+        assert node_b.record_delivery(taken, None, None) == SeriesState.DONE
+        (delivery,) = state.job(series_id).deliveries
+        assert (delivery.state, delivery.attempts, delivery.last_error) == ("delivered", 2, None)
+    finally:
+        node_a.close()
+        node_b.close()
+
+
+def test_a_delivery_in_flight_without_a_lease_is_never_taken_over(state: NodeState) -> None:
+    """The one-machine node keeps no lease: only its own restart makes the attempt due."""
+    _queued(state, "1.1", series="1")
+    _segmented(state, [PACS])
+    other = _as_owner(state, "b")
+    try:
+        (in_flight,) = state.claim_due_deliveries()
+        with state._session() as session:
+            claim = session.get_one(DeliveryClaim, in_flight.delivery_id)
+            assert claim.expires_at is None
+            claim.claimed_at = utcnow() - timedelta(days=1)
+        assert other.claim_due_deliveries(lease_s=60) == []
+    finally:
+        other.close()
+
+
+def test_orphan_results_are_removed_and_live_or_recorded_ones_kept(
+    tmp_path: Path, state: NodeState
+) -> None:
+    """The files of attempts that ended unrecorded go; the SEG a series records, the running
+    attempt's files (it may be writing them) and files not named by attempt stay."""
+    results = tmp_path / "results"
+    results.mkdir()
+    done = _queued(state, "1.1", series="1")
+    claim = _segmented(state, [])  # recorded as "<id>.dcm" (a name from before attempts)
+    running = _queued(state, "2.1", series="2")
+    first = state.claim_next_queued()
+    assert first is not None and first.series_id == running
+    assert state.requeue(first, "worker died")
+    second = state.claim_next_queued()
+    assert second is not None and second.attempt == 2
+    names = {
+        f"{done}.dcm",  # recorded SEG of `done`
+        f"{done}-1-1.dcm",  # its attempt that crashed after writing, before recording
+        f"{running}-1-1.dcm",  # the lost attempt's SEG, SR and a write cut short
+        f"{running}-1-1_sr.dcm",
+        f"{running}-1-1.dcm.part",
+        f"{running}-1-2.dcm",  # the running attempt's, being written
+        f"{running}-1-2.dcm.part",
+        "999-1-1.dcm",  # of a series the database does not know
+        "notes.txt",  # not the node's naming: left alone
+    }
+    for name in names:
+        (results / name).write_bytes(b"")
+    assert claim.series_id == done
+    assert remove_orphans(state, results) == 5
+    kept = {f"{done}.dcm", f"{running}-1-2.dcm", f"{running}-1-2.dcm.part", "notes.txt"}
+    assert {p.name for p in results.iterdir()} == kept
+    assert state.fail_claim(second, "worker died")  # the running attempt ended too
+    assert remove_orphans(state, results, series_id=done) == 0  # only `done`'s looked at
+    assert remove_orphans(state, results, series_id=running) == 2
+    assert {p.name for p in results.iterdir()} == {f"{done}.dcm", "notes.txt"}

@@ -7,9 +7,10 @@ retention purges old files.
 Start-up order matters: the HTTP endpoint (`[http]`, if on) comes first, so that `/healthz`
 answers and `/readyz` says "starting" while the inference worker loads its model; then the
 scheduler resumes idle timers and selections, the database and spool are made consistent
-(partial writes removed, spooled files the database lacks recorded), and only then does the
-node listen; the pid file appears once it listens, so "pid file present and its process
-alive" means "accepting associations". Under systemd (`Type=notify`) it then says READY=1,
+(partial writes removed, spooled files the database lacks recorded, result files of
+attempts that ended unrecorded removed), and only then does the node listen; the pid file
+appears once it listens, so "pid file present and its process alive" means "accepting
+associations". Under systemd (`Type=notify`) it then says READY=1,
 and its scheduler pings the watchdog (`dicom_node.app.systemd`).
 
 Stop order: stop accepting, give associations in flight `SHUTDOWN_GRACE_S` to finish, abort
@@ -39,6 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.app.config import Config
 from dicom_node.app.systemd import SystemdNotifier
+from dicom_node.cluster.lease import LeaseKeeper
 from dicom_node.cluster.storage import NodeSpool
 from dicom_node.cluster.storage import results_dir as shared_results_dir
 from dicom_node.net.access import check_permissions, start_server
@@ -46,6 +48,7 @@ from dicom_node.net.receive import Reception, build_ae, event_handlers
 from dicom_node.net.tls import server_context
 from dicom_node.pipeline.completion import SeriesCompletion
 from dicom_node.pipeline.deliver import DeliveryStage
+from dicom_node.pipeline.results import remove_orphans
 from dicom_node.pipeline.retention import schedule_retention
 from dicom_node.pipeline.segment import SegmentationStage
 from dicom_node.pipeline.spool import Spool
@@ -132,7 +135,10 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         http = HttpEndpoint(config.http, metrics.registry, dashboard)
     if http is not None:
         http.start()  # a taken port fails the start before the model loads
-    delivery = DeliveryStage(config, state, results_dir, scheduler, metrics)
+    # A reception node of a cluster holds its deliveries in flight under leases (another
+    # node takes over those of a node that died); the one-machine node keeps none.
+    leases = LeaseKeeper(state, cluster.lease_s) if cluster.enabled else None
+    delivery = DeliveryStage(config, state, results_dir, scheduler, metrics, leases)
     segmentation: SegmentationStage | Dispatcher
     if worker is None:
         from dicom_node.cluster.dispatch import Dispatcher  # Celery: the `cluster` extra
@@ -154,6 +160,7 @@ def serve(config: Config, config_path: Path | None = None) -> None:
     scheduler.start()
     try:
         completion.resume()
+        remove_orphans(state, results_dir)  # after `resume` requeued this node's attempts
         reception.recover()
         segmentation.start()
         delivery.start()

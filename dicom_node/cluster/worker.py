@@ -17,15 +17,16 @@ the broker delivers for the first time while another worker's lease runs is a du
 reception node publishes each queue entry) and is dropped.
 
 At start-up the worker requeues the series it held before a restart (its own, by node id),
-never another's.
+never another's, and removes the result files of attempts that ended unrecorded
+(`pipeline.results`).
+
+With `[http] enabled` it serves `/metrics`, `/healthz` and `/readyz` as a reception node does
+(`web.server`, no dashboard), with a worker's readiness checks (`web.health.worker_checks`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from celery import Task
@@ -33,10 +34,16 @@ from celery.signals import worker_ready
 
 from dicom_node.app.config import Config
 from dicom_node.cluster.broker import SEGMENT_TASK, celery_app
+from dicom_node.cluster.lease import LeaseKeeper
 from dicom_node.cluster.storage import results_dir, shared_spool
+from dicom_node.pipeline.results import remove_orphans
 from dicom_node.pipeline.segment import SegmentationStage
-from dicom_node.pipeline.state import ClaimedSeries, NodeState
+from dicom_node.pipeline.spool import Spool
+from dicom_node.pipeline.state import NodeState
 from dicom_node.pipeline.worker import InferenceWorker
+from dicom_node.web.health import worker_checks
+from dicom_node.web.metrics import NodeMetrics
+from dicom_node.web.server import HttpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,63 +51,22 @@ log = logging.getLogger(__name__)
 _AFTER_LEASE_S = 0.5
 
 
-class LeaseKeeper:
-    """The thread that renews the lease on the claim being worked on, every lease_s / 3."""
-
-    def __init__(self, state: NodeState, lease_s: float) -> None:
-        self.state = state
-        self.lease_s = lease_s
-        self._claim: ClaimedSeries | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lease", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    @contextmanager
-    def holding(self, claim: ClaimedSeries) -> Iterator[None]:
-        with self._lock:
-            self._claim = claim
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._claim = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            with self._lock:
-                claim = self._claim
-            if claim is None:
-                continue
-            try:
-                if not self.state.renew(claim, self.lease_s):
-                    log.warning(
-                        "series %d: attempt %d is no longer this worker's (taken over or "
-                        "superseded); its result will be discarded",
-                        claim.series_id,
-                        claim.attempt,
-                    )
-            except Exception:  # the database away for a moment: the lease has margin
-                log.exception("series %d: lease not renewed", claim.series_id)
-
-
 def run_worker(config: Config) -> None:
     """Load the model, then take jobs until SIGTERM (the job in hand is finished first)."""
     cluster = config.cluster
     state = NodeState(config.node.database_url, cluster.owner)
     results = results_dir(cluster)
-    results.mkdir(parents=True, exist_ok=True)
+    # The folder it writes to, with [node] min_free_mb as its watermark (`/readyz`, metrics).
+    results_disk = Spool(results, config.node.min_free_mb << 20)
     inference = InferenceWorker(config)
     lease = LeaseKeeper(state, cluster.lease_s)
+    metrics = NodeMetrics(state, results_disk, inference)
     # Delivery is the reception nodes' (they poll the state for SEGs to send): nothing to wake.
-    stage = SegmentationStage(config, state, shared_spool(cluster), results, inference, _nothing)
+    stage = SegmentationStage(
+        config, state, shared_spool(cluster), results, inference, _nothing, metrics
+    )
     app = celery_app(cluster)
+    http = HttpEndpoint(config.http, metrics.registry) if config.http.enabled else None
 
     @app.task(name=SEGMENT_TASK, bind=True, max_retries=None)
     def segment(task: Task, series_id: int, generation: int, takeover: bool = False) -> str:
@@ -121,10 +87,13 @@ def run_worker(config: Config) -> None:
         log.info("cluster worker %s ready: taking jobs", cluster.owner)
 
     worker_ready.connect(ready, weak=False)
+    if http is not None:
+        http.start()  # `/readyz` says "starting" while the model loads
     inference.start()  # a broken model or config fails the start, not the first job
     requeued = state.requeue_own()
     if requeued:
         log.info("requeued %d series this worker held before its restart", len(requeued))
+    remove_orphans(state, results)  # after requeueing: this worker's attempts ended
     lease.start()
     try:
         worker = app.Worker(
@@ -137,11 +106,15 @@ def run_worker(config: Config) -> None:
             quiet=True,
             loglevel=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         )
+        if http is not None:
+            http.checks = worker_checks(state, results_disk, inference, worker)
         worker.start()
     finally:
         lease.stop()
         inference.stop()
         state.close()
+        if http is not None:
+            http.stop()
     log.info("stopped")
 
 

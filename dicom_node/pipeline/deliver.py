@@ -6,6 +6,13 @@ restart and `dicom-node retry` works by changing rows. A scheduled task (an apsc
 interval trigger) claims due deliveries and attempts them on a small thread pool; a failed
 attempt is due again after an exponential backoff with jitter (many nodes retrying a PACS that
 just came back should not arrive in lockstep), until `delivery.max_attempts` is spent.
+
+In a cluster several reception nodes deliver side by side: each attempt in flight is held
+under a lease (`[cluster] lease_s`) renewed while the send runs (`cluster.lease`), and an
+attempt whose node died or hangs is taken over by another node once its lease ran out
+(`NodeState.claim_due_deliveries`). The SEG's UIDs are derived from the series, so the PACS
+stores the repeated C-STORE as the same instance. The one-machine node keeps no lease: its
+own restart makes its attempts in flight due again.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.base import BaseScheduler
 
@@ -25,6 +34,9 @@ from dicom_node.net.send import send_files
 from dicom_node.pipeline.inference import result_paths
 from dicom_node.pipeline.observer import UNOBSERVED, PipelineObserver, Stage
 from dicom_node.pipeline.state import DueDelivery, NodeState, utcnow
+
+if TYPE_CHECKING:
+    from dicom_node.cluster.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +70,13 @@ class DeliveryStage:
         results_dir: Path,
         scheduler: BaseScheduler,
         observer: PipelineObserver = UNOBSERVED,
+        leases: LeaseKeeper | None = None,
     ) -> None:
+        """`leases`: a cluster's reception node holds its attempts under leases it renews
+        (None: the one-machine node, no lease)."""
         self.config = config
         self.observer = observer
+        self.leases = leases
         self.state = state
         self.results_dir = results_dir
         self.scheduler = scheduler
@@ -77,6 +93,8 @@ class DeliveryStage:
             coalesce=True,
             replace_existing=True,
         )
+        if self.leases is not None:
+            self.leases.start()
 
     def wake(self) -> None:
         """A SEG is ready: dispatch now instead of at the next tick."""
@@ -86,6 +104,8 @@ class DeliveryStage:
         # Attempts in flight are abandoned, not awaited: they stay claimed and become due
         # again at the next start (a SEG received twice is one instance at the PACS).
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.leases is not None:
+            self.leases.stop()  # unrenewed, those attempts are taken over by another node
 
     def _destination(self, due: DueDelivery) -> Destination:
         """Where the delivery goes (the target resolved when the SEG was made, e.g. the
@@ -101,10 +121,19 @@ class DeliveryStage:
         return Destination(target.name, target.ae_title, target.host, target.port)
 
     def dispatch(self) -> None:
-        for due in self.state.claim_due_deliveries():
+        lease_s = self.leases.lease_s if self.leases is not None else None
+        for due in self.state.claim_due_deliveries(lease_s=lease_s):
             self._pool.submit(self.attempt, due)
 
+    def _held(self, due: DueDelivery) -> AbstractContextManager[None]:
+        """The lease on `due` renewed meanwhile (a cluster's), or nothing to hold."""
+        return self.leases.holding(due) if self.leases is not None else nullcontext()
+
     def attempt(self, due: DueDelivery) -> None:
+        with self._held(due):
+            self._attempt(due)
+
+    def _attempt(self, due: DueDelivery) -> None:
         destination = self._destination(due)
         # The SEG and, where one was written, its SR, over one association (a repeated
         # delivery sends the same instances). Delivered when the SEG is stored: a PACS that

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.app.config import Config, UnsurePolicy
-from dicom_node.pipeline.inference import result_paths
 from dicom_node.pipeline.observer import UNOBSERVED, PipelineObserver, Stage
+from dicom_node.pipeline.results import remove_orphans, seg_file_name
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import ClaimedSeries, NodeState, Target
 from dicom_node.pipeline.worker import InferenceWorker, WorkerLostError, WorkOutcome, WorkRequest
@@ -35,13 +35,6 @@ _TIMED_STAGES = {
     "seg_write_s": Stage.SEG,
     "measure_s": Stage.SEG,  # the measurements and their SR travel with the SEG
 }
-
-
-def seg_file_name(claim: ClaimedSeries) -> str:
-    """The SEG's file name under results/: chosen by the node, one per attempt. An attempt
-    that lost its claim (a cluster worker whose lease ran out while it still worked) then
-    writes, and discards, a file of its own, never the one of the attempt that took over."""
-    return f"{claim.series_id}-{claim.generation}-{claim.attempt}.dcm"
 
 
 def resolve_targets(config: Config, calling_ae: str, calling_host: str) -> list[Target]:
@@ -131,8 +124,11 @@ class SegmentationStage:
             if self._stop.is_set():
                 return  # still `segmenting`: the next start re-queues it
             self._lost(claim, str(error))
-            return
-        self._record(claim, seg_name, outcome)
+        else:
+            self._record(claim, seg_name, outcome)
+        # What this attempt wrote and did not record (it died after writing its SEG, it was
+        # superseded), and what an attempt before it left behind.
+        remove_orphans(self.state, self.results_dir, claim.series_id)
 
     def _observe(self, timings: dict[str, float]) -> None:
         """Report the worker's timings per stage (its SEG encoding and writing as one)."""
@@ -159,17 +155,10 @@ class SegmentationStage:
             self.state.mark_no_findings(claim, summary, outcome.summary["no_findings"])
         elif outcome.unsure and self.config.verdict.policy == UnsurePolicy.HOLD:
             reason = outcome.summary["verdict"]["headline"]
-            if not self.state.mark_held(claim, seg_name, outcome.seg_uids, summary, reason):
-                self._discard(seg_name)  # superseded
+            self.state.mark_held(claim, seg_name, outcome.seg_uids, summary, reason)
         else:
             calling_ae, calling_host = self.state.calling_peer(claim.series_id)
             targets = resolve_targets(self.config, calling_ae, calling_host)
+            # Superseded while segmenting (False), its SEG is removed as an orphan.
             if self.state.mark_segmented(claim, seg_name, outcome.seg_uids, summary, targets):
                 self.on_segmented()
-            else:  # superseded while segmenting: this SEG is of an incomplete series
-                self._discard(seg_name)
-
-    def _discard(self, seg_name: str) -> None:
-        """Delete a result nobody will send: the SEG and its SR."""
-        for path in result_paths(self.results_dir / seg_name):
-            path.unlink(missing_ok=True)

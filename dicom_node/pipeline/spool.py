@@ -28,7 +28,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".dcm"
-_PARTIAL = ".part"
+PARTIAL_SUFFIX = ".part"
 
 
 class LowDiskSpaceError(OSError):
@@ -53,7 +53,7 @@ def write_durably(path: Path, parts: Sequence[bytes | memoryview]) -> int:
     """Write `parts` to `path` so that it survives a crash or power cut, or not at all:
     a temporary name, fsync, rename, fsync of the folder. Returns the size; OSError on
     failure (nothing left behind)."""
-    partial = path.with_name(path.name + _PARTIAL)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
     renamed = False
     try:
         with open(partial, "xb") as file:
@@ -140,7 +140,7 @@ class Spool:
 
     def remove_partial(self) -> int:
         """Remove writes a crash interrupted: never acknowledged, the sender still has them."""
-        partial = list(self.directory.glob("*" + _PARTIAL))
+        partial = list(self.directory.glob("*" + PARTIAL_SUFFIX))
         for path in partial:
             path.unlink()
         if partial:

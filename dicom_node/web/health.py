@@ -5,8 +5,11 @@ Ready means all of: the state database answers a query; the data_dir takes a wri
 disk has more free space than `[node] min_free_mb` (below it every C-STORE is refused); the
 inference worker runs with its model loaded (a worker that died is replaced within seconds,
 and ready again once it has loaded the model); the scheduler (idle timers, delivery,
-retention) runs; the DICOM port listens. Liveness (`/healthz`) asks none of this: a process
-that answers HTTP is alive, and restarting it would not cure a full disk.
+retention) runs; the DICOM port listens. A cluster's worker (`worker_checks`) has no
+scheduler or port: ready means the database answers, its broker connection is up (it takes
+jobs through it), the results folder takes a write above `min_free_mb`, and its inference
+process runs with its model loaded. Liveness (`/healthz`) asks none of this: a process that
+answers HTTP is alive, and restarting it would not cure a full disk.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dicom_node.pipeline.spool import Spool
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler
+    from celery.apps.worker import Worker
 
     from dicom_node.pipeline.state import NodeState
     from dicom_node.pipeline.worker import InferenceWorker
@@ -94,6 +98,16 @@ def dicom_port_listening(server: socketserver.TCPServer, address: str) -> CheckR
     return CheckResult(listening, f"{address} {'listening' if listening else 'closed'}")
 
 
+def broker_connected(worker: Worker) -> CheckResult:
+    """The Celery worker's consumer holds an open connection to the broker (none while it
+    connects, or reconnects after losing it: no job reaches it then)."""
+    consumer = getattr(worker, "consumer", None)  # set once the worker has started
+    connection = getattr(consumer, "connection", None)
+    if connection is None or not connection.connected:
+        return CheckResult(False, "not connected to the broker (connecting or reconnecting)")
+    return CheckResult(True, f"connected to {connection.as_uri()}")  # without the password
+
+
 def node_checks(
     state: NodeState,
     spool: Spool,
@@ -115,6 +129,21 @@ def node_checks(
     checks["scheduler"] = partial(scheduler_running, scheduler)
     checks["scp"] = partial(dicom_port_listening, server, address)
     return checks
+
+
+def worker_checks(
+    state: NodeState, results: Spool, inference: InferenceWorker, worker: Worker
+) -> dict[str, ReadinessCheck]:
+    """The checks of a cluster's worker (`serve --role worker`), by the name `/readyz`
+    reports them under; `results` is the shared results folder it writes its SEGs to, with
+    `[node] min_free_mb` as its watermark."""
+    return {
+        "database": partial(database_reachable, state),
+        "broker": partial(broker_connected, worker),
+        "results_dir": partial(data_dir_writable, results.directory),
+        "free_space": partial(free_space, results),
+        "worker": partial(worker_ready, inference),
+    }
 
 
 def readiness(checks: Mapping[str, ReadinessCheck]) -> tuple[bool, dict[str, dict[str, Any]]]:

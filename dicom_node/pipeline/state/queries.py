@@ -8,6 +8,7 @@ store of its own so that callers keep one object for both.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from datetime import datetime
 
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.pipeline.state import rows
 from dicom_node.pipeline.state.machine import SeriesState
-from dicom_node.pipeline.state.records import JobRecord, SeriesFiles, SeriesRecord
+from dicom_node.pipeline.state.records import JobRecord, ResultsInUse, SeriesFiles, SeriesRecord
 from dicom_node.pipeline.state.schema import Claim, Instance, Series, utcnow
 
 _S = SeriesState
@@ -83,6 +84,21 @@ class Queries:
         )
         with self._session() as session:
             return [(series_id, gen, attempt) for series_id, gen, attempt in session.execute(query)]
+
+    def results_in_use(self, series_ids: Collection[int]) -> dict[int, ResultsInUse]:
+        """What of each series' result files may still be needed (`ResultsInUse`); a series
+        the database does not know needs none. Read in one transaction: a file listed before
+        the call was written by an attempt that was claimed before it, so an attempt that
+        runs is seen running here, and its files are kept."""
+        query = select(Series).where(Series.id.in_(series_ids))
+        with self._session() as session:
+            return {
+                series.id: ResultsInUse(
+                    series.seg_file,
+                    (series.generation, series.attempts) if series.state == _S.SEGMENTING else None,
+                )
+                for series in session.scalars(query)
+            }
 
     def file_names(self) -> set[str]:
         """Every spooled file the database knows (the rest of the spool is debris)."""

@@ -67,6 +67,16 @@ class ClaimAnswer:
 
 
 @dataclass(frozen=True)
+class ResultsInUse:
+    """What of a series' files under results/ may still be needed: the SEG file it records
+    (to send, hold for review, show), and the attempt that runs now, which may be writing
+    its SEG. Any other attempt's files are orphans (`pipeline.results`)."""
+
+    seg_file: str | None
+    running: tuple[int, int] | None  # (generation, attempt) while `segmenting`
+
+
+@dataclass(frozen=True)
 class Target:
     """Where a SEG goes: a configured destination, resolved for this series."""
 

@@ -33,7 +33,9 @@ from dicom_node.pipeline.state.records import (
 from dicom_node.pipeline.state.schema import (
     Claim,
     Delivery,
+    DeliveryClaim,
     Instance,
+    Lease,
     Series,
     Transition,
     utcnow,
@@ -118,15 +120,38 @@ def current(session: Session, series_id: int, generation: int) -> Series | None:
     return series
 
 
+def lease_until(lease_s: float | None) -> datetime | None:
+    """When a lease taken or renewed now runs out (None: no lease, the one-machine node)."""
+    return utcnow() + timedelta(seconds=lease_s) if lease_s is not None else None
+
+
+def held_lease(lease: Lease | None, owner: str, attempt: int) -> bool:
+    """The lease is `owner`'s on `attempt` (nobody took the attempt over since)."""
+    return lease is not None and lease.owner == owner and lease.attempt == attempt
+
+
+def lease_lapsed(lease: Lease, owner: str, now: datetime) -> bool:
+    """Another owner may take the attempt over: its lease ran out, or it is `owner`'s own
+    from before a restart. A lease without an end is a one-machine node's: its own restart
+    makes it due again, never another owner."""
+    if lease.owner == owner:
+        return True
+    return lease.expires_at is not None and lease.expires_at <= now
+
+
 def claim(session: Session, series: Series, owner: str, lease_s: float | None) -> ClaimedSeries:
     """A queued series on to `segmenting` for `owner`: a new attempt, and its claim (with a
     lease of `lease_s` from now; None: no lease)."""
     series.attempts += 1
     reason = f"attempt {series.attempts}" + (f" on {owner}" if lease_s is not None else "")
     transition(session, series, SeriesState.SEGMENTING, reason)
-    expires_at = utcnow() + timedelta(seconds=lease_s) if lease_s is not None else None
     session.merge(
-        Claim(series_id=series.id, attempt=series.attempts, owner=owner, expires_at=expires_at)
+        Claim(
+            series_id=series.id,
+            attempt=series.attempts,
+            owner=owner,
+            expires_at=lease_until(lease_s),
+        )
     )
     names = file_names(session, series.id)
     return ClaimedSeries(
@@ -144,6 +169,38 @@ def held(session: Session, claimed: ClaimedSeries) -> Series | None:
         log.info("series %d: attempt %d was taken over", series.id, claimed.attempt)
         return None
     return series
+
+
+def claim_delivery(
+    session: Session, delivery: Delivery, owner: str, lease_s: float | None, now: datetime
+) -> None:
+    """A due delivery (or one whose lease ran out) in flight for `owner`: a new attempt,
+    and its claim (with a lease of `lease_s` from now; None: no lease)."""
+    delivery.attempts += 1
+    delivery.next_attempt_at = None
+    session.merge(
+        DeliveryClaim(
+            delivery_id=delivery.id,
+            attempt=delivery.attempts,
+            owner=owner,
+            expires_at=lease_until(lease_s),
+            claimed_at=now,
+        )
+    )
+
+
+def held_delivery(
+    session: Session, delivery_id: int, attempt: int, owner: str
+) -> tuple[Delivery, DeliveryClaim] | None:
+    """The delivery check: the delivery and its claim (locked) if `owner`'s `attempt` is
+    still in flight, else None (another reception node took it over)."""
+    delivery = session.get_one(Delivery, delivery_id, with_for_update=True)
+    lease = session.get(DeliveryClaim, delivery_id, with_for_update=True)
+    in_flight = delivery.state == DeliveryState.PENDING and delivery.next_attempt_at is None
+    if lease is None or not in_flight or not held_lease(lease, owner, attempt):
+        log.info("series %d: delivery attempt %d was taken over", delivery.series_id, attempt)
+        return None
+    return delivery, lease
 
 
 def start_sending(

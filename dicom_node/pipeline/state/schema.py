@@ -110,28 +110,35 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class Claim(Base):
-    """Who runs the attempt of a `segmenting` series: the node or worker that claimed it and,
-    in a cluster, until when its lease runs (renewed while it works; None: the one-machine
-    node, no lease). Written with each claim and left afterwards, naming the last owner."""
+class Lease:
+    """Who runs an attempt (a series' segmentation, a delivery's send): the node or worker
+    that claimed it, its attempt number and, in a cluster, until when its lease runs
+    (renewed while it works; None: the one-machine node, no lease). Columns of `Claim` and
+    `DeliveryClaim`; `rows.held_lease` and `rows.lease_until` are their rules."""
 
-    __tablename__ = "claims"
-
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), primary_key=True)
     attempt: Mapped[int]
     owner: Mapped[str] = mapped_column(String(64))
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class DeliveryClaim(Base):
-    """Who has a delivery's attempt in flight (`next_attempt_at` None): the node that claimed
-    it, so that a restart makes due again its own attempts only (in a cluster, several
-    reception nodes deliver side by side). Written with each claim and left afterwards."""
+class Claim(Lease, Base):
+    """The lease on a `segmenting` series' attempt. Written with each claim and left
+    afterwards, naming the last owner."""
+
+    __tablename__ = "claims"
+
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), primary_key=True)
+
+
+class DeliveryClaim(Lease, Base):
+    """The lease on a delivery's attempt in flight (`next_attempt_at` None): a restart makes
+    due again its own attempts only, and in a cluster (several reception nodes deliver side
+    by side) another node takes over an attempt whose lease ran out. Written with each claim
+    and left afterwards."""
 
     __tablename__ = "delivery_claims"
 
     delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(64))
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

@@ -209,11 +209,10 @@ class NodeState(Queries):
             if series.state == SeriesState.SEGMENTING:
                 lease = session.get(Claim, series_id)
                 now = utcnow()
-                if lease is not None and lease.owner != self.owner:
+                if lease is not None and not rows.lease_lapsed(lease, self.owner, now):
                     if lease.expires_at is None:  # a one-machine node's: it requeues it
                         return ClaimAnswer(None, lease_s)
-                    if lease.expires_at > now:
-                        return ClaimAnswer(None, (lease.expires_at - now).total_seconds())
+                    return ClaimAnswer(None, (lease.expires_at - now).total_seconds())
                 lost = f"{lease.owner if lease else 'its worker'} lost attempt {series.attempts}"
                 if series.attempts > retries:
                     rows.transition(session, series, SeriesState.FAILED, lost)
@@ -223,16 +222,24 @@ class NodeState(Queries):
                 return ClaimAnswer(None)
             return ClaimAnswer(rows.claim(session, series, self.owner, lease_s))
 
-    def renew(self, claim: ClaimedSeries, lease_s: float) -> bool:
-        """Extend this owner's lease on `claim` to `lease_s` from now; False if the claim is
-        no longer its running attempt (taken over or superseded)."""
+    def renew(self, attempt: ClaimedSeries | DueDelivery, lease_s: float) -> bool:
+        """Extend this owner's lease on `attempt` (a series' segmentation or a delivery's
+        send) to `lease_s` from now; False if it is no longer this owner's running attempt
+        (taken over or superseded)."""
         with self._session() as session:
-            lease = session.get(Claim, claim.series_id, with_for_update=True)
-            if lease is None or lease.owner != self.owner or lease.attempt != claim.attempt:
+            lease: Claim | DeliveryClaim | None
+            if isinstance(attempt, DueDelivery):
+                held = rows.held_delivery(session, attempt.delivery_id, attempt.attempt, self.owner)
+                lease = held[1] if held is not None else None
+            else:
+                lease = session.get(Claim, attempt.series_id, with_for_update=True)
+                if not rows.held_lease(lease, self.owner, attempt.attempt):
+                    return False
+                if rows.held(session, attempt) is None:
+                    return False
+            if lease is None:
                 return False
-            if rows.held(session, claim) is None:
-                return False
-            lease.expires_at = utcnow() + timedelta(seconds=lease_s)
+            lease.expires_at = rows.lease_until(lease_s)
             return True
 
     def requeue(self, claim: ClaimedSeries, reason: str) -> bool:
@@ -331,31 +338,40 @@ class NodeState(Queries):
 
     # Delivery --------------------------------------------------------------------------
 
-    def claim_due_deliveries(self, limit: int = 8) -> list[DueDelivery]:
+    def claim_due_deliveries(
+        self, limit: int = 8, lease_s: float | None = None
+    ) -> list[DueDelivery]:
         """Pending deliveries whose time has come, marked in flight (next_attempt_at None) by
-        this owner."""
+        this owner, under a lease of `lease_s` (a cluster's reception node; None: no lease).
+        An attempt in flight whose lease ran out (its reception node died or hangs) is taken
+        over as the next attempt."""
         now = utcnow()
+        lapsed = Delivery.next_attempt_at.is_(None) & (DeliveryClaim.expires_at <= now)
         with self._session() as session:
             claimed = session.execute(
                 select(Delivery, Series)
                 .join(Series, Series.id == Delivery.series_id)
+                .outerjoin(DeliveryClaim, DeliveryClaim.delivery_id == Delivery.id)
                 .where(
                     Delivery.state == DeliveryState.PENDING,
-                    Delivery.next_attempt_at <= utcnow(),
+                    (Delivery.next_attempt_at <= now) | lapsed,
                     Series.state == SeriesState.SENDING,
                     Series.generation == Delivery.generation,
                 )
                 .order_by(Delivery.next_attempt_at, Delivery.id)
                 .limit(limit)
-                .with_for_update(skip_locked=True)
+                .with_for_update(skip_locked=True, of=(Delivery, Series))
             ).all()
             due = []
             for delivery, series in claimed:
-                delivery.attempts += 1
-                delivery.next_attempt_at = None
-                session.merge(
-                    DeliveryClaim(delivery_id=delivery.id, owner=self.owner, claimed_at=now)
-                )
+                if delivery.next_attempt_at is None:
+                    log.warning(
+                        "series %d: the lease of delivery attempt %d to %s ran out; taking it over",
+                        series.id,
+                        delivery.attempts,
+                        delivery.destination,
+                    )
+                rows.claim_delivery(session, delivery, self.owner, lease_s, now)
                 target = Target(
                     delivery.destination, delivery.ae_title, delivery.host, delivery.port
                 )
@@ -375,10 +391,14 @@ class NodeState(Queries):
         self, due: DueDelivery, error: str | None, retry_at: datetime | None
     ) -> SeriesState | None:
         """The outcome of one attempt: delivered (error None), retry at `retry_at`, or given
-        up (retry_at None). Settles the series once no delivery is pending; returns its new
+        up (retry_at None); nothing if another reception node took the attempt over (its
+        lease ran out). Settles the series once no delivery is pending; returns its new
         state then, else None."""
         with self._session() as session:
-            delivery = session.get_one(Delivery, due.delivery_id, with_for_update=True)
+            held = rows.held_delivery(session, due.delivery_id, due.attempt, self.owner)
+            if held is None:
+                return None
+            delivery = held[0]
             now = utcnow()
             if error is None:
                 delivery.state, delivery.delivered_at, delivery.last_error = (
