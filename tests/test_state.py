@@ -530,8 +530,9 @@ def test_orphan_results_are_removed_and_live_or_recorded_ones_kept(
     names = {
         f"{done}.dcm",  # recorded SEG of `done`
         f"{done}-1-1.dcm",  # its attempt that crashed after writing, before recording
-        f"{running}-1-1.dcm",  # the lost attempt's SEG, SR and a write cut short
+        f"{running}-1-1.dcm",  # the lost attempt's SEG, SR, key image, a write cut short
         f"{running}-1-1_sr.dcm",
+        f"{running}-1-1_key.png",
         f"{running}-1-1.dcm.part",
         f"{running}-1-2.dcm",  # the running attempt's, being written
         f"{running}-1-2.dcm.part",
@@ -541,7 +542,7 @@ def test_orphan_results_are_removed_and_live_or_recorded_ones_kept(
     for name in names:
         (results / name).write_bytes(b"")
     assert claim.series_id == done
-    assert remove_orphans(state, results) == 5
+    assert remove_orphans(state, results) == 6
     kept = {f"{done}.dcm", f"{running}-1-2.dcm", f"{running}-1-2.dcm.part", "notes.txt"}
     assert {p.name for p in results.iterdir()} == kept
     assert state.fail_claim(second, "worker died")  # the running attempt ended too

@@ -1,7 +1,7 @@
 """The cluster's files: one shared directory that every reception node and worker mounts.
 
     <shared_dir>/spool/<node_id>/<uuid>.dcm   what reception node <node_id> received
-    <shared_dir>/results/<series>-<gen>.dcm   SEGs (and the SR beside each)
+    <shared_dir>/results/<series>-<gen>-<attempt>.dcm   SEGs (and the SR beside each)
 
 Each reception node spools into a folder of its own, so that what a node does to its spool at
 start-up (removing partial writes a crash left, recording files the database lacks) touches its

@@ -1,5 +1,5 @@
-"""The results folder: a SEG (and the SR beside it) per segmentation attempt, and the removal
-of the files no attempt will record or send.
+"""The results folder: a SEG (and the files beside it: its SR, ...) per segmentation attempt,
+and the removal of the files no attempt will record or send.
 
 Each attempt writes under a name of its own, `<series>-<generation>-<attempt>.dcm`
 (`seg_file_name`), so that an attempt that lost its claim never overwrites the one that took
@@ -22,8 +22,9 @@ from dicom_node.pipeline.state import ClaimedSeries, NodeState
 
 log = logging.getLogger(__name__)
 
-# A SEG, its SR (`inference.sr_path_beside`), or either cut short mid-write.
-_RESULT_NAME = re.compile(rf"(\d+)-(\d+)-(\d+)(?:_sr)?\.dcm(?:{re.escape(PARTIAL_SUFFIX)})?")
+# A file of an attempt: its SEG `<stem>.dcm`, what goes beside it (`<stem>_sr.dcm`, a key
+# image `<stem>_key.png`, ...), or any of them cut short mid-write.
+_RESULT_NAME = re.compile(rf"(\d+)-(\d+)-(\d+)(?:_[a-z]+)?\.[a-z]+(?:{re.escape(PARTIAL_SUFFIX)})?")
 
 
 def seg_file_name(claim: ClaimedSeries) -> str:

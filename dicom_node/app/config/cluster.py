@@ -38,8 +38,9 @@ class ClusterConfig:
     # A folder every node and worker mounts at this path (NFS, CephFS, ...): spool/<node_id>/
     # holds what each reception node received, results/ the SEGs and SRs.
     shared_dir: str = ""
-    # A worker renews its claim on a series every lease_s / 3; a claim not renewed for lease_s
-    # is the worker's death, and another worker takes the series over.
+    # A worker renews its claim on a series, and a reception node its claim on each delivery in
+    # flight, every lease_s / 3; a claim not renewed for lease_s is its owner's death, and
+    # another worker takes the series over (another reception node the delivery).
     lease_s: float = 30.0
 
     def __post_init__(self) -> None:
