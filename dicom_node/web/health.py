@@ -60,13 +60,12 @@ def data_dir_writable(data_dir: Path) -> CheckResult:
     return CheckResult(True, f"{data_dir} takes writes")
 
 
-def free_space(spool: Spool) -> CheckResult:
+def free_space(spool: Spool, below: str = "C-STOREs are refused") -> CheckResult:
+    """More free space than the watermark; `below` says what happens under it."""
     free, floor = spool.free_bytes(), spool.min_free_bytes
     if free <= floor:  # the spool refuses a write that would leave less than `floor`
         return CheckResult(
-            False,
-            f"{free // _MIB} MiB free, below node.min_free_mb ({floor // _MIB} MiB): "
-            "C-STOREs are refused",
+            False, f"{free // _MIB} MiB free, below node.min_free_mb ({floor // _MIB} MiB): {below}"
         )
     watermark = f", node.min_free_mb {floor // _MIB} MiB" if floor else ""
     return CheckResult(True, f"{free // _MIB} MiB free{watermark}")
@@ -141,7 +140,7 @@ def worker_checks(
         "database": partial(database_reachable, state),
         "broker": partial(broker_connected, worker),
         "results_dir": partial(data_dir_writable, results.directory),
-        "free_space": partial(free_space, results),
+        "free_space": partial(free_space, results, "the disk of the SEGs is nearly full"),
         "worker": partial(worker_ready, inference),
     }
 
