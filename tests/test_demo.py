@@ -58,6 +58,10 @@ def test_demo_gets_the_seg_back_from_the_pacs_and_reports(
         stages
     )
     assert Path(report["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The measurements' key image, where the node wrote it: in its data directory.
+    key_image = Path(report["key_image"])
+    assert key_image.is_relative_to(tmp_path / "node" / "data" / "results")
+    assert key_image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The terminal shows progress and the report; the per-instance log goes to a file it names.
     terminal = result.stdout + result.stderr

@@ -2,8 +2,8 @@
 
 Drawn directly from the synthetic pelvis' measurements (`tests.test_hip_measure`), whose hip
 views must appear only when hips are measured; and end to end, a phantom series through the
-running node: the PNG lies in the job's results folder beside the SEG and SR, and `dicom-node
-job ID` names it.
+running node: the PNG lies in the job's results folder beside the SEG and SR, `dicom-node job
+ID` names it, and its Secondary Capture reaches a storage SCP with the SEG and SR.
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
+from pydicom.uid import SecondaryCaptureImageStorage
 
-from dicom_node.imaging.key_image import COLOURS, key_image_png
+from dicom_node.imaging.key_image import COLOURS, KEY_IMAGE_SERIES_DESCRIPTION, key_image_png
 from dicom_node.pipeline.inference import key_image_path_beside, sr_path_beside
-from dicom_node.testbed.node_process import NodeProcess
+from dicom_node.testbed.node_process import NodeProcess, destination_toml
+from dicom_node.testbed.peers import PynetdicomSCP
 from model.measure import measure_femoral_angles, measure_hip_parameters, measure_leg_alignment
 from tests.support import PhantomSeries
 from tests.test_hip_measure import synthetic_pelvis
+from tests.test_sr import _dciodvfy_errors
 
 
 def _pixels_of(png: bytes, colour: str) -> int:
@@ -49,15 +53,26 @@ def test_the_hip_views_show_the_rim_and_the_lce_lines_when_hips_are_measured() -
         assert _pixels_of(without, COLOURS[drawn]) == 0
 
 
-def test_the_node_writes_the_key_image_beside_the_sr_and_the_job_names_it(
-    node: NodeProcess, phantom_series: PhantomSeries
+def test_the_node_writes_the_key_image_beside_the_sr_and_sends_it_as_a_secondary_capture(
+    tmp_path: Path, phantom_series: PhantomSeries
 ) -> None:
-    uid = node.send_series(phantom_series(1003)["ct"])
-    node.wait_for_states({uid}, {"done", "failed"}, timeout=240)
-    status = node.series()[uid]
+    """With `[measurements] key_image = true` the PNG also goes to the PACS, a Secondary
+    Capture in the CT's study that dciodvfy finds no error in."""
+    ct_dir = phantom_series(1003)["ct"]
+    ct = dcmread(next(ct_dir.iterdir()), stop_before_pixels=True)
+    with PynetdicomSCP(directory=tmp_path / "pacs") as pacs:
+        extra = destination_toml(pacs.destination("pacs")) + "[measurements]\nkey_image = true\n"
+        node = NodeProcess(tmp_path / "node", extra_config=extra).start()
+        try:
+            uid = node.send_series(ct_dir)
+            node.wait_for_states({uid}, {"done", "failed"}, timeout=240)
+            status = node.series()[uid]
+            job = json.loads(node.cli("job", str(status["id"]), "--json").stdout)
+            shown = node.cli("job", str(status["id"])).stdout
+        finally:
+            assert node.stop() == 0, node.log.read_text()
+        received = [dcmread(path) for path in pacs.files()]
     assert status["state"] == "done", status
-    job = json.loads(node.cli("job", str(status["id"]), "--json").stdout)
-    shown = node.cli("job", str(status["id"])).stdout
 
     key_image = Path(job["result"]["key_image"])
     seg = node.data_dir / "results" / job["seg_file"]
@@ -65,5 +80,17 @@ def test_the_node_writes_the_key_image_beside_the_sr_and_the_job_names_it(
     assert key_image.resolve().is_relative_to(node.data_dir.resolve())  # only under data_dir
     png = key_image.read_bytes()
     assert Image.open(io.BytesIO(png)).format == "PNG"
-    assert _pixels_of(png, COLOURS["landmark"]) > 0  # the femoral heads the hip phantom holds
+    assert _pixels_of(png, COLOURS["landmark"]) > 0  # the femoral head the hip phantom holds
     assert f"keyimage:{key_image}" in "".join(shown.split())  # however rich wraps it
+
+    modalities = sorted(str(d.Modality) for d in received)
+    assert modalities == ["OT", "SEG", "SR"], modalities
+    (sc,) = (d for d in received if d.SOPClassUID == SecondaryCaptureImageStorage)
+    assert sc.StudyInstanceUID == ct.StudyInstanceUID and sc.PatientID == ct.PatientID
+    assert sc.SeriesDescription == KEY_IMAGE_SERIES_DESCRIPTION
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    np.testing.assert_array_equal(sc.pixel_array, pixels)
+    sc_path = next(
+        p for p in (tmp_path / "pacs").iterdir() if dcmread(p).SOPClassUID == sc.SOPClassUID
+    )
+    assert _dciodvfy_errors(sc_path) == []

@@ -130,6 +130,7 @@ def _segment_dicom(args: argparse.Namespace) -> int:
         build_sr_writer,
         build_writer,
         key_image_path_beside,
+        key_image_sc_path_beside,
         save_dicom,
         segment_series,
         sr_path_beside,
@@ -144,7 +145,13 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     # No review offline: a SEG the node is unsure of is marked unless the policy is `send`.
     mark = config.verdict.policy != UnsurePolicy.SEND
     result = segment_series(
-        survey.paths, config.series, segmenter, writer, mark_unsure=mark, sr_writer=sr_writer
+        survey.paths,
+        config.series,
+        segmenter,
+        writer,
+        mark_unsure=mark,
+        sr_writer=sr_writer,
+        key_image_dicom=config.measurements.key_image,
     )
     if result.reason is not None:
         raise ValueError(result.reason)
@@ -159,6 +166,9 @@ def _segment_dicom(args: argparse.Namespace) -> int:
     if result.key_image is not None:  # and its key image: OUTPUT_key.png
         write_durably(key_image_path_beside(args.output), [result.key_image])
         print(key_image_path_beside(args.output))
+    if result.key_image_sc is not None:  # [measurements] key_image: OUTPUT_key.dcm
+        save_dicom(result.key_image_sc, key_image_sc_path_beside(args.output))
+        print(key_image_sc_path_beside(args.output))
     reported = ("segments", "verdict", "measurements", "timings_s")
     print(json.dumps({k: result.summary[k] for k in reported if k in result.summary}, indent=2))
     return 0

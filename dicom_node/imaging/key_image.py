@@ -9,17 +9,22 @@ measured, a view of the hip (a projection of a slab as thick as the femoral head
 head's sphere, the neck axis, the acetabular rim, and the lateral centre-edge angle's two
 lines (the pelvic frame's vertical through the head centre and the line to the lateral edge
 of the roof), with its values. Values that could not be measured say so; why is in the SR and
-in `dicom-node job ID`. docs/measurements.md defines what is drawn.
+in `dicom-node job ID`. docs/measurements.md defines what is drawn. `key_image_sc` makes
+the same picture a DICOM Secondary Capture in the CT's study (`[measurements] key_image`).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
+from PIL import Image
+from pydicom.dataset import Dataset
 
+from dicom_node.imaging.seg import AlgorithmInfo, result_uids
 from dicom_node.imaging.sr import clock_text
 from model.labels import Side
 from model.measure import FemoralAngles, HipParameters, LegAlignment, Measurement
@@ -46,6 +51,8 @@ COLOURS = {
     "lce": "#ff9900",
     "text": "#ffffff",
 }
+KEY_IMAGE_SERIES_NUMBER = 903  # after the SEG's 901 and the SR's 902
+KEY_IMAGE_SERIES_DESCRIPTION = "Measurements key image (dicom-node)"
 
 
 def key_image_png(
@@ -82,6 +89,35 @@ def key_image_png(
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", facecolor="black")
     return buffer.getvalue()
+
+
+def key_image_sc(
+    png: bytes, seg: Dataset, algorithm: AlgorithmInfo, generation: int, sides: Sequence[Side]
+) -> Dataset:
+    """The key image of the legs of ``sides`` as a DICOM Secondary Capture (RGB) in ``seg``'s
+    study: patient and study copied from the SEG, UIDs derived like the SEG's and SR's
+    (`result_uids`), so a repeated delivery of one result is the same instance."""
+    source_series_uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    series_uid, sop_uid = result_uids("key-image", source_series_uid, algorithm, generation)
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    sc = hd.sc.SCImage.from_ref_dataset(
+        seg,
+        pixels,
+        hd.PhotometricInterpretationValues.RGB,
+        8,
+        hd.CoordinateSystemNames.PATIENT,
+        series_uid,
+        KEY_IMAGE_SERIES_NUMBER,
+        sop_uid,
+        1,
+        "dicom-node",
+        # The coronal view's rows run to the patient's left, its columns to the feet.
+        patient_orientation=("L", "F"),
+    )
+    sc.SeriesDescription = KEY_IMAGE_SERIES_DESCRIPTION
+    # Both legs, or the one measured (the legs are paired: Image Laterality, or Laterality).
+    sc.ImageLaterality = "B" if len(set(sides)) > 1 else ("L" if Side.LEFT in sides else "R")
+    return sc
 
 
 def shown(measurement: Measurement, digits: int = 1) -> str:

@@ -23,7 +23,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from dicom_node.app.config import Config, InferenceConfig
-from dicom_node.imaging.key_image import key_image_png
+from dicom_node.imaging.key_image import key_image_png, key_image_sc
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
 from dicom_node.imaging.sr import SrWriter, measurements_summary
 from dicom_node.imaging.volume.assemble import assemble_volume
@@ -63,6 +63,7 @@ class SeriesResult:
     labels: Volume | None = None  # the sided labels the SEG encodes (misplaced pieces left out)
     sr: Dataset | None = None  # the measurement report beside the SEG ([measurements])
     key_image: bytes | None = None  # its key image, a PNG
+    key_image_sc: Dataset | None = None  # the same as a Secondary Capture (key_image_dicom)
 
     @property
     def no_findings(self) -> str | None:
@@ -117,6 +118,7 @@ def segment_series(
     generation: int = 1,
     mark_unsure: bool = False,
     sr_writer: SrWriter | None = None,
+    key_image_dicom: bool = False,
 ) -> SeriesResult:
     """Assemble the series, segment it, write its SEG dataset (not yet to disk).
 
@@ -127,8 +129,9 @@ def segment_series(
     the SEG. `mark_unsure`: a SEG the verdict is unsure of says UNVERIFIED and why in its
     Series Description and each segment's description. `sr_writer`: the measurements
     (`model.measure`, on the sided labels) as an SR beside the SEG, and in the summary under
-    "measurements", with their key image (PNG); none without a SEG. A measurement that fails
-    outright costs the SR and the key image, never the SEG; a key image that fails, only itself.
+    "measurements", with their key image (PNG; `key_image_dicom`: also as a DICOM Secondary
+    Capture); none without a SEG. A measurement that fails outright costs the SR and the key
+    image, never the SEG; a key image that fails, only itself.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -173,10 +176,12 @@ def segment_series(
         implausible = assessment.verdict is Verdict.IMPLAUSIBLE
         summary["no_findings"] = assessment.headline() if implausible else NO_BONE
         return SeriesResult(None, None, summary)
-    sr, key_image = None, None
+    sr, key_image, sc = None, None, None
     if sr_writer is not None:
-        sr, key_image = _measure(assembled.volume, sided, dataset, sr_writer, generation, summary)
-    return SeriesResult(dataset, None, summary, sided, sr, key_image)
+        sr, key_image, sc = _measure(
+            assembled.volume, sided, dataset, sr_writer, generation, summary, key_image_dicom
+        )
+    return SeriesResult(dataset, None, summary, sided, sr, key_image, sc)
 
 
 def _measure(
@@ -186,12 +191,13 @@ def _measure(
     writer: SrWriter,
     generation: int,
     summary: dict[str, Any],
-) -> tuple[Dataset | None, bytes | None]:
+    key_image_dicom: bool = False,
+) -> tuple[Dataset | None, bytes | None, Dataset | None]:
     """The SR of the measurements picked ("hka": the leg alignment; "femoral_angles": femoral
     inclination and version, on the alignment's landmarks, measured once; "hip": the
-    acetabular parameters and alpha angle, on both of those) and their key image on ``ct``,
-    their numbers into `summary["measurements"]`; None (and the error's type in the summary)
-    for what fails."""
+    acetabular parameters and alpha angle, on both of those) and their key image on ``ct``
+    (and its Secondary Capture with ``key_image_dicom``), their numbers into
+    `summary["measurements"]`; None (and the error's type in the summary) for what fails."""
     t = time.perf_counter()
     try:
         alignments = measure_leg_alignment(sided) if writer.which else {}
@@ -212,20 +218,25 @@ def _measure(
         log.debug("measurements failed", exc_info=True)
         summary["measurements"] = {"error": f"{type(error).__name__} (node log at debug level)"}
         summary["timings_s"]["measure_s"] = round(time.perf_counter() - t, 3)
-        return None, None
+        return None, None, None
     summary["timings_s"]["measure_s"] = round(time.perf_counter() - t, 3)
     if not alignments:
-        return sr, None
+        return sr, None, None
     t = time.perf_counter()
     try:
         key_image = key_image_png(ct, alignments, femoral, hips)
+        sc = (
+            key_image_sc(key_image, seg, writer.algorithm, generation, tuple(alignments))
+            if key_image_dicom
+            else None
+        )
     except Exception as error:  # the SEG and the SR still go out
         log.error("key image failed: %s", type(error).__name__)
         log.debug("key image failed", exc_info=True)
         summary["key_image_error"] = f"{type(error).__name__} (node log at debug level)"
-        key_image = None
+        key_image, sc = None, None
     summary["timings_s"]["key_image_s"] = round(time.perf_counter() - t, 3)
-    return sr, key_image
+    return sr, key_image, sc
 
 
 def save_dicom(dataset: Dataset, path: Path) -> int:
@@ -248,11 +259,16 @@ def key_image_path_beside(seg_path: Path) -> Path:
     return seg_path.with_name(f"{seg_path.stem}_key.png")
 
 
+def key_image_sc_path_beside(seg_path: Path) -> Path:
+    """Where its Secondary Capture lies, when one was made: `<stem>_key.dcm`."""
+    return seg_path.with_name(f"{seg_path.stem}_key.dcm")
+
+
 def result_paths(seg_path: Path) -> list[Path]:
-    """The DICOM files of one result, the ones delivered: the SEG, and its SR when one was
-    written."""
-    sr = sr_path_beside(seg_path)
-    return [seg_path, sr] if sr.is_file() else [seg_path]
+    """The DICOM files of one result, the ones delivered: the SEG, then its SR and the key
+    image's Secondary Capture where they were written."""
+    beside = (sr_path_beside(seg_path), key_image_sc_path_beside(seg_path))
+    return [seg_path, *(path for path in beside if path.is_file())]
 
 
 def result_files(seg_path: Path) -> list[Path]:

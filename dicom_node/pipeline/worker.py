@@ -33,6 +33,7 @@ from dicom_node.pipeline.inference import (
     build_sr_writer,
     build_writer,
     key_image_path_beside,
+    key_image_sc_path_beside,
     save_dicom,
     segment_series,
     sr_path_beside,
@@ -169,7 +170,14 @@ def _work(
     # Held SEGs are written as they are: whoever releases one vouches for it.
     mark = config.verdict.policy == UnsurePolicy.UNVERIFIED
     result = segment_series(
-        paths, config.series, segmenter, writer, request.generation, mark, sr_writer
+        paths,
+        config.series,
+        segmenter,
+        writer,
+        request.generation,
+        mark,
+        sr_writer,
+        config.measurements.key_image,
     )
     if result.reason is not None:
         return WorkOutcome(result.reason)
@@ -189,6 +197,11 @@ def _work(
         result.summary["key_image"] = str(key_image_path)
     else:
         key_image_path.unlink(missing_ok=True)
+    sc_path = key_image_sc_path_beside(Path(request.seg_path))
+    if result.key_image_sc is not None:
+        save_dicom(result.key_image_sc, sc_path)
+    else:
+        sc_path.unlink(missing_ok=True)
     size = save_dicom(result.dataset, Path(request.seg_path))
     result.summary["timings_s"]["seg_write_s"] = round(time.perf_counter() - t, 3)
     result.summary["seg_bytes"] = size

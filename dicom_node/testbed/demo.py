@@ -386,6 +386,8 @@ def _run(
         "timings_s": {"generate_phantom_s": round(generate_s, 2)}
         | _stage_timings(job, sent_s, arrived_at, sent_at),
         "preview": str(workdir / "preview.png"),
+        # The measurements drawn on the CT, as the node wrote them (in its data directory).
+        "key_image": (job["result"] or {}).get("key_image"),
     }
     write_preview(assembled.volume.array, sided, assembled.volume.spacing, workdir / "preview.png")
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -394,7 +396,7 @@ def _run(
 
 def render_report(report: dict[str, Any], workdir: Path) -> Group:
     """The demo's report for people: the SEG at the PACS, its segments with volume and Dice,
-    timings per stage, and where the preview and report.json are."""
+    timings per stage, and where the preview, the key image and report.json are."""
     seg = report["seg"]
     table = Table(title="segments (Dice vs the phantom's truth, per bone)", title_justify="left")
     for column in ("segment", "volume (ml)", "Dice"):
@@ -404,13 +406,14 @@ def render_report(report: dict[str, Any], workdir: Path) -> Group:
         bone = s["segment"].split(" ", 1)[1]
         table.add_row(s["segment"], f"{s['volume_ml']:.1f}", f"{dices.get(bone, 0):.3f}")
     timings = ", ".join(f"{k[:-2]} {v}" for k, v in report["timings_s"].items())
+    key_image = f"key image: {report['key_image']}\n" if report.get("key_image") else ""
     return Group(
         f"SEG {seg['sop_instance_uid']} arrived at the PACS ({report['pacs']}): same study "
         f"{seg['same_study']}, same patient {seg['same_patient']}",
         table,
         f"any bone vs background: Dice {report['any_bone_dice']:.3f}",
         f"timings (s): {timings}",
-        f"preview: {report['preview']}\nreport: {workdir / 'report.json'}\n"
+        f"preview: {report['preview']}\n{key_image}report: {workdir / 'report.json'}\n"
         f"log (the demo's and the node's): {workdir / LOG_NAME}",
         "Synthetic phantom: these figures show the pipeline works, not clinical accuracy.",
     )

@@ -124,10 +124,13 @@ MEASUREMENT_NAMES = ("hka", "femoral_angles", "hip")
 
 @dataclass(frozen=True)
 class MeasurementsConfig:
-    """[measurements]: the measurement report (DICOM SR) sent beside the SEG."""
+    """[measurements]: the measurement report (DICOM SR) sent beside the SEG, and its key
+    image (a PNG in the results folder; with `key_image`, also a DICOM Secondary Capture sent
+    with them)."""
 
     enabled: bool = True
     which: tuple[str, ...] = MEASUREMENT_NAMES
+    key_image: bool = False
 
     def __post_init__(self) -> None:
         for name in self.which:
