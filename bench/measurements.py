@@ -1,6 +1,6 @@
-"""Issue 19, check 1: the HKA, femoral inclination and version, acetabular version, lateral
-centre-edge (LCE) angle, acetabular coverage and alpha angle measured on the truth label maps
-of phantoms of unseen shape subjects against the phantom's own geometry
+"""Issue 19, checks 1-3. Check 1: the HKA, femoral inclination and version, acetabular
+version, lateral centre-edge (LCE) angle, acetabular coverage and alpha angle measured on the
+truth label maps of phantoms of unseen shape subjects against the phantom's own geometry
 (model.phantom.subjects.truth.true_hka, true_femoral_angles, true_hip_parameters).
 
 Each phantom is a skeleton of a held-out LLP26 subject (HELD_OUT_SUBJECTS, 21-25) in poses,
@@ -12,7 +12,20 @@ the ``.jsonl`` beside the results (a rerun skips the phantoms already there) and
 (mean absolute difference, MAD, over the legs) is rewritten, with a Bland-Altman plot per
 measurement (``docs/figures/bland_altman_<measurement>.png``); progress goes to stdout.
 
+Check 3 (``--invariance N``): the same phantoms' truth label maps scanned otherwise (stored
+feet first or prone, the patient turned on the table, 3 mm slices, both hips rotated and
+abducted, the field of view cut; `VARIANTS`), each variant's measurements against the
+reference scan's. Check 2 (``--predicted N``): `PREDICTED_REGION` subject phantoms of the
+held-out subjects at 0.8 mm segmented by the shipped model (`model.engine.inference.Segmenter`,
+default settings), the measurements on the prediction against those on the truth labels, with
+a Bland-Altman plot per measurement (``bland_altman_predicted_<measurement>.png``). Each keeps
+its cases in its own ``.jsonl`` (resumed) and its summary under its own key of the results;
+a measurement not measurable on one side of a comparison is counted with its reason, never
+as a difference of 0.
+
     nice -n 10 .venv/bin/python -m bench.measurements --phantoms 40
+    nice -n 10 .venv/bin/python -m bench.measurements --invariance 12
+    nice -n 10 .venv/bin/python -m bench.measurements --predicted 10
 """
 
 from __future__ import annotations
@@ -20,21 +33,30 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from model.labels import Side
-from model.measure import measure_femoral_angles, measure_hip_parameters, measure_leg_alignment
+from model.labels import Bone, Side
+from model.measure import (
+    Measurement,
+    measure_femoral_angles,
+    measure_hip_parameters,
+    measure_leg_alignment,
+)
+from model.phantom.subjects import generate_subject_phantom
 from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
-from model.phantom.subjects.skeleton import SIDES, build_skeleton
+from model.phantom.subjects.skeleton import SIDES, BonePart, LegPose, Skeleton, build_skeleton
 from model.phantom.subjects.truth import (
     leg_label_map,
     pelvis_label_map,
+    sided_phantom_labels,
     true_femoral_angles,
     true_hip_parameters,
     true_hka,
 )
+from model.volume_io import Volume
 
 RESULTS = Path(__file__).parent / "results" / "measurements.json"
 FIGURES = Path(__file__).parent.parent / "docs" / "figures"
@@ -193,9 +215,16 @@ PLOTTED = {
 }
 
 
-def bland_altman(records: list[dict], folder: Path = FIGURES) -> list[Path]:
-    """A Bland-Altman plot per measurement (the label map's minus the phantom's, against
-    their mean; the mean difference and its 95 % limits of agreement) in ``folder``."""
+def bland_altman(
+    differences_by_name: dict[str, list[tuple[float, float]]],
+    folder: Path = FIGURES,
+    prefix: str = "",
+    measured: str = "label map",
+    reference: str = "phantom",
+) -> list[Path]:
+    """A Bland-Altman plot per measurement of (reference, measured) pairs (measured minus
+    reference, against their mean; the mean difference and its 95 % limits of agreement) in
+    ``folder``, ``bland_altman_<prefix>_<measurement>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +232,7 @@ def bland_altman(records: list[dict], folder: Path = FIGURES) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, pairs in differences(records).items():
+    for name, pairs in differences_by_name.items():
         if name not in PLOTTED or len(pairs) < 2:
             continue
         title, unit = PLOTTED[name]
@@ -214,33 +243,466 @@ def bland_altman(records: list[dict], folder: Path = FIGURES) -> list[Path]:
         axes.scatter(mean, difference, s=12, alpha=0.7)
         for level, style in ((bias, "-"), (bias - spread, "--"), (bias + spread, "--")):
             axes.axhline(level, color="grey", linestyle=style, linewidth=1)
-        axes.set_xlabel(f"mean of label map and phantom ({unit})")
-        axes.set_ylabel(f"label map - phantom ({unit})")
+        axes.set_xlabel(f"mean of {measured} and {reference} ({unit})")
+        axes.set_ylabel(f"{measured} - {reference} ({unit})")
         axes.set_title(
             f"{title}: {len(pairs)} legs, bias {bias:+.2f}, 95 % limits +-{spread:.2f} {unit}",
             fontsize=9,
         )
         figure.tight_layout()
-        path = folder / f"bland_altman_{name}.png"
+        path = folder / f"bland_altman_{prefix + '_' if prefix else ''}{name}.png"
         figure.savefig(path)
         plt.close(figure)
         written.append(path)
     return written
 
 
+# -- checks 2 and 3: one measurement against another of the same bones -----------------------
+
+# Each measurement compared in checks 2 and 3, and its unit.
+COMPARED = {
+    "hka_coronal": "deg",
+    "hka_3d": "deg",
+    "inclination": "deg",
+    "version": "deg",
+    "acetabular_version": "deg",
+    "lateral_centre_edge": "deg",
+    "coverage": "%",
+    "alpha": "deg",
+}
+LEG_NAMES = ("hka_coronal", "hka_3d", "inclination", "version")
+# The issue's targets for check 2 (segmentation), as mean absolute differences.
+TARGETS_PREDICTED = {
+    "hka_coronal": 0.3,
+    "hka_3d": 0.3,
+    "inclination": 1.0,
+    "version": 1.0,
+    "acetabular_version": 1.5,
+    "lateral_centre_edge": 1.5,
+    "coverage": 1.5,
+    "alpha": 3.0,
+}
+Found = dict[str, dict[str, list]]  # side -> measurement -> [value or None, reason or None]
+
+
+def measure_map(volume: Volume, names: tuple[str, ...] = tuple(COMPARED)) -> Found:
+    """The measurements of ``names`` on a sided label map, per side found ("left", "right"):
+    [value, None] or [None, the reason it is not measurable]."""
+    legs = measure_leg_alignment(volume)
+    femoral = measure_femoral_angles(volume, legs)
+    wanted_hips = any(name in HIP_MEASUREMENTS for name in names)
+    hips = measure_hip_parameters(volume, legs, femoral) if wanted_hips else {}
+    out: Found = {}
+    for side, leg in legs.items():
+        found: dict[str, Measurement] = {
+            "hka_coronal": leg.hka_coronal,
+            "hka_3d": leg.hka_3d,
+            "inclination": femoral[side].inclination,
+            "version": femoral[side].version,
+        }
+        if side in hips:
+            found.update({name: getattr(hips[side], name) for name in HIP_MEASUREMENTS})
+        out[side.name.lower()] = {
+            name: [_round(found[name].value), found[name].reason] for name in names if name in found
+        }
+    return out
+
+
+def compare(pairs: list[tuple[list | None, list | None]], name: str) -> dict:
+    """Over (reference, other) pairs of one measurement: the mean absolute difference (other
+    minus reference; the 3-D HKA by size) where both are measured, and how often either is not
+    measurable, with the reasons: a measurement that is lost counts apart, never as 0."""
+    differences = []
+    lost: dict[str, int] = {}
+    reference_lost: dict[str, int] = {}
+    for reference, other in pairs:
+        if reference is None or reference[0] is None:
+            why = "not measured" if reference is None else reference[1]
+            reference_lost[why] = reference_lost.get(why, 0) + 1
+        elif other is None or other[0] is None:
+            why = "not measured" if other is None else other[1]
+            lost[why] = lost.get(why, 0) + 1
+        elif name == "hka_3d":
+            differences.append(abs(other[0]) - abs(reference[0]))
+        else:
+            differences.append(other[0] - reference[0])
+    a = np.abs(differences)
+    return {
+        "compared": len(differences),
+        "mad": round(float(a.mean()), 3) if len(a) else None,
+        "median": round(float(np.median(a)), 3) if len(a) else None,
+        "max": round(float(a.max()), 3) if len(a) else None,
+        "mean_signed": round(float(np.mean(differences)), 3) if len(a) else None,
+        "not_measurable": sum(lost.values()),
+        "not_measurable_reasons": lost,
+        "reference_not_measurable": sum(reference_lost.values()),
+        "reference_not_measurable_reasons": reference_lost,
+    }
+
+
+# Check 3: the reference scan (head first supine, SPACING, the whole leg or pelvis) and the
+# same bones scanned otherwise.
+VARIANTS = {
+    "feet_first": "the reference's voxels stored as a feet-first scan's (x and z reversed)",
+    "prone": "the reference's voxels stored as a prone scan's (x and y reversed)",
+    "turned": "the patient turned on the table (10 deg about the long axis, 8 deg about the "
+    "antero-posterior, 5 deg head down), voxelised anew",
+    "slices_3mm": "1 x 1 x 3 mm voxels, voxelised anew",
+    "hip_pose": "both hips rotated 15 deg further about the vertical and abducted 6 deg "
+    "further (each bone's own frame unchanged), voxelised anew",
+    "cut": "the field of view cut: each leg from 3 mm below the talus to 10 mm above the "
+    "femoral head (the iliac wing and the calcaneus cut), the pelvis from 60 mm below the "
+    "lower femoral head's centre to 15 mm below the iliac crests",
+}
+TURN_DEG = (10.0, 8.0, 5.0)  # about the z (long), y (antero-posterior) and x axes
+HIP_ROTATION_CHANGE_DEG, HIP_ABDUCTION_CHANGE_DEG = 15.0, 6.0
+
+
+def posed_skeleton(seed: int, subject: int, hip_pose_changed: bool = False) -> Skeleton:
+    """Check 1's skeleton of ``seed`` (the feet and poses drawn as `build_skeleton` draws
+    them), or the same bones with both hips rotated and abducted further."""
+    rng = np.random.default_rng([seed, 18])
+    feet = (str(rng.choice(["VHM", "VHF"])), str(rng.choice(["VHM", "VHF"])))
+    poses = (LegPose.draw(rng), LegPose.draw(rng))
+    if hip_pose_changed:
+        left, right = (
+            replace(
+                pose,
+                hip_rotation_deg=pose.hip_rotation_deg + HIP_ROTATION_CHANGE_DEG,
+                hip_abduction_deg=pose.hip_abduction_deg + HIP_ABDUCTION_CHANGE_DEG,
+            )
+            for pose in poses
+        )
+        poses = (left, right)
+    return build_skeleton(rng, subject=subject, feet=feet, poses=poses)
+
+
+def turned(skeleton: Skeleton, degrees: tuple[float, float, float] = TURN_DEG) -> Skeleton:
+    """The skeleton turned about the middle of its hip bones: a patient lying turned."""
+    from scipy.spatial.transform import Rotation
+
+    rotation = Rotation.from_euler("zyx", degrees, degrees=True).as_matrix()
+    hips = [p.mesh.vertices for p in skeleton.parts if p.label == Bone.HIP_BONE]
+    centre = np.vstack(hips).mean(axis=0)
+    parts = [
+        BonePart(p.name, p.mesh.transformed(rotation, centre, np.zeros(3)), p.label, p.kind)
+        for p in skeleton.parts
+    ]
+    landmarks = {
+        name: point if "radius" in name else (point - centre) @ rotation.T + centre
+        for name, point in skeleton.landmarks.items()
+    }
+    return Skeleton(parts, landmarks, skeleton.geometry)
+
+
+def flipped(volume: Volume, axes: tuple[int, ...]) -> Volume:
+    """The same voxels stored with the grid's ``axes`` (0 x, 1 y, 2 z) reversed: the origin
+    moves to the other end and the axis' direction turns."""
+    array = volume.array
+    direction = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3).copy()
+    origin = np.asarray(volume.origin, dtype=np.float64)
+    for axis in axes:
+        count = array.shape[2 - axis]
+        origin = origin + direction[:, axis] * volume.spacing[axis] * (count - 1)
+        direction[:, axis] *= -1
+        array = np.flip(array, axis=2 - axis)
+    ox, oy, oz = (float(v) for v in origin)
+    return Volume(
+        np.ascontiguousarray(array), volume.spacing, (ox, oy, oz), tuple(direction.ravel())
+    )
+
+
+def cropped(volume: Volume, z_lo: float, z_hi: float) -> Volume:
+    """An axis-aligned volume's slices in patient z [z_lo, z_hi]: the bones meet the grid's
+    edges there, as in a scan cut short."""
+    z = volume.origin[2] + volume.spacing[2] * np.arange(volume.array.shape[0])
+    keep = np.nonzero((z >= z_lo) & (z <= z_hi))[0]
+    origin = (volume.origin[0], volume.origin[1], float(z[keep[0]]))
+    return Volume(volume.array[keep[0] : keep[-1] + 1].copy(), volume.spacing, origin)
+
+
+def _scans(
+    skeleton: Skeleton, spacing: tuple[float, float, float] = SPACING
+) -> tuple[dict[str, Volume], Volume]:
+    legs = {side: leg_label_map(skeleton, side, spacing=spacing) for side in SIDES}
+    return legs, pelvis_label_map(skeleton, spacing=spacing)
+
+
+def measure_scan(legs: dict[str, Volume], pelvis: Volume) -> Found:
+    """Per side the leg's measurements on its whole-leg map and the hip's on the pelvis."""
+    found = measure_map(pelvis, tuple(HIP_MEASUREMENTS))
+    for side, volume in legs.items():
+        found.setdefault(side, {}).update(measure_map(volume, LEG_NAMES).get(side, {}))
+    return found
+
+
+def _cuts(skeleton: Skeleton) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
+    """The z ranges of the `cut` variant: per leg, and the pelvis'."""
+    meshes = {p.name: p.mesh for p in skeleton.parts}
+    lm = skeleton.landmarks
+    legs = {}
+    for side in SIDES:
+        head = float(lm[f"femoral_head_centre_{side}"][2])
+        radius = float(lm[f"femoral_head_radius_{side}"][0])
+        legs[side] = (float(meshes[f"talus_{side}"].lo[2]) - 3.0, head + radius + 10.0)
+    heads = min(float(lm[f"femoral_head_centre_{side}"][2]) for side in SIDES)
+    crests = min(float(meshes[f"hip_bone_{side}"].hi[2]) for side in SIDES)
+    return legs, (heads - 60.0, crests - 15.0)
+
+
+def invariance_phantom(index: int) -> dict:
+    """Check 3 on one phantom (check 1's subject and seed of ``index``): its measurements on
+    the reference scan and on each variant's."""
+    subject = HELD_OUT_SUBJECTS[index % len(HELD_OUT_SUBJECTS)]
+    seed = 1900 + index
+    start = time.perf_counter()
+    skeleton = posed_skeleton(seed, subject)
+    legs, pelvis = _scans(skeleton)
+    variants = {}
+    reference = measure_scan(legs, pelvis)
+    variants["feet_first"] = measure_scan(
+        {side: flipped(volume, (0, 2)) for side, volume in legs.items()}, flipped(pelvis, (0, 2))
+    )
+    variants["prone"] = measure_scan(
+        {side: flipped(volume, (0, 1)) for side, volume in legs.items()}, flipped(pelvis, (0, 1))
+    )
+    leg_cuts, pelvis_cut = _cuts(skeleton)
+    variants["cut"] = measure_scan(
+        {side: cropped(volume, *leg_cuts[side]) for side, volume in legs.items()},
+        cropped(pelvis, *pelvis_cut),
+    )
+    del legs, pelvis
+    variants["slices_3mm"] = measure_scan(*_scans(skeleton, (1.0, 1.0, 3.0)))
+    variants["turned"] = measure_scan(*_scans(turned(skeleton)))
+    moved = posed_skeleton(seed, subject, True)
+    variants["hip_pose"] = measure_scan(*_scans(moved))
+    # The generator turns each leg about its `hip` landmark, a little off the head's sphere:
+    # how far the head's true centre moved in its cup.
+    head_shift = {
+        side: round(
+            float(
+                np.linalg.norm(
+                    moved.landmarks[f"femoral_head_centre_{side}"]
+                    - skeleton.landmarks[f"femoral_head_centre_{side}"]
+                )
+            ),
+            2,
+        )
+        for side in SIDES
+    }
+    return {
+        "index": index,
+        "subject": subject,
+        "seed": seed,
+        "reference": reference,
+        "variants": variants,
+        "hip_pose_head_shift_mm": head_shift,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def invariance_summary(records: list[dict]) -> dict:
+    return {
+        "check": "issue 19 check 3: the same bones scanned in another orientation, pose, "
+        "slice thickness or field of view; each variant's measurement minus the reference "
+        "scan's, on truth label maps",
+        "data": "subject-phantom skeletons of held-out LLP26 subjects 21-25 (check 1's "
+        f"phantoms, seeds 1900+), the reference scan head first supine at {SPACING} mm "
+        "(x, y, z), whole legs and the pelvis",
+        "phantoms": len(records),
+        "variants": {
+            variant: {
+                "what": what,
+                **{
+                    name: compare(
+                        [
+                            (
+                                r["reference"].get(side, {}).get(name),
+                                r["variants"][variant].get(side, {}).get(name),
+                            )
+                            for r in records
+                            for side in SIDES
+                        ],
+                        name,
+                    )
+                    for name in COMPARED
+                },
+            }
+            for variant, what in VARIANTS.items()
+        },
+    }
+
+
+# Check 2: the shipped model's segmentation of a phantom CT against the phantom's truth labels.
+PREDICTED_REGION = "hip"
+
+
+def predicted_phantom(index: int, segmenter) -> dict:
+    """Check 2 on one phantom: a `PREDICTED_REGION` subject phantom of a held-out subject
+    (0.8 mm), its CT segmented by ``segmenter``; the measurements on the prediction and on the
+    phantom's truth labels (split into sides as the model's are)."""
+    subject = HELD_OUT_SUBJECTS[index % len(HELD_OUT_SUBJECTS)]
+    seed = 1950 + index
+    start = time.perf_counter()
+    phantom = generate_subject_phantom(seed, PREDICTED_REGION, subject=subject)
+    image = phantom.image(np.random.default_rng([seed, 19]))
+    generated = time.perf_counter() - start
+    segmentation = segmenter.segment(image)
+    segmented = time.perf_counter() - start - generated
+    truth = measure_map(sided_phantom_labels(phantom))
+    predicted = measure_map(segmentation.sided)
+    return {
+        "index": index,
+        "subject": subject,
+        "seed": seed,
+        "region": PREDICTED_REGION,
+        "side": phantom.geometry["side"],
+        "implant": phantom.geometry["implant"],
+        "verdict": segmentation.assessment.verdict.value,
+        "truth": truth,
+        "predicted": predicted,
+        "seconds": {
+            "phantom": round(generated, 1),
+            "segment": round(segmented, 1),
+            "total": round(time.perf_counter() - start, 1),
+        },
+    }
+
+
+def predicted_pairs(records: list[dict], name: str) -> list[tuple[list | None, list | None]]:
+    """(truth, predicted) of one measurement per leg of the truth (a leg the prediction alone
+    has is counted apart: `predicted_summary`'s "legs_only_predicted")."""
+    return [
+        (truth.get(name), record["predicted"].get(side, {}).get(name))
+        for record in records
+        for side, truth in sorted(record["truth"].items())
+    ]
+
+
+def predicted_summary(records: list[dict], model: str | None) -> dict:
+    return {
+        "check": "issue 19 check 2: measurements on the shipped model's segmentation minus "
+        "those on the phantom's truth labels",
+        "data": f"'{PREDICTED_REGION}' subject phantoms 1.2 of held-out LLP26 subjects 21-25 "
+        "(seeds 1950+, 0.8 mm, one CT image each), segmented by model.engine.inference."
+        "Segmenter with the default InferenceSettings",
+        "model": model,
+        "phantoms": len(records),
+        "target_phantoms": 30,
+        "legs": sum(len(record["truth"]) for record in records),
+        # Legs of the prediction the truth does not have (a piece of bone given the other side).
+        "legs_only_predicted": sum(
+            len(set(record["predicted"]) - set(record["truth"])) for record in records
+        ),
+        "verdicts": {
+            verdict: sum(record["verdict"] == verdict for record in records)
+            for verdict in sorted({record["verdict"] for record in records})
+        },
+        "measurements": {
+            name: {
+                **compare(predicted_pairs(records, name), name),
+                "unit": unit,
+                "target_mad": TARGETS_PREDICTED[name],
+            }
+            for name, unit in COMPARED.items()
+        },
+    }
+
+
+def write_results(path: Path, key: str | None, summary: dict) -> None:
+    """Check 1's summary at the top of ``path`` (``key`` None) or another check's under
+    ``key``, the rest of the file kept."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update(summary if key is None else {key: summary})
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def read_cases(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_invariance(count: int, out: Path) -> None:
+    cases = out.with_name("measurements_invariance.jsonl")
+    records = read_cases(cases)
+    done = {r["index"] for r in records}
+    for index in range(count):
+        if index in done:
+            continue
+        record = invariance_phantom(index)
+        with cases.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        records.append(record)
+        summary = invariance_summary(records)
+        write_results(out, "check3_invariance", summary)
+        worst = {
+            variant: max(
+                (v["mad"] or 0.0 for k, v in values.items() if isinstance(v, dict)), default=0.0
+            )
+            for variant, values in summary["variants"].items()
+        }
+        print(
+            f"invariance {index + 1}/{count} subject {record['subject']} "
+            f"({record['seconds']:.0f} s): largest MAD per variant so far {worst}",
+            flush=True,
+        )
+
+
+def run_predicted(count: int, out: Path, figures: Path) -> None:
+    from model.engine.inference import InferenceSettings, Segmenter
+
+    segmenter = Segmenter(settings=InferenceSettings())
+    cases = out.with_name("measurements_predicted.jsonl")
+    records = read_cases(cases)
+    done = {r["index"] for r in records}
+    for index in range(count):
+        if index in done:
+            continue
+        record = predicted_phantom(index, segmenter)
+        with cases.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        records.append(record)
+        summary = predicted_summary(records, segmenter.metadata.get("name"))
+        write_results(out, "check2_predicted", summary)
+        mads = {name: m["mad"] for name, m in summary["measurements"].items()}
+        print(
+            f"predicted {index + 1}/{count} subject {record['subject']} {record['seconds']}: "
+            f"MAD so far {mads}",
+            flush=True,
+        )
+        pairs = {
+            name: [
+                (truth[0], predicted[0])
+                for truth, predicted in predicted_pairs(records, name)
+                if truth and predicted and truth[0] is not None and predicted[0] is not None
+            ]
+            for name in PLOTTED
+        }
+        bland_altman(pairs, figures, "predicted", "prediction", "truth labels")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phantoms", type=int, default=30)
+    parser.add_argument("--phantoms", type=int, default=30, help="check 1 on this many")
+    parser.add_argument(
+        "--invariance", type=int, metavar="N", help="check 3 on N phantoms instead of check 1"
+    )
+    parser.add_argument(
+        "--predicted", type=int, metavar="N", help="check 2 on N phantoms instead of check 1"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--figures", type=Path, default=FIGURES)
     args = parser.parse_args(argv)
-    cases = args.out.with_suffix(".jsonl")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    records = (
-        [json.loads(line) for line in cases.read_text().splitlines() if line.strip()]
-        if cases.exists()
-        else []
-    )
+    if args.invariance:
+        run_invariance(args.invariance, args.out)
+        return
+    if args.predicted:
+        run_predicted(args.predicted, args.out, args.figures)
+        return
+    cases = args.out.with_suffix(".jsonl")
+    records = read_cases(cases)
     done = {r["index"] for r in records}
     for index in range(args.phantoms):
         if index in done:
@@ -251,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps(record) + "\n")
         records.append(record)
         summary = summarise(records)
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        write_results(args.out, None, summary)
         diffs = [
             None
             if leg["hka_coronal_deg"] is None
@@ -270,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-    bland_altman(records, args.figures)
+    bland_altman(differences(records), args.figures)
 
 
 if __name__ == "__main__":
