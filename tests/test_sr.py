@@ -408,6 +408,9 @@ def test_segment_command_writes_the_sr_beside_the_seg(
     assert run.returncode == 0, run.stderr
     sr_path = sr_path_beside(out)
     assert sr_path == tmp_path / "seg_sr.dcm" and str(sr_path) in run.stdout.splitlines()
+    key_image = tmp_path / "seg_key.png"  # the measurements drawn on the CT, beside them
+    assert str(key_image) in run.stdout.splitlines()
+    assert key_image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ct = dcmread(next(ct_dir.iterdir()), stop_before_pixels=True)
     _phantom_report(sr_path, str(ct.StudyInstanceUID))
     seg = dcmread(out, stop_before_pixels=True)
