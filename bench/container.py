@@ -2,9 +2,9 @@
 
     python -m bench.container [--variant cpu] [--out bench/results/container.json]
 
-As root on Debian 12 with `apt-get install podman buildah mmdebstrap runc podman-compose dcmtk`
-(none of them in the Makefile: the build downloads Debian's packages and PyPI's wheels and takes
-minutes). Steps, each timed:
+As root on Debian 12; it installs what it needs with apt (APT_PACKAGES below, none of them in
+the Makefile's: the build downloads Debian's packages and PyPI's wheels and takes minutes, so
+it is not part of `make bench` either). Steps, each timed:
 
 1. `deploy/container/build.sh VARIANT`: the Debian base (mmdebstrap, once, untimed), then the
    node's, Orthanc's and the viewer proxy's images with none of their layers cached (PyPI's and
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,10 @@ from dicom_node.testbed.node_process import storescu
 from dicom_node.testbed.phantom_series import write_phantom
 
 RESULTS = Path(__file__).resolve().parent / "results" / "container.json"
+# podman and buildah build and run; mmdebstrap makes the base; runc for restricted-host.conf;
+# dcmtk's storescu is the scanner (dcmdump stands for it: pynetdicom has a storescu too).
+APT_PACKAGES = ("podman", "buildah", "mmdebstrap", "runc", "podman-compose", "dcmtk")
+APT_BINARIES = ("podman", "buildah", "mmdebstrap", "runc", "podman-compose", "dcmdump")
 PHANTOM_SEED = 1001
 
 
@@ -114,10 +119,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    if not all(shutil.which(binary) for binary in APT_BINARIES):
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *APT_PACKAGES],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            check=True,
+        )
     build_base_image(dict(os.environ))
     env = podman_environment()
     # From the base image with no layer of the images cached; then as after a code change.
-    subprocess.run(["podman", "rmi", "--force", "--ignore", *IMAGES], env=env, check=True)
+    # (every tag of them: the node's version tag would keep its layers).
+    listed = subprocess.run(
+        ["podman", "images", "--quiet", "--filter", "reference=localhost/dicom-node*"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    built = sorted(set(listed.stdout.split()))
+    subprocess.run(["podman", "rmi", "--force", "--ignore", *built], env=env, check=True)
     subprocess.run(["podman", "image", "prune", "--force"], env=env, check=True)
     build_s = timed_build(env, args.variant)
     rebuild_s = timed_build(env, args.variant)
