@@ -60,7 +60,7 @@ def test_a_series_sent_to_the_node_container_comes_back_as_a_seg_over_dicomweb(
     ), received
 
 
-def test_the_services_are_healthy_and_run_unprivileged(stack: ComposeStack) -> None:
+def test_the_services_are_healthy_unprivileged_and_the_node_stops_cleanly(stack: ComposeStack) -> None:
     for service in stack.services:
         assert stack.healthcheck(service), f"{service}:\n{stack.logs(service)}"
     assert stack.exec("node", "id", "-u").strip() == "10001"
@@ -69,3 +69,5 @@ def test_the_services_are_healthy_and_run_unprivileged(stack: ComposeStack) -> N
     # The node's spool and results are in its volume, which its user owns.
     assert {"spool", "results"} <= set(stack.exec("node", "ls", "/data").split())
     assert stack.exec("node", "stat", "-c", "%u", "/data").strip() == "10001"
+    # `podman stop` (SIGTERM through tini): the node stops cleanly.
+    assert stack.stop("node") == 0, stack.logs("node")

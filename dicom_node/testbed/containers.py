@@ -177,6 +177,14 @@ class ComposeStack:
             raise RuntimeError(f"{command}: {done.stderr}")
         return done.stdout
 
+    def stop(self, service: str) -> int:
+        """SIGTERM to the service's container (through its init), then its exit code."""
+        _podman(self.env, "stop", "--time", "30", self.container(service))
+        code = _podman(
+            self.env, "inspect", "--format", "{{.State.ExitCode}}", self.container(service)
+        )
+        return int(code.stdout.strip())
+
     def down(self) -> None:
         self._compose("down", "-v", timeout_s=120)
 
