@@ -13,7 +13,8 @@
 #   TORCH_INDEX_URL  where pip gets torch's wheel: empty uses pip's own configuration (on the
 #                    development machine that finds the CPU build, as `make install` does);
 #                    elsewhere https://download.pytorch.org/whl/cpu for cpu. For cuda, empty is
-#                    PyPI's build (CUDA 12 libraries as nvidia-* wheels), or .../whl/cu126 etc.
+#                    PyPI's build (torch 2.13.0: CUDA 13.0's libraries as nvidia-* wheels), or
+#                    torch's index for another CUDA version (https://download.pytorch.org/whl/cuNNN)
 #   CA_BUNDLE        the CA certificates pip in the image trusts while building (default: $PIP_CERT,
 #                    else /etc/ssl/certs/ca-certificates.crt of the building host)
 #   PYTHON           the Python 3.11 that builds the node's wheel (default python3)
