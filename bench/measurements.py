@@ -569,11 +569,23 @@ def predicted_phantom(index: int, segmenter) -> dict:
     }
 
 
-def predicted_pairs(records: list[dict], name: str) -> list[tuple[list | None, list | None]]:
+NO_SEG = "no SEG: the segmentation's verdict is implausible"
+
+
+def predicted_pairs(
+    records: list[dict], name: str, as_the_node: bool = True
+) -> list[tuple[list | None, list | None]]:
     """(truth, predicted) of one measurement per leg of the truth (a leg the prediction alone
-    has is counted apart: `predicted_summary`'s "legs_only_predicted")."""
+    has is counted apart: `predicted_summary`'s "legs_only_predicted"). ``as_the_node``: a
+    segmentation whose verdict is implausible has no measurements, as the node makes no SEG
+    of it; otherwise it is measured all the same."""
     return [
-        (truth.get(name), record["predicted"].get(side, {}).get(name))
+        (
+            truth.get(name),
+            [None, NO_SEG]
+            if as_the_node and record["verdict"] == "implausible"
+            else record["predicted"].get(side, {}).get(name),
+        )
         for record in records
         for side, truth in sorted(record["truth"].items())
     ]
@@ -598,6 +610,7 @@ def predicted_summary(records: list[dict], model: str | None) -> dict:
             verdict: sum(record["verdict"] == verdict for record in records)
             for verdict in sorted({record["verdict"] for record in records})
         },
+        # As the node reports them: none of a segmentation whose verdict is implausible.
         "measurements": {
             name: {
                 **compare(predicted_pairs(records, name), name),
@@ -605,6 +618,11 @@ def predicted_summary(records: list[dict], model: str | None) -> dict:
                 "target_mad": TARGETS_PREDICTED[name],
             }
             for name, unit in COMPARED.items()
+        },
+        # Every segmentation measured, the implausible ones too.
+        "measurements_every_segmentation": {
+            name: compare(predicted_pairs(records, name, as_the_node=False), name)
+            for name in COMPARED
         },
     }
 
@@ -624,6 +642,7 @@ def read_cases(path: Path) -> list[dict]:
 
 
 def run_invariance(count: int, out: Path) -> None:
+    """Check 3 on the phantoms of indices below ``count`` not yet in its cases."""
     cases = out.with_name("measurements_invariance.jsonl")
     records = read_cases(cases)
     done = {r["index"] for r in records}
@@ -647,12 +666,16 @@ def run_invariance(count: int, out: Path) -> None:
             f"({record['seconds']:.0f} s): largest MAD per variant so far {worst}",
             flush=True,
         )
+    write_results(out, "check3_invariance", invariance_summary(records))
 
 
 def run_predicted(count: int, out: Path, figures: Path) -> None:
+    """Check 2 on the phantoms of indices below ``count`` not yet in its cases; the summary
+    and the plots after each, and at the end (a rerun with nothing new rewrites them)."""
     from model.engine.inference import InferenceSettings, Segmenter
 
     segmenter = Segmenter(settings=InferenceSettings())
+    model = segmenter.metadata.get("name")
     cases = out.with_name("measurements_predicted.jsonl")
     records = read_cases(cases)
     done = {r["index"] for r in records}
@@ -663,23 +686,30 @@ def run_predicted(count: int, out: Path, figures: Path) -> None:
         with cases.open("a") as f:
             f.write(json.dumps(record) + "\n")
         records.append(record)
-        summary = predicted_summary(records, segmenter.metadata.get("name"))
-        write_results(out, "check2_predicted", summary)
+        summary = write_predicted(records, model, out, figures)
         mads = {name: m["mad"] for name, m in summary["measurements"].items()}
         print(
             f"predicted {index + 1}/{count} subject {record['subject']} {record['seconds']}: "
             f"MAD so far {mads}",
             flush=True,
         )
-        pairs = {
-            name: [
-                (truth[0], predicted[0])
-                for truth, predicted in predicted_pairs(records, name)
-                if truth and predicted and truth[0] is not None and predicted[0] is not None
-            ]
-            for name in PLOTTED
-        }
-        bland_altman(pairs, figures, "predicted", "prediction", "truth labels")
+    write_predicted(records, model, out, figures)
+
+
+def write_predicted(records: list[dict], model: str | None, out: Path, figures: Path) -> dict:
+    """Check 2's summary into the results and its Bland-Altman plots into ``figures``."""
+    summary = predicted_summary(records, model)
+    write_results(out, "check2_predicted", summary)
+    pairs = {
+        name: [
+            (truth[0], predicted[0])
+            for truth, predicted in predicted_pairs(records, name)
+            if truth and predicted and truth[0] is not None and predicted[0] is not None
+        ]
+        for name in PLOTTED
+    }
+    bland_altman(pairs, figures, "predicted", "prediction", "truth labels")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
