@@ -60,7 +60,7 @@ def test_a_series_sent_to_the_node_container_comes_back_as_a_seg_over_dicomweb(
     ), received
 
 
-def test_the_services_are_healthy_unprivileged_and_the_node_stops_cleanly(stack: ComposeStack) -> None:
+def test_healthy_unprivileged_services_and_a_clean_stop_of_the_node(stack: ComposeStack) -> None:
     for service in stack.services:
         assert stack.healthcheck(service), f"{service}:\n{stack.logs(service)}"
     assert stack.exec("node", "id", "-u").strip() == "10001"
