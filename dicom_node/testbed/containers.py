@@ -187,6 +187,8 @@ class ComposeStack:
 
     def down(self) -> None:
         self._compose("down", "-v", timeout_s=120)
+        # podman-compose 1.0.3 leaves the project's network behind.
+        _podman(self.env, "network", "rm", "--force", f"{self.project}_default")
 
     def __enter__(self) -> ComposeStack:
         try:
