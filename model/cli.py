@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 from model.settings import Device, Precision, Strategy
 
 if TYPE_CHECKING:  # torch loads only when a command needs it
-    from model.engine.inference import Segmenter
+    from model.engine.inference import Progress, Segmenter
     from model.phantom import Phantom
 
 SubParsers = argparse._SubParsersAction
@@ -267,8 +268,43 @@ def add_segment(sub: SubParsers, source: SegmenterSource = OPTIONS_ONLY) -> None
     )
     parser.add_argument("input", type=Path, metavar="INPUT")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT")
+    add_quiet_option(parser)
     source.add_options(parser)
     parser.set_defaults(handler=partial(segment_volume_file, source.build))
+
+
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars (none unless on a terminal)"
+    )
+
+
+@contextmanager
+def stage_progress(quiet: bool) -> Iterator[Progress | None]:
+    """A progress bar on stderr for each stage a segmentation reports (read, resample,
+    inference, post-processing, write), when stderr is a terminal and not `quiet`; else None.
+    The bars name stages only, nothing of the scan."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description:<15}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f} %"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bars:
+        stages: dict[str, TaskID] = {}
+
+        def show(stage: str, done: float) -> None:
+            if stage not in stages:
+                stages[stage] = bars.add_task(stage, total=1.0)
+            bars.update(stages[stage], completed=done)
+
+        yield show
 
 
 def segment_volume_file(
@@ -279,7 +315,9 @@ def segment_volume_file(
     from model.engine.segment_files import segment_file
     from model.engine.verdict import Verdict
 
-    segmentation, paths = segment_file(args.input, args.output, build_segmenter(args))
+    segmenter = build_segmenter(args)
+    with stage_progress(args.quiet) as progress:
+        segmentation, paths = segment_file(args.input, args.output, segmenter, progress)
     print(*paths.values(), sep="\n")
     assessment = segmentation.assessment
     if assessment.verdict is Verdict.IMPLAUSIBLE:

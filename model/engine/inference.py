@@ -23,7 +23,7 @@ import copy
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 # were one call while patches tiled).
 PAPER_BATCH = 64
 Stats = dict[str, dict[str, float]]
+# What `Segmenter.segment` tells of its progress: a stage's name and the fraction of it done.
+Progress = Callable[[str, float], None]
 
 
 @dataclass
@@ -244,53 +246,71 @@ class Segmenter:
         self.patch_weight = window_weight(s, overlapping=self.patch_stride < s)
 
     # -- the one public call -------------------------------------------------------------
-    def segment(self, volume: Volume) -> Segmentation:
-        """Bone labels for a HU volume, on the volume's own grid."""
+    def segment(self, volume: Volume, progress: Progress | None = None) -> Segmentation:
+        """Bone labels for a HU volume, on the volume's own grid. `progress` hears of each
+        stage ("resample", "inference", "post-processing") as it starts (0.0), as inference
+        goes, and as it ends (1.0)."""
+        report = progress or no_progress
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        report("resample", 0.0)
         grid = image_to_model_grid(volume, self.config.spacing_mm)
         hu = sitk.GetArrayViewFromImage(grid)
+        # Only the input's grid is needed from here on, not its voxels: a caller that hands
+        # over the volume it read (`segment_file`) lets them go, 1 GB of a whole-leg scan.
+        volume = volume.with_array(np.broadcast_to(volume.array.dtype.type(0), volume.array.shape))
         timings["resample_in_s"] = time.perf_counter() - t0
+        report("resample", 0.5)
 
         t = time.perf_counter()
-        labels, confidence, stats = self.predict_labels(hu)
+        report("inference", 0.0)
+        labels, confidence, stats = self.predict_labels(hu, lambda done: report("inference", done))
         timings["inference_s"] = time.perf_counter() - t
+        report("inference", 1.0)
 
         t = time.perf_counter()
+        report("post-processing", 0.0)
         voxel_ml = self.config.spacing_mm**3 / 1000.0
         labels = remove_islands(labels, int(self.settings.min_island_ml / voxel_ml), hu)
         sided = split_sides(labels, hu, grid)
+        model_grid = (grid.GetSpacing(), grid.GetOrigin(), grid.GetDirection())
+        # The scan on the model's grid is not needed past here: 1 GB for a whole-leg scan.
+        del labels, hu, grid
         detached = counts_summary(
             remove_detached(sided, self.config.spacing_mm), (self.config.spacing_mm,) * 3
         )
         timings["postprocess_s"] = time.perf_counter() - t
+        report("post-processing", 0.3)
 
         t = time.perf_counter()
-        sided_array, confidence = (
-            sitk.GetArrayFromImage(labels_to_grid(on_grid(array, grid), volume))
-            for array in (sided, confidence)
-        )
+        sided_array = labels_to_grid(Volume(sided, *model_grid), volume)
+        del sided
+        confidence = labels_to_grid(Volume(confidence, *model_grid), volume)
         timings["resample_out_s"] = time.perf_counter() - t
+        report("resample", 1.0)
 
         # On the input grid, so that what is dropped is counted in the voxels reported.
         t = time.perf_counter()
-        found = volume.with_array(sided_array.astype(np.uint8, copy=False))
-        anatomy = check_anatomy(found) if self.settings.anatomy_check else AnatomyCheck()
-        sided_volume = without_misplaced(found, anatomy)
+        sided_volume = volume.with_array(sided_array)
+        anatomy = check_anatomy(sided_volume) if self.settings.anatomy_check else AnatomyCheck()
         dropped = []
         if anatomy.dropped:
             # From counts: a volume of what was left out would cost two more of the scan's size.
-            lost = label_counts(found.array) - label_counts(sided_volume.array)
+            lost = label_counts(sided_array)
+            kept = without_misplaced(sided_volume, anatomy).array
+            lost -= label_counts(kept)
             dropped = counts_summary(lost, volume.spacing)
-        bone_array = unsided_labels(sided_volume.array)
+            # Back into the array labels_to_grid made: its voxels are written with no copy.
+            np.copyto(sided_array, kept)
+            del kept
         timings["anatomy_s"] = time.perf_counter() - t
+        report("post-processing", 0.6)
 
         t = time.perf_counter()
         sure_percent = round(100 * self.settings.certainty)
         signals = measure_segments(sided_volume, confidence, sure_percent)
         assessment = assess(signals, volume.spacing[2], anatomy.reason)
         timings["verdict_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t0
 
         summary = {
             "strategy": self.settings.strategy.value,
@@ -308,8 +328,12 @@ class Segmenter:
             "verdict": assessment.as_dict(),
             **stats,
         }
+        # Last: the summary's mask of unsure voxels is gone by now (a gigabyte each).
+        bones = volume.with_array(unsided_labels(sided_array))
+        timings["total_s"] = time.perf_counter() - t0
+        report("post-processing", 1.0)
         return Segmentation(
-            volume.with_array(bone_array),
+            bones,
             sided_volume,
             volume.with_array(confidence),
             sure_percent,
@@ -320,17 +344,20 @@ class Segmenter:
         )
 
     # -- cascade on the model grid -------------------------------------------------------
-    def predict_labels(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, Stats]:
+    def predict_labels(
+        self, hu: np.ndarray, progress: Callable[[float], None] = lambda done: None
+    ) -> tuple[np.ndarray, np.ndarray, Stats]:
         """Labels and their confidence (uint8, percent) for HU on the model grid; for the fast
         strategy, the fraction of each stage's grid that needed refining and the fraction it
-        computed (the boxes around it, with their halos)."""
+        computed (the boxes around it, with their halos). `progress` hears the fraction done
+        after each network call (`paper`: each row of windows)."""
         shape = hu.shape
         stats: Stats
         with torch.inference_mode():
             if self.settings.strategy == Strategy.PAPER:
-                labels, confidence, stats = *self._paper(np.asarray(hu)), {}
+                labels, confidence, stats = *self._paper(np.asarray(hu), progress), {}
             else:
-                labels, confidence, stats = self._fast(np.asarray(hu))
+                labels, confidence, stats = self._fast(np.asarray(hu), progress)
         inside = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
         return labels[inside].numpy(), confidence[inside].numpy(), stats
 
@@ -342,7 +369,7 @@ class Segmenter:
         return torch.softmax(out.float(), dim=1).cpu()
 
     # -- paper ------------------------------------------------------------------------------
-    def _paper(self, hu: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _paper(self, hu: np.ndarray, progress: Callable[[float], None]) -> tuple[Tensor, Tensor]:
         """Windows of the largest patch size at `window_starts` (per axis), z-row by z-row; each
         window's finest-stage probabilities are weighted by `window_weight` and summed into a
         band of the window's depth, whose slices before the next row's start are final once
@@ -371,6 +398,7 @@ class Segmenter:
             )
             band = torch.cat([band[:, final:], torch.zeros_like(band[:, :final])], dim=1)
             band_weight = torch.cat([band_weight[final:], torch.zeros_like(band_weight[:final])])
+            progress((row + 1) / len(rows))
         return labels, confidence
 
     def _window(self, inputs: ScaledInputs, start: tuple[int, ...]) -> Tensor:
@@ -413,11 +441,13 @@ class Segmenter:
         return total / total_weight
 
     # -- fast -------------------------------------------------------------------------------
-    def _fast(self, hu: np.ndarray) -> tuple[Tensor, Tensor, Stats]:
+    def _fast(
+        self, hu: np.ndarray, progress: Callable[[float], None]
+    ) -> tuple[Tensor, Tensor, Stats]:
         block = self.config.factors[0] * 8  # the first stage's grid a multiple of 8
         inputs = ScaledInputs(hu, self.config, tuple(ceil_to(n, block) for n in hu.shape))
         n = len(self.config.factors)
-        probs = self._dense(inputs)
+        probs = self._dense(inputs, lambda done: progress(done / n))
         stats: Stats = {"refined_fraction": {}, "computed_fraction": {}}
         for i in range(1, n):
             ratio = self.config.factors[i - 1] // self.config.factors[i]
@@ -432,7 +462,8 @@ class Segmenter:
                 confidence = upsample_nearest(coarse_confidence, ratio)
             else:
                 result = upsample_probs(probs, ratio)
-            for core, region in self._boxes(refine, ratio, fine_shape):
+            boxes = list(self._boxes(refine, ratio, fine_shape))
+            for done, (core, region) in enumerate(boxes, start=1):
                 x = torch.cat(
                     [
                         inputs.region(i, region)[None],
@@ -446,20 +477,23 @@ class Segmenter:
                     result[core], confidence[core] = most_probable(p[kept])
                 else:
                     result[(slice(None), *core)] = p[kept].to(result.dtype)
+                progress((i + done / len(boxes)) / n)
             stats["computed_fraction"][f"stage{i + 1}"] = round(computed / np.prod(fine_shape), 4)
             if last:
                 return result, confidence, stats
             probs = result
         return *most_probable(probs), stats
 
-    def _dense(self, inputs: ScaledInputs) -> Tensor:
+    def _dense(self, inputs: ScaledInputs, progress: Callable[[float], None]) -> Tensor:
         """The first stage over its whole grid, box by box with a halo (bounded memory)."""
         shape = inputs.shape(0)
         out = torch.empty((N_CLASSES, *shape), dtype=torch.float16)
         whole = as_box(slice(0, n) for n in shape)
-        for core, region in self._with_halo(split_box(whole, self.settings.max_box_voxels), shape):
+        boxes = list(self._with_halo(split_box(whole, self.settings.max_box_voxels), shape))
+        for done, (core, region) in enumerate(boxes, start=1):
             p = self._run(0, inputs.region(0, region)[None, None])[0]
             out[(slice(None), *core)] = p[(slice(None), *inner(core, region))].to(out.dtype)
+            progress(done / len(boxes))
         return out
 
     def _with_halo(self, cores: list[Box], shape: tuple[int, ...]) -> Iterator[tuple[Box, Box]]:
@@ -486,7 +520,5 @@ class Segmenter:
             yield from self._with_halo(split_box(core, self.settings.max_box_voxels), fine_shape)
 
 
-def on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(array)
-    image.CopyInformation(grid)
-    return image
+def no_progress(stage: str, done: float) -> None:
+    """Progress nobody is shown."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.engine.inference import Segmentation, Segmenter
+from model.engine.inference import Progress, Segmentation, Segmenter, no_progress
 from model.labels import BONE_NAMES, sided_label_names
-from model.volume_io import VOLUME_SUFFIXES, read_volume, write_volume
+from model.volume_io import VOLUME_SUFFIXES, Volume, read_volume, write_volume
 
 
 def output_paths(output: Path) -> dict[str, Path]:
@@ -27,12 +27,24 @@ def output_paths(output: Path) -> dict[str, Path]:
 
 
 def save_segmentation(
-    segmentation: Segmentation, output: Path, source: Path | None = None
+    segmentation: Segmentation,
+    output: Path,
+    source: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Path]:
+    """The three label maps (`output_paths`) and the sidecar; `progress` hears of the "write"
+    stage."""
+    report = progress or no_progress
     paths = output_paths(output)
-    write_volume(segmentation.labels, paths["labels"])
-    write_volume(segmentation.sided, paths["sided"])
-    write_volume(segmentation.confidence, paths["confidence"])
+    maps = {
+        "labels": segmentation.labels,
+        "sided": segmentation.sided,
+        "confidence": segmentation.confidence,
+    }
+    report("write", 0.0)
+    for written, (name, volume) in enumerate(maps.items(), start=1):
+        write_volume(volume, paths[name])
+        report("write", written / (len(maps) + 1))
     sidecar = {
         "source": str(source) if source else None,
         "labels": {str(k): v for k, v in BONE_NAMES.items()},
@@ -49,12 +61,23 @@ def save_segmentation(
         "timings_s": segmentation.timings,
     }
     paths["sidecar"].write_text(json.dumps(sidecar, indent=2) + "\n")
+    report("write", 1.0)
     return paths
 
 
 def segment_file(
-    input_path: Path, output: Path, segmenter: Segmenter
+    input_path: Path, output: Path, segmenter: Segmenter, progress: Progress | None = None
 ) -> tuple[Segmentation, dict[str, Path]]:
-    """Segment one NIfTI/NRRD/MHA volume of HU values; write labels, sided labels, sidecar."""
-    segmentation = segmenter.segment(read_volume(input_path))
-    return segmentation, save_segmentation(segmentation, output, source=input_path)
+    """Segment one NIfTI/NRRD/MHA volume of HU values; write labels, sided labels, confidence
+    and sidecar. `progress` hears of each stage: "read", then `Segmenter.segment`'s, "write".
+    """
+    # The scan is read in the call: nothing here holds it once segment is done with it.
+    segmentation = segmenter.segment(_read(input_path, progress or no_progress), progress)
+    return segmentation, save_segmentation(segmentation, output, input_path, progress)
+
+
+def _read(input_path: Path, report: Progress) -> Volume:
+    report("read", 0.0)
+    volume = read_volume(input_path)
+    report("read", 1.0)
+    return volume
