@@ -74,3 +74,15 @@ def test_demo_gets_the_seg_back_from_the_pacs_and_reports(
     assert log.count("pynetdicom._handlers: Sending Store Request") == report["phantom"]["slices"]
     assert f"dicom_node.app.daemon: {NODE_AE} listening on" in log  # the node's lines
     assert "receiving -> complete" in log and "segmenting -> sending" in log
+
+
+def test_demo_size_full_is_the_whole_leg_phantom() -> None:
+    """Wired, not run: the full demo segments a 1 GB scan, minutes on two cores."""
+    from dicom_node.app.cli import build_parser
+    from dicom_node.testbed.demo import phantom_region
+
+    args = build_parser().parse_args(["demo", "--size", "full"])
+    assert phantom_region(args.size, args.region) == "whole_legs"
+    args = build_parser().parse_args(["demo", "--size", "full", "--region", "torso"])
+    assert phantom_region(args.size, args.region) == "torso"
+    assert phantom_region("small", None) is None  # a joint drawn from the seed

@@ -28,6 +28,7 @@ from model.cli import (
     add_evaluate,
     add_inference_options,
     add_phantom,
+    add_quiet_option,
     add_segment_phantom,
     add_train,
     run_command,
@@ -109,6 +110,7 @@ def _add_segment(sub: SubParsers) -> None:
     parser.add_argument("input", type=Path, metavar="INPUT")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT")
     parser.add_argument("--series", metavar="UID", help="DICOM input: segment this series")
+    add_quiet_option(parser)
     _add_inference_options(parser)
     parser.set_defaults(handler=_segment)
 
@@ -311,8 +313,15 @@ def _add_demo(sub: SubParsers) -> None:
     )
     parser.add_argument("--workdir", type=Path, help="default: a new folder under /tmp")
     parser.add_argument("--seed", type=int, default=1003, help="phantom seed (1003: a hip)")
-    parser.add_argument("--size", choices=["small", "full"], default="small")
-    parser.add_argument("--region", choices=["whole_legs", "lower_legs", "torso"])
+    parser.add_argument(
+        "--size",
+        choices=["small", "full"],
+        default="small",
+        help="small: one joint (default); full: the whole-leg phantom, hips to feet",
+    )
+    parser.add_argument(
+        "--region", choices=["whole_legs", "lower_legs", "torso"], help="full: default whole_legs"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument(
         "--pacs",

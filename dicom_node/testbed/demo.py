@@ -248,6 +248,13 @@ def _stage_timings(job: dict[str, Any], sent_s: float, arrived_at: float, sent_a
     }
 
 
+def phantom_region(size: str, region: str | None) -> str | None:
+    """The region of the demo's phantom: `size` "full" is the whole-leg phantom (hips to
+    feet, 512x512 pixels a slice) unless another region is asked for; a small one's joint is
+    drawn from the seed unless asked for."""
+    return region or ("whole_legs" if size == "full" else None)
+
+
 def run_demo(
     workdir: Path,
     seed: int = 1003,
@@ -266,6 +273,7 @@ def run_demo(
     """
     if pacs_kind not in ("auto", "orthanc", "scp"):
         raise ValueError(f"pacs_kind: expected auto, orthanc or scp, got {pacs_kind!r}")
+    region = phantom_region(size, region)
     if pacs_kind == "auto":
         pacs_kind = "orthanc" if shutil.which("Orthanc") else "scp"
     if pacs_kind == "orthanc" and not shutil.which("Orthanc"):
