@@ -15,11 +15,12 @@ STAMP := $(VENV)/.installed
 # Node.js and npm (for dcmjs, the OHIF viewer's SEG reader, tests/viewer) come with the
 # machine (NodeSource's build, which bundles npm: Debian's npm package would conflict with it).
 # chromium and chromium-driver: the browser the dashboard is tested in (selenium drives it
-# through chromedriver, nothing downloaded); systemd: systemd-analyze verifies the unit.
+# through chromedriver, nothing downloaded); systemd: systemd-analyze verifies the unit;
+# util-linux: setpriv runs the node on port 104 as a user with only CAP_NET_BIND_SERVICE.
 APT_PACKAGES := dicom3tools dcmtk orthanc postgresql rabbitmq-server chromium chromium-driver \
-	systemd
+	systemd util-linux
 APT_BINARIES := dciodvfy storescu Orthanc pg_ctlcluster rabbitmq-server chromium chromedriver \
-	systemd-analyze
+	systemd-analyze setpriv
 APT_STAMP := $(VENV)/.apt-installed
 # dcmjs at the version tests/viewer/package-lock.json pins.
 VIEWER := tests/viewer

@@ -270,14 +270,20 @@ def start_server(
 ) -> NodeServer:
     """What `ae.start_server(block=False)` does, with `NodeServer`, the access handlers and
     TLS when `ssl_context` is given (pynetdicom's start_server takes no server class)."""
-    server = ae.make_server(
-        (node.bind, node.port),
-        ssl_context=ssl_context,
-        evt_handlers=[*evt_handlers, *access_handlers(node)],
-        server_class=NodeServer,
-        max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
-        max_pdu_bytes=(node.max_instance_mb << 20) + PDU_OVERHEAD_BYTES,
-    )
+    try:
+        server = ae.make_server(
+            (node.bind, node.port),
+            ssl_context=ssl_context,
+            evt_handlers=[*evt_handlers, *access_handlers(node)],
+            server_class=NodeServer,
+            max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
+            max_pdu_bytes=(node.max_instance_mb << 20) + PDU_OVERHEAD_BYTES,
+        )
+    except PermissionError as refused:  # the CLI prints it as one line
+        raise PermissionError(
+            f"{node.bind}:{node.port}: {refused.strerror}; a port under 1024 needs root or "
+            "the capability CAP_NET_BIND_SERVICE (deploy/dicom-node.service grants it)"
+        ) from refused
     # make_server returns an instance of server_class; its annotation adds the default class.
     server = cast(NodeServer, server)
     ae._servers.append(server)  # as start_server does: server.shutdown() removes it again
