@@ -187,6 +187,8 @@ class _View:
             end = np.asarray(head) + NECK_DRAWN_RADII * radius * np.asarray(angles.neck_axis)
             self._line(axes, head, end, COLOURS["neck"])
         self._points(axes, [lm.position_mm for lm in leg.landmarks], COLOURS["landmark"])
+        if not leg.landmarks:  # nothing of this leg found (a piece of the other side's bone)
+            return
         lines = [
             f"{leg.side.name.lower()} leg",
             f"HKA coronal {shown(leg.hka_coronal)}",
