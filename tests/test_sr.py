@@ -49,7 +49,7 @@ from model.measure import (
     measure_leg_alignment,
 )
 from model.volume_io import Volume
-from tests.support import PhantomSeries, require
+from tests.support import VIEWER, PhantomSeries, require, require_dcmjs
 from tests.test_hip_measure import synthetic_pelvis
 from tests.test_measure import synthetic_leg
 
@@ -289,6 +289,79 @@ def test_the_hip_parameters_read_back_as_measured(hips: dict) -> None:
 def test_dciodvfy_finds_no_error(measured: dict, cut: dict, hips: dict) -> None:
     for case in (measured, cut, hips):
         assert _dciodvfy_errors(case["path"]) == []
+
+
+def _code(code: hd.sr.CodedConcept | None) -> tuple[str, str] | None:
+    return None if code is None else (str(code.value), str(code.scheme_designator))
+
+
+def _dcmjs_code(code: dict | None) -> tuple[str, str] | None:
+    return None if code is None else (code["value"], code["scheme"])
+
+
+def test_dcmjs_reads_the_measurements_back_as_highdicom_does(
+    measured: dict, cut: dict, hips: dict
+) -> None:
+    """dcmjs (the OHIF viewer's DICOM library) reads every measurement group's values, units,
+    finding sites with laterality, failures and landmarks as highdicom reads them; OHIF's own
+    TID 1500 reader takes the document (it maps Cornerstone tools only, none of ours)."""
+    node = require_dcmjs()
+    read_back: dict[Path, list[dict]] = {}
+    for case in (measured, cut, hips):
+        result = subprocess.run(
+            [node, str(VIEWER / "read_sr.js"), str(case["path"])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        read = json.loads(result.stdout)
+        assert read["template"] == "1500"
+        assert read["cornerstone"] == {"accepted": True, "error": None, "tool_measurements": 0}
+        report = hd.sr.srread(case["path"]).content
+        expected = [
+            *report.get_image_measurement_groups(),
+            *report.get_planar_roi_measurement_groups(),
+            *report.get_volumetric_roi_measurement_groups(),
+        ]
+        assert len(read["groups"]) == len(expected) > 0
+        by_tracking = {g["tracking_identifier"]: g for g in read["groups"]}
+        for group in expected:
+            got = by_tracking.pop(group.tracking_identifier)
+            measurements = {
+                _dcmjs_code(m["concept"]): (
+                    m["value"],
+                    _dcmjs_code(m["unit"]),
+                    [
+                        (_dcmjs_code(s["code"]), _dcmjs_code(s["laterality"]))
+                        for s in m["finding_sites"]
+                    ],
+                )
+                for m in got["measurements"]
+            }
+            assert measurements == {
+                _code(m.name): (
+                    pytest.approx(m.value, abs=1e-9),
+                    _code(m.unit),
+                    [(_code(s.value), _code(s.laterality)) for s in m.finding_sites],
+                )
+                for m in group.get_measurements()
+            }
+            evaluations = {
+                _dcmjs_code(e["concept"]): _dcmjs_code(e["value"]) for e in got["evaluations"]
+            }
+            qualitative = group.get_qualitative_evaluations()
+            assert evaluations.items() >= {(_code(q.name), _code(q.value)) for q in qualitative}
+            roi = getattr(group, "roi", None)
+            if roi is not None and roi.graphic_type == hd.sr.GraphicTypeValues3D.POINT:
+                (point,) = got["points"]
+                np.testing.assert_allclose(point["data"], np.ravel(roi.value), atol=1e-6)
+                assert point["frame_of_reference"] == roi.frame_of_reference_uid
+        assert by_tracking == {}
+        read_back[case["path"]] = read["groups"]
+    # What was compared held something: values on the measured legs, reasons on the cut one.
+    assert sum(len(g["measurements"]) for g in read_back[measured["path"]]) >= len(LEG_MEASUREMENTS)
+    assert any(g["evaluations"] for g in read_back[cut["path"]])
 
 
 def test_uids_are_derived_and_the_sr_joins_the_seg(measured: dict) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,8 @@ from dicom_node.imaging.volume.headers import read_headers
 from dicom_node.imaging.volume.policy import AssemblyPolicy
 from dicom_node.pipeline.inference import build_segmenter, build_writer, save_seg, segment_series
 from model.labels import Bone, Side, sided_label
-from tests.support import ROOT, PhantomSeries, require_data
+from tests.support import VIEWER, PhantomSeries, require_data, require_dcmjs
 
-VIEWER = ROOT / "tests" / "viewer"
 READ_SEG = VIEWER / "read_seg.js"
 # A hip: femur and hip bone of one side, what tests/test_pipeline.py sends through the node.
 PHANTOM_SEED = 1003
@@ -52,16 +50,6 @@ class NodeSeg:
     dataset: Dataset
     uids: list[str]  # SOP Instance UID of every source frame, in the mask's frame order
     mask: np.ndarray  # sided labels on the source frames: what the SEG encodes
-
-
-def require_dcmjs() -> str:
-    """The node binary; skips when node or tests/viewer's dcmjs is not installed."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("Node.js not installed (it comes with the machine; see the Makefile)")
-    if not (VIEWER / "node_modules" / "dcmjs").is_dir():
-        pytest.skip("dcmjs not installed (make install runs npm ci --prefix tests/viewer)")
-    return node
 
 
 def read_with_dcmjs(node: str, seg: Path, ct_dir: Path) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """What the tests share beyond `conftest.py`'s fixtures: skipping a test whose tool or data is
-not on this machine (`require`, `require_data`), and the hostile-input machinery (`hostile`).
-The peers themselves (Orthanc, storage SCPs, the node as a process, PostgreSQL) are in
-`dicom_node.testbed`, which the demo and the benchmarks use too."""
+not on this machine (`require`, `require_data`, `require_dcmjs`), and the hostile-input
+machinery (`hostile`). The peers themselves (Orthanc, storage SCPs, the node as a process,
+PostgreSQL) are in `dicom_node.testbed`, which the demo and the benchmarks use too."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from dicom_node.testbed.peers import PeerNotInstalledError, find_binary
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 DATA = ROOT.parent / "shared" / "data" / "dicom"
+VIEWER = ROOT / "tests" / "viewer"  # dcmjs, the OHIF viewer's DICOM reader, and scripts on it
 # conftest's `phantom_series` fixture: seed -> write_phantom's paths ("ct", "labels", ...).
 PhantomSeries = Callable[[int], dict[str, Path]]
 
@@ -30,3 +32,13 @@ def require_data() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"real DICOM test data not found at {DATA} (shared/ beside the checkout)")
     return DATA
+
+
+def require_dcmjs() -> str:
+    """The node binary; skips when node or tests/viewer's dcmjs is not installed."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js not installed (it comes with the machine; see the Makefile)")
+    if not (VIEWER / "node_modules" / "dcmjs").is_dir():
+        pytest.skip("dcmjs not installed (make install runs npm ci --prefix tests/viewer)")
+    return node
