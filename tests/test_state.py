@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dicom_node.app.config import ConfigError, RetentionConfig
 from dicom_node.net.receive import Reception
@@ -30,7 +30,13 @@ from dicom_node.pipeline.state import (
     utcnow,
 )
 from dicom_node.pipeline.state.rows import transition
-from dicom_node.pipeline.state.schema import Claim, Delivery, DeliveryClaim, Series
+from dicom_node.pipeline.state.schema import (
+    Claim,
+    Delivery,
+    DeliveryClaim,
+    SchemaMismatchError,
+    Series,
+)
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.postgres import PostgresServer
 from model.volume_io import Volume
@@ -47,6 +53,17 @@ def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeState]
     state = NodeState(url)
     yield state
     state.close()
+
+
+def test_a_database_an_older_build_made_is_refused_by_name(state: NodeState) -> None:
+    """A table without a column this build uses (delivery_claims as an earlier build made it)
+    stops the node when it opens the database, naming table and column, instead of failing at
+    its first delivery."""
+    url = state.engine.url.render_as_string(hide_password=False)
+    with state.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE delivery_claims DROP COLUMN attempt"))
+    with pytest.raises(SchemaMismatchError, match=r"\(table delivery_claims lacks attempt\)"):
+        NodeState(url)
 
 
 def _instance(sop: str, series: str = "1.2.3") -> ReceivedInstance:

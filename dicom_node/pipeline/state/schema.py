@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     event,
+    inspect,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -154,6 +155,29 @@ class Transition(Base):
     to_state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SchemaMismatchError(RuntimeError):
+    """The database holds this node's tables as an older build made them."""
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse a database whose tables lack columns this build uses, naming them. `create_all`
+    adds missing tables, never missing columns: without this check the node would start and
+    fail at the first statement that needs one (a delivery, hours later)."""
+    database = inspect(engine)
+    lacking = []
+    for table in Base.metadata.sorted_tables:
+        if database.has_table(table.name):
+            present = {column["name"] for column in database.get_columns(table.name)}
+            missing = [column.name for column in table.columns if column.name not in present]
+            if missing:
+                lacking.append(f"table {table.name} lacks {', '.join(missing)}")
+    if lacking:
+        raise SchemaMismatchError(
+            f"{engine.url.render_as_string(hide_password=True)} was made by an older build "
+            f"({'; '.join(lacking)}); CHANGELOG.md says how to upgrade it"
+        )
 
 
 def configure_sqlite(engine: Engine) -> None:

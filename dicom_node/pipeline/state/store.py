@@ -42,6 +42,7 @@ from dicom_node.pipeline.state.schema import (
     DeliveryClaim,
     Instance,
     Series,
+    check_schema,
     configure_sqlite,
     utcnow,
 )
@@ -64,6 +65,7 @@ class NodeState(Queries):
             configure_sqlite(self.engine)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
+        check_schema(self.engine)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
