@@ -1,14 +1,17 @@
 """Inference benchmark: a full-size phantom with `fast`, and `fast` against `paper` on a slab
-(and `paper` with its windows and patches tiled without overlap, to show what their edges cost).
+(and `paper` with its windows and patches tiled without overlap, to show what their edges cost),
+and `dicom-node segment` on the whole-leg phantom at its native slices as a user runs it.
 
     python -m bench.inference [--device cpu|cuda] [--out bench/results/inference.json]
                               [--halo N] [--weights W] [--precision float32|mixed]
                               (the full scan again, with another halo, other weights or
                                another precision, in the same run)
+                              [--cli-only] (only the `dicom-node segment` entry, written into
+                               the results already in --out)
 
-Each segmentation runs in its own process (bench/segment_worker.py) so that peak RSS is that of
-one segmentation, not of the phantom generator. Timings are wall-clock on this machine; the
-machine is recorded with them.
+Each segmentation runs in its own process (bench/segment_worker.py, or the command itself) so
+that peak RSS is that of one segmentation, not of the phantom generator. Timings are wall-clock
+on this machine; the machine is recorded with them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.engine.segment_files import output_paths
 from model.labels import BONE_NAMES
 from model.metrics import dice, evaluate_labels
 from model.phantom import generate_phantom
@@ -104,6 +108,48 @@ def slab_of(phantom_image: Volume, lo: int) -> Volume:
     )
 
 
+def cli_whole_leg(workdir: Path, device: str) -> dict:
+    """`dicom-node segment` of the whole-leg phantom at the spacing its seed draws (0.9 mm
+    pixels, 0.57 mm slices), a compressed NIfTI as `dicom-node phantom --format nifti` writes
+    it, in a subprocess: its wall time and peak RSS, reading and writing the files, loading
+    torch and the model included. The command starts no processes of its own, so the peak RSS
+    `wait4` reports for it is the process tree's."""
+    t = time.perf_counter()
+    phantom = generate_phantom(FULL_SEED, "full", region="whole_legs")
+    generate_s = time.perf_counter() - t
+    image = workdir / "whole-leg.nii.gz"
+    write_volume(phantom.image, image)
+    shape, spacing = list(phantom.image.array.shape), list(phantom.image.spacing)
+    del phantom
+    output = workdir / "cli" / "seg.nii.gz"
+    command = ["-m", "dicom_node", "segment", str(image), "-o", str(output), "--quiet"]
+    t = time.perf_counter()
+    process = subprocess.Popen([sys.executable, *command, "--device", device])
+    _, status, usage = os.wait4(process.pid, 0)
+    wall_s = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"dicom-node segment failed: exit {os.waitstatus_to_exitcode(status)}")
+    sidecar = json.loads(output_paths(output)["sidecar"].read_text())
+    return {
+        "command": f"dicom-node segment IN.nii.gz -o OUT.nii.gz --quiet --device {device}",
+        "shape_zyx": shape,
+        "spacing_xyz": [round(s, 3) for s in spacing],
+        "input_mb": round(image.stat().st_size / 1e6, 1),
+        "generate_s": round(generate_s, 1),
+        "wall_s": round(wall_s, 2),
+        "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        # The segmentation's own stages (the sidecar's); the rest of wall_s is starting
+        # Python and torch, loading the model, reading the input and writing the outputs.
+        "timings_s": sidecar["timings_s"],
+        "written_mb": {
+            path.name: round(path.stat().st_size / 1e6, 1)
+            for path in output.parent.iterdir()
+            if path.name.endswith(".nii.gz")
+        },
+    }
+
+
 def machine() -> dict:
     info = {
         "platform": platform.platform(),
@@ -145,7 +191,22 @@ def main() -> None:
         choices=["float32", "mixed"],
         help="also segment the full scan in this precision (fast), against the default's",
     )
+    parser.add_argument(
+        "--cli-only",
+        action="store_true",
+        help="run only `dicom-node segment` on the whole-leg phantom at its native slices, "
+        "and write it into the results already in --out",
+    )
     args = parser.parse_args()
+    if args.cli_only:
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+            result["cli_whole_leg"] = cli_whole_leg(Path(tmp), args.device)
+        result["cli_whole_leg"]["machine"] = machine()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["cli_whole_leg"], indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         workdir = Path(tmp)
         t = time.perf_counter()
@@ -178,6 +239,7 @@ def main() -> None:
         tiled_report, tiled_labels = run_worker(
             slab, workdir, "paper", args.device, paper_overlap=0.0
         )
+        cli = cli_whole_leg(workdir, args.device)
     fast_report["dice_vs_truth"] = per_bone_dice(fast_labels, slab_truth)
     paper_report["dice_vs_truth"] = per_bone_dice(paper_labels, slab_truth)
     tiled_report["dice_vs_truth"] = per_bone_dice(tiled_labels, slab_truth)
@@ -195,6 +257,7 @@ def main() -> None:
             "generate_s": round(generate_s, 1),
         },
         "full_fast": full_report,
+        "cli_whole_leg": cli,
         **({"full_fast_other": other} if other else {}),
         "slab": {
             "slices": SLAB_SLICES,
