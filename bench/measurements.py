@@ -219,8 +219,8 @@ def bland_altman(
     differences_by_name: dict[str, list[tuple[float, float]]],
     folder: Path = FIGURES,
     prefix: str = "",
-    measured: str = "label map",
-    reference: str = "phantom",
+    measured_name: str = "label map",
+    reference_name: str = "phantom",
 ) -> list[Path]:
     """A Bland-Altman plot per measurement of (reference, measured) pairs (measured minus
     reference, against their mean; the mean difference and its 95 % limits of agreement) in
@@ -243,10 +243,11 @@ def bland_altman(
         axes.scatter(mean, difference, s=12, alpha=0.7)
         for level, style in ((bias, "-"), (bias - spread, "--"), (bias + spread, "--")):
             axes.axhline(level, color="grey", linestyle=style, linewidth=1)
-        axes.set_xlabel(f"mean of {measured} and {reference} ({unit})")
-        axes.set_ylabel(f"{measured} - {reference} ({unit})")
+        axes.set_xlabel(f"mean of {measured_name} and {reference_name} ({unit})")
+        axes.set_ylabel(f"{measured_name} - {reference_name} ({unit})")
+        cases = "legs" if name in LEG_NAMES else "hips"
         axes.set_title(
-            f"{title}: {len(pairs)} legs, bias {bias:+.2f}, 95 % limits +-{spread:.2f} {unit}",
+            f"{title}: {len(pairs)} {cases}, bias {bias:+.2f}, 95 % limits +-{spread:.2f} {unit}",
             fontsize=9,
         )
         figure.tight_layout()
