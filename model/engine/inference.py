@@ -248,8 +248,9 @@ class Segmenter:
     # -- the one public call -------------------------------------------------------------
     def segment(self, volume: Volume, progress: Progress | None = None) -> Segmentation:
         """Bone labels for a HU volume, on the volume's own grid. `progress` hears of each
-        stage ("resample", "inference", "post-processing") as it starts (0.0), as inference
-        goes, and as it ends (1.0)."""
+        stage as it starts (0.0), goes and ends (1.0): "resample" (onto the model's grid),
+        "inference", "post-processing" (islands, sides, back onto the volume's grid, the
+        anatomy check, the verdict)."""
         report = progress or no_progress
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -260,7 +261,7 @@ class Segmenter:
         # over the volume it read (`segment_file`) lets them go, 1 GB of a whole-leg scan.
         volume = volume.with_array(np.broadcast_to(volume.array.dtype.type(0), volume.array.shape))
         timings["resample_in_s"] = time.perf_counter() - t0
-        report("resample", 0.5)
+        report("resample", 1.0)
 
         t = time.perf_counter()
         report("inference", 0.0)
@@ -280,14 +281,14 @@ class Segmenter:
             remove_detached(sided, self.config.spacing_mm), (self.config.spacing_mm,) * 3
         )
         timings["postprocess_s"] = time.perf_counter() - t
-        report("post-processing", 0.3)
+        report("post-processing", 0.4)
 
         t = time.perf_counter()
         sided_array = labels_to_grid(Volume(sided, *model_grid), volume)
         del sided
         confidence = labels_to_grid(Volume(confidence, *model_grid), volume)
         timings["resample_out_s"] = time.perf_counter() - t
-        report("resample", 1.0)
+        report("post-processing", 0.5)
 
         # On the input grid, so that what is dropped is counted in the voxels reported.
         t = time.perf_counter()
