@@ -205,6 +205,11 @@ def test_the_jobs_page_and_a_job_page_show_the_jobs_states_and_results(
     script += "return preview.complete && preview.naturalWidth"
     WebDriverWait(driver, 10).until(lambda _: driver.execute_script(script))
     assert driver.execute_script(script) > 100  # pixels: the PNG was drawn and loaded
+    # The measurements' key image, as the worker drew it beside the SEG.
+    key = "const key = document.getElementById('key-image');"
+    key += "return key.complete && key.naturalWidth"
+    WebDriverWait(driver, 10).until(lambda _: driver.execute_script(key))
+    assert driver.execute_script(key) > 100
     assert not driver.find_elements(By.ID, "retry")  # done: no action
     assert not any(identifier in driver.page_source for identifier in PHANTOM_PATIENT)
     _screenshot(driver, tmp_path, "dashboard_job.png")
@@ -258,6 +263,9 @@ def test_the_dashboard_asks_for_its_credentials_and_metrics_do_not(site: Site) -
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
     assert _request(site.port, "GET", "/metrics")[0] == 200
     assert _request(site.port, "GET", "/readyz")[0] == 200
+    # No bone, no measurements: no key image, and none served.
+    assert 'id="key-image"' not in page
+    assert _request(site.port, "GET", f"{job}/key.png", {"Authorization": BASIC})[0] == 404
 
 
 def test_a_retry_without_the_form_or_from_another_site_is_refused(site: Site) -> None:

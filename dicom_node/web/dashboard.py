@@ -4,7 +4,8 @@ same functions `dicom-node status`, `jobs` and `job` print (`dicom_node.app.stat
 - `GET /`: the recent jobs (series) with state, reason, calling AE, instances and timings,
   and the count per state (`?state=failed`: those only);
 - `GET /jobs/ID`: one job: timeline, segments and volumes, measurements, timings,
-  deliveries, and the SEG's preview (`GET /jobs/ID/preview.png`, drawn from the SEG file);
+  deliveries, the SEG's preview (`GET /jobs/ID/preview.png`, drawn from the SEG file) and
+  the measurements' key image (`GET /jobs/ID/key.png`, the PNG the worker drew beside it);
 - `POST /jobs/ID/retry`: the one action, `dicom-node retry ID` for a failed job.
 
 Pages refresh their live part every few seconds (`static/refresh.js`, plain fetch).
@@ -46,6 +47,7 @@ from dicom_node.app.config import HttpConfig
 from dicom_node.app.config.network import is_loopback
 from dicom_node.app.status import job_report, list_jobs, measurement_rows
 from dicom_node.imaging.seg_preview import coronal_preview_png
+from dicom_node.pipeline.inference import key_image_path_beside
 from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import IllegalTransitionError, NodeState, SeriesState
 
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 RECENT_JOBS = 50
 REFRESH_S = 5
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
-_JOB_PATH = re.compile(r"/jobs/(\d+)(/preview\.png|/retry)?")
+_JOB_PATH = re.compile(r"/jobs/(\d+)(/preview\.png|/key\.png|/retry)?")
 # Nothing from elsewhere: no framing, no third-party scripts or styles; no referrer elsewhere.
 _SECURITY_HEADERS = (
     ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'; form-action 'self'"),
@@ -116,6 +118,8 @@ class Dashboard:
         job_id = int(match[1])
         if match[2] == "/preview.png":
             return self._preview(job_id)
+        if match[2] == "/key.png":
+            return self._key_image(job_id)
         return self._job_page(job_id)
 
     def post(self, target: str, headers: Message, body: bytes) -> Reply:
@@ -213,6 +217,7 @@ class Dashboard:
             measurement_error=measurements.get("error"),
             measurements=[] if "error" in measurements else measurement_rows(measurements),
             has_preview=self._seg_path(job) is not None,
+            has_key_image=self._key_image_path(job) is not None,
             retryable=job["state"] == SeriesState.FAILED and job["purged_at"] is None,
             patient=self._patient(job) if self.config.show_patient_identifiers else None,
             form_token=self.form_token,
@@ -227,6 +232,23 @@ class Dashboard:
             return self._error(HTTPStatus.NOT_FOUND, f"job {job_id} has no SEG on disk")
         png = _cached_preview(seg_path, seg_path.stat().st_mtime_ns)
         return Reply(HTTPStatus.OK, png, "image/png")
+
+    def _key_image(self, job_id: int) -> Reply:
+        try:
+            path = self._key_image_path(job_report(self.state, job_id))
+        except LookupError:
+            path = None
+        if path is None:
+            return self._error(HTTPStatus.NOT_FOUND, f"job {job_id} has no key image on disk")
+        return Reply(HTTPStatus.OK, path.read_bytes(), "image/png")
+
+    def _key_image_path(self, job: dict[str, Any]) -> Path | None:
+        """The measurements' key image the worker drew beside the SEG, if there is one."""
+        seg_path = self._seg_path(job)
+        if seg_path is None:
+            return None
+        path = key_image_path_beside(seg_path)
+        return path if path.is_file() else None
 
     def _seg_path(self, job: dict[str, Any]) -> Path | None:
         if not job["seg_file"] or job["purged_at"]:
