@@ -29,7 +29,7 @@ from dicom_node.testbed.node_process import NodeProcess, destination_toml, store
 from dicom_node.testbed.peers import OrthancProcess
 from model.labels import BONE_NAMES
 from model.volume_io import Volume, read_volume
-from tests.support import ROOT, PhantomSeries, require
+from tests.support import ROOT, PhantomSeries, dciodvfy_errors
 
 # What the shipped (phantom-trained, under-trained) weights reach on any bone vs background;
 # the SEG must carry that mask onto the source frames, so the same bound applies.
@@ -55,11 +55,6 @@ def _no_bone_series(directory: Path) -> Path:
         uid_seed="no-bone-test",
     )
     return directory
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run([require("dciodvfy"), str(path)], capture_output=True, text=True)
-    return [line for line in result.stderr.splitlines() if line.startswith(("Error", "Abort"))]
 
 
 def _ct_uids_in_z_order(ct_dir: Path) -> list[str]:
@@ -112,7 +107,7 @@ def test_ct_series_comes_back_as_seg_in_the_same_study(
     (instance,) = orthanc.instances_of_series(seg_series["ID"])
     path = tmp_path / "seg.dcm"
     path.write_bytes(orthanc.download(instance["ID"]))
-    assert _dciodvfy_errors(path) == []
+    assert dciodvfy_errors(path) == []
     seg = hd.seg.segread(path)
     assert seg.SOPInstanceUID == status["seg_sop_instance_uid"]
     # A normal result: confident (model/engine/verdict.py), so sent unmarked under the default
@@ -232,7 +227,7 @@ def test_offline_segment_writes_a_valid_seg(tmp_path: Path, hip_phantom: dict[st
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert _dciodvfy_errors(out) == []
+    assert dciodvfy_errors(out) == []
     seg = hd.seg.segread(out)
     assert seg.SeriesDescription == Config().seg.series_description
     assert len(seg.segment_numbers) >= 1

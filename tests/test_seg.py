@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -39,7 +37,7 @@ from dicom_node.pipeline.inference import save_seg
 from model.engine.weights import DEFAULT_WEIGHTS
 from model.labels import Bone, Side, sided_label
 from model.volume_io import Volume, read_volume
-from tests.support import PhantomSeries, require_data
+from tests.support import PhantomSeries, dciodvfy_errors, require_data
 
 SHA = "85ab5176e0dca350f83dacf8d9769291e9dbba57c1e1e58bd21d004c0b67cce5"
 ALGORITHM = AlgorithmInfo("cascaded-vnet-lower-extremity", "1.0", SHA)
@@ -56,16 +54,6 @@ class Case:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy's errors on `path` (skip the test when dciodvfy is not installed)."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy not installed (make system-deps installs dicom3tools)")
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    errors = [line for line in result.stderr.splitlines() if line.startswith(("Error", "Abort"))]
-    assert bool(errors) == (result.returncode != 0), result.stderr
-    return errors
 
 
 def assert_valid(path: Path, source: Path | None = None) -> None:

@@ -15,8 +15,8 @@ from pydicom import config, dcmread
 from dicom_node.imaging.seg import SegWriter
 from dicom_node.imaging.volume.assemble import assemble_volume
 from dicom_node.pipeline.inference import save_seg
-from tests.support import PhantomSeries, require_data
-from tests.test_seg import ALGORITHM, dciodvfy_errors, threshold_labels
+from tests.support import PhantomSeries, dciodvfy_errors, require_data
+from tests.test_seg import ALGORITHM, threshold_labels
 
 STUDY_ID = "ABCDEFGHIJ1234567"  # 17 characters: SH allows 16
 DESCRIPTION = "Lower extremity CT angiography run-off with a description too long for LO"

@@ -10,6 +10,7 @@ measurable, with the reason, end to end.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -18,11 +19,14 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from dicom_node.app.config import ConfigError, load_config
 from dicom_node.imaging import codes
+from dicom_node.imaging.key_image import COLOURS, KEY_IMAGE_SERIES_DESCRIPTION
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
 from dicom_node.imaging.sr import (
     FEMORAL_MEASUREMENTS,
@@ -35,7 +39,7 @@ from dicom_node.imaging.sr import (
     sr_uids,
 )
 from dicom_node.imaging.volume.assemble import assemble_volume
-from dicom_node.pipeline.inference import save_dicom, sr_path_beside
+from dicom_node.pipeline.inference import key_image_path_beside, save_dicom, sr_path_beside
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.node_process import NodeProcess, destination_toml, storescu
 from dicom_node.testbed.peers import OrthancProcess
@@ -49,17 +53,13 @@ from model.measure import (
     measure_leg_alignment,
 )
 from model.volume_io import Volume
-from tests.support import VIEWER, PhantomSeries, require, require_dcmjs
+from tests.support import VIEWER, PhantomSeries, dciodvfy_errors, require_dcmjs
 from tests.test_hip_measure import synthetic_pelvis
+from tests.test_key_image import pixels_of
 from tests.test_measure import synthetic_leg
 
 ALGORITHM = AlgorithmInfo("dicom-node bone segmentation", "1.0", "ab" * 32)
 BOTH = ("hka", "femoral_angles")
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run([require("dciodvfy"), str(path)], capture_output=True, text=True)
-    return [line for line in result.stderr.splitlines() if line.startswith(("Error", "Abort"))]
 
 
 def _leg_case(directory: Path, labels: Volume, seed: str) -> tuple[Dataset, Path]:
@@ -288,7 +288,7 @@ def test_the_hip_parameters_read_back_as_measured(hips: dict) -> None:
 
 def test_dciodvfy_finds_no_error(measured: dict, cut: dict, hips: dict) -> None:
     for case in (measured, cut, hips):
-        assert _dciodvfy_errors(case["path"]) == []
+        assert dciodvfy_errors(case["path"]) == []
 
 
 def _code(code: hd.sr.CodedConcept | None) -> tuple[str, str] | None:
@@ -420,7 +420,7 @@ def test_writer_and_config_name_what_is_wrong(tmp_path: Path, measured: dict) ->
 
 def _phantom_report(path: Path, ct_study: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The phantom's SR: valid, in the CT's study, its HKA not measurable with the reason."""
-    assert _dciodvfy_errors(path) == []
+    assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)
     assert sr.StudyInstanceUID == ct_study
     groups = sr.content.get_image_measurement_groups()
@@ -439,7 +439,9 @@ def test_the_node_sends_the_sr_with_the_seg_into_the_study(
 ) -> None:
     ct_dir = phantom_series(1003)["ct"]
     ct = dcmread(next(ct_dir.iterdir()), stop_before_pixels=True)
-    node = NodeProcess(tmp_path, extra_config=destination_toml(orthanc.destination())).start()
+    # The key image as a Secondary Capture too ([measurements] key_image, off by default).
+    extra = destination_toml(orthanc.destination()) + "[measurements]\nkey_image = true\n"
+    node = NodeProcess(tmp_path, extra_config=extra).start()
     try:
         assert storescu(node.port, ct_dir, extra=("+sd", "+r")).returncode == 0
         node.wait_for_states({str(ct.SeriesInstanceUID)}, {"done", "failed"}, timeout=240)
@@ -466,6 +468,28 @@ def test_the_node_sends_the_sr_with_the_seg_into_the_study(
         assert {"femoral_inclination", "femoral_version"} | hip <= set(leg)
         assert all(leg[name]["value"] is not None or leg[name]["reason"] for name in hip)
     assert "not measurable" in shown
+
+    # The key image: a PNG beside the SEG and SR (only under data_dir), named by `job ID`,
+    # and the same pixels as a Secondary Capture in the CT's study that dciodvfy passes.
+    key_image = Path(job["result"]["key_image"])
+    seg = node.data_dir / "results" / job["seg_file"]
+    assert key_image == key_image_path_beside(seg) and sr_path_beside(seg).is_file()
+    assert key_image.resolve().is_relative_to(node.data_dir.resolve())
+    png = key_image.read_bytes()
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    assert pixels_of(png, COLOURS["landmark"]) > 0  # the femoral head the hip phantom holds
+    assert f"keyimage:{key_image}" in "".join(shown.split())  # however rich wraps it
+    (sc_series,) = orthanc.find_series("OT", StudyInstanceUID=study)
+    assert sc_series["ParentStudy"] == seg_series["ParentStudy"]
+    (sc_instance,) = orthanc.instances_of_series(sc_series["ID"])
+    sc_path = tmp_path / "sc.dcm"
+    sc_path.write_bytes(orthanc.download(sc_instance["ID"]))
+    sc = dcmread(sc_path)
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage and sc.PatientID == ct.PatientID
+    assert sc.SeriesDescription == KEY_IMAGE_SERIES_DESCRIPTION
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    np.testing.assert_array_equal(sc.pixel_array, pixels)
+    assert dciodvfy_errors(sc_path) == []
 
 
 def test_segment_command_writes_the_sr_beside_the_seg(

@@ -6,6 +6,7 @@ PostgreSQL) are in `dicom_node.testbed`, which the demo and the benchmarks use t
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,3 +43,13 @@ def require_dcmjs() -> str:
     if not (VIEWER / "node_modules" / "dcmjs").is_dir():
         pytest.skip("dcmjs not installed (make install runs npm ci --prefix tests/viewer)")
     return node
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's errors on `path` (skip the test when dciodvfy is not installed)."""
+    result = subprocess.run(
+        [require("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("Error", "Abort"))]
+    assert bool(errors) == (result.returncode != 0), result.stderr
+    return errors
