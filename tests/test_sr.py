@@ -571,4 +571,4 @@ def test_a_pacs_that_refuses_srs_still_gets_the_seg(
     state.close()
     assert received_uids == [dcmread(ct, stop_before_pixels=True).SOPInstanceUID]
     assert record is not None and record.series.state == "done", record
-    assert "stored the SEG but not its SR" in caplog.text
+    assert "stored the SEG but not all that goes with it (seg_sr.dcm)" in caplog.text

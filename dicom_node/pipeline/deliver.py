@@ -149,9 +149,10 @@ class DeliveryStage:
             error = None if seg_stored else (result.reason or "the SEG was not stored")
             if seg_stored and not result.delivered:
                 log.warning(
-                    "series %d: %s stored the SEG but not its SR: %s",
+                    "series %d: %s stored the SEG but not all that goes with it (%s): %s",
                     due.series_id,
                     due.target.name,
+                    ", ".join(f.path.name for f in result.files if not f.stored),
                     result.reason,
                 )
         except Exception as error_:  # e.g. the SEG file is gone: a reason, not a dead thread
