@@ -25,6 +25,7 @@ as a difference of 0.
 
     nice -n 10 .venv/bin/python -m bench.measurements --phantoms 40
     nice -n 10 .venv/bin/python -m bench.measurements --invariance 12
+    nice -n 10 .venv/bin/python -m bench.measurements --invariance 20 --indices 7,11
     nice -n 10 .venv/bin/python -m bench.measurements --predicted 10
 """
 
@@ -642,13 +643,14 @@ def read_cases(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_invariance(count: int, out: Path) -> None:
-    """Check 3 on the phantoms of indices below ``count`` not yet in its cases."""
+def run_invariance(count: int, out: Path, indices: list[int] | None = None) -> None:
+    """Check 3 on the phantoms of indices below ``count`` (or of ``indices`` alone) not yet in
+    its cases."""
     cases = out.with_name("measurements_invariance.jsonl")
     records = read_cases(cases)
     done = {r["index"] for r in records}
     for index in range(count):
-        if index in done:
+        if index in done or (indices is not None and index not in indices):
             continue
         record = invariance_phantom(index)
         with cases.open("a") as f:
@@ -662,9 +664,24 @@ def run_invariance(count: int, out: Path) -> None:
             )
             for variant, values in summary["variants"].items()
         }
+        hip_pose = {
+            side: {
+                name: None
+                if record["reference"].get(side, {}).get(name, [None])[0] is None
+                or record["variants"]["hip_pose"].get(side, {}).get(name, [None])[0] is None
+                else round(
+                    record["variants"]["hip_pose"][side][name][0]
+                    - record["reference"][side][name][0],
+                    2,
+                )
+                for name in ("inclination", "version", "coverage", "lateral_centre_edge")
+            }
+            for side in SIDES
+        }
         print(
             f"invariance {index + 1}/{count} subject {record['subject']} "
-            f"({record['seconds']:.0f} s): largest MAD per variant so far {worst}",
+            f"({record['seconds']:.0f} s): hip_pose minus reference {hip_pose}; "
+            f"largest MAD per variant so far {worst}",
             flush=True,
         )
     write_results(out, "check3_invariance", invariance_summary(records))
@@ -722,12 +739,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--predicted", type=int, metavar="N", help="check 2 on N phantoms instead of check 1"
     )
+    parser.add_argument(
+        "--indices",
+        type=lambda text: [int(i) for i in text.split(",")],
+        metavar="I,J,...",
+        help="with --invariance: only these phantoms (e.g. those a change is about)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--figures", type=Path, default=FIGURES)
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.invariance:
-        run_invariance(args.invariance, args.out)
+        run_invariance(args.invariance, args.out, args.indices)
         return
     if args.predicted:
         run_predicted(args.predicted, args.out, args.figures)

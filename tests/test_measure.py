@@ -9,10 +9,18 @@ import functools
 
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree
 
 from model.labels import Bone, Side, sided_label
 from model.measure import measure_leg_alignment
-from model.measure.geometry import fit_sphere, hka_angles, refine_sphere
+from model.measure.geometry import (
+    NEAR_ACETABULUM_MM,
+    femoral_head_sphere,
+    fit_sphere,
+    hka_angles,
+    refine_sphere,
+    trimmed_sphere,
+)
 from model.volume_io import Volume
 
 SPACING = (1.2, 1.5, 3.0)  # x, y, z mm: anisotropic on purpose
@@ -89,6 +97,82 @@ def test_sphere_fit_finds_a_known_sphere_and_ignores_a_bump() -> None:
     refined, r, _ = refine_sphere(np.vstack([sphere, bump]), rough, 25.0)
     assert np.linalg.norm(refined - [10, -5, 30]) < 0.05 < np.linalg.norm(rough - [10, -5, 30])
     assert r == pytest.approx(23.0, abs=0.05)
+
+
+def _on_sphere(
+    rng: np.random.Generator, centre: np.ndarray, radius: float, count: int, above: float
+) -> np.ndarray:
+    """Points on a sphere where its unit direction's z is above ``above`` (a cap)."""
+    direction = rng.normal(size=(count, 3))
+    direction /= np.linalg.norm(direction, axis=1)[:, None]
+    return centre + radius * direction[direction[:, 2] > above]
+
+
+def _plate(
+    rng: np.random.Generator, centre: np.ndarray, u: np.ndarray, v: np.ndarray, size: float
+) -> np.ndarray:
+    """Points on a square of ``size`` mm about ``centre`` spanned by ``u`` and ``v``."""
+    a, b = rng.uniform(-size / 2, size / 2, size=(2, 1600, 1))
+    return centre + a * u + b * v
+
+
+def test_a_trochanter_near_the_ischium_does_not_move_the_head() -> None:
+    """A head (r 24) in its cup, and 36 mm behind and 44 mm below its centre a plate of femur
+    6 mm from a plate of hip bone (a hip rotated far: the lesser trochanter by the ischium):
+    both join the surface the first sphere is fitted to. Fitted to all of it, the sphere ends
+    off the head; the head's patch alone gives the head."""
+    rng = np.random.default_rng(19)
+    centre = np.array([20.0, -10.0, 900.0])
+    head = _on_sphere(rng, centre, 24.0, 12000, -0.5)
+    cup = _on_sphere(rng, centre, 27.0, 8000, 0.0)
+    across, up_back = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 1.0]) / np.sqrt(2)
+    behind_below = np.array([0.0, 36.0, -44.0])
+    trochanter = _plate(rng, centre + behind_below, across, up_back, 35.0)
+    ischium = trochanter + 6.0 * np.cross(across, up_back)
+    femur, hip_bone = np.vstack([head, trochanter]), np.vstack([cup, ischium])
+    near, _ = cKDTree(hip_bone).query(femur, distance_upper_bound=NEAR_ACETABULUM_MM)
+    assert (near[len(head) :] < NEAR_ACETABULUM_MM).all()  # the whole plate is in the seed
+    plain, _, _ = refine_sphere(femur, *fit_sphere(femur[near < NEAR_ACETABULUM_MM]))
+    assert np.linalg.norm(plain - centre) > 10.0
+    found = femoral_head_sphere(femur, hip_bone)
+    assert found is not None
+    assert np.linalg.norm(found[0] - centre) < 0.5 and found[1] == pytest.approx(24.0, abs=0.5)
+
+
+def test_a_trimmed_sphere_leaves_out_surface_joined_to_the_cap() -> None:
+    """A cap of a sphere (r 24) and a flat ridge of 600 points running out from its rim (the
+    neck where it joins the head): a plain fit is pulled 5 mm off, the trimmed one is not."""
+    rng = np.random.default_rng(19)
+    centre = np.array([20.0, -10.0, 900.0])
+    cap = _on_sphere(rng, centre, 24.0, 6000, 0.2)
+    rim = centre + 24.0 * np.array([0.0, np.sqrt(1 - 0.2**2), 0.2])
+    a, b = rng.uniform(-7.5, 7.5, size=(2, 600, 1))
+    ridge = rim + [0.0, 7.5, 0.0] + a * np.array([1.0, 0.0, 0.0]) + b * np.array([0.0, 1.0, 0.0])
+    points = np.vstack([cap, ridge])
+    assert np.linalg.norm(fit_sphere(points)[0] - centre) > 5.0
+    trimmed, radius = trimmed_sphere(points)
+    assert np.linalg.norm(trimmed - centre) < 0.05 and radius == pytest.approx(24.0, abs=0.05)
+
+
+def test_a_phantom_hip_rotated_far_keeps_its_head_centre() -> None:
+    """Check 3's phantom of seed 1913 (subject 24) with its hips rotated 15 deg and abducted
+    6 deg further (the left to 32 deg about the vertical): on its dense surfaces, the femur's
+    below the head comes within reach of the ischium, joined to the head's surface; the head
+    it turns about is found where it was (it moved 13.8 mm before the seed was trimmed)."""
+    from bench.measurements import posed_skeleton
+    from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
+    from model.phantom.subjects.truth import surface_samples
+
+    centres = []
+    for hip_pose_changed in (False, True):
+        skeleton = posed_skeleton(1913, HELD_OUT_SUBJECTS[3], hip_pose_changed)
+        meshes = {part.name: part.mesh for part in skeleton.parts}
+        sphere = femoral_head_sphere(
+            surface_samples(meshes["femur_left"]), surface_samples(meshes["hip_bone_left"])
+        )
+        assert sphere is not None
+        centres.append(sphere[0])
+    assert np.linalg.norm(centres[1] - centres[0]) < 0.5
 
 
 def test_hka_sign_is_varus_negative_on_both_sides() -> None:

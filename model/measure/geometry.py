@@ -12,6 +12,8 @@ lies in the scanner. Coordinates are DICOM patient coordinates: +x left, +y post
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 # Depths (mm, along the bone's mechanical axis) of the end slabs whose centres are the joint
@@ -35,6 +37,12 @@ HEAD_SHELL_MM = 2.0
 NEAR_ACETABULUM_MM = 10.0
 # Without a hip bone the first sphere is fitted to the femur's top this far down.
 PROXIMAL_TOP_MM = 30.0
+# Seed points this close are one patch of surface: more than the diagonal of a 1 x 1 x 5 mm
+# voxel (5.2 mm), so that the head's own surface stays one patch in thick slices.
+SEED_LINK_MM = 6.0
+# The first sphere rests on the seed's points nearest it, this fraction of them (`trimmed_sphere`).
+SEED_KEPT_FRACTION = 0.5
+SEED_TRIM_ROUNDS = 10
 AXIS_ROUNDS = 4
 POSTERIOR = np.array([0.0, 1.0, 0.0])  # LPS: +y is the patient's posterior
 
@@ -85,13 +93,53 @@ def refine_sphere(
     return centre, radius, used
 
 
+def trimmed_sphere(
+    points: np.ndarray,
+    kept: float = SEED_KEPT_FRACTION,
+    rounds: int = SEED_TRIM_ROUNDS,
+) -> tuple[np.ndarray, float]:
+    """A sphere fitted to the ``kept`` fraction of ``points`` nearest it: fitted to all, then
+    refitted ``rounds`` times to those whose distance to the sphere is below that fraction's
+    quantile, until they stay the same. Points off the sphere (another bone's surface, as long
+    as it is less than half of them) are left out however far they pull the first fit."""
+    centre, radius = fit_sphere(points)
+    kept_before = np.ones(len(points), dtype=bool)
+    for _ in range(rounds):
+        residual = np.abs(np.linalg.norm(points - centre, axis=1) - radius)
+        nearest = residual <= np.quantile(residual, kept)
+        if np.array_equal(nearest, kept_before):
+            break
+        centre, radius = fit_sphere(points[nearest])
+        kept_before = nearest
+    return centre, radius
+
+
+def largest_patch(points: np.ndarray, link_mm: float = SEED_LINK_MM) -> np.ndarray:
+    """The largest connected patch of ``points``: those linked to each other through points
+    less than ``link_mm`` apart."""
+    pairs = cKDTree(points).query_pairs(link_mm, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), (len(points),) * 2)
+    _, patch = connected_components(graph, directed=False)
+    return points[patch == np.bincount(patch).argmax()]
+
+
 def femoral_head_sphere(
     femur: np.ndarray, hip_bone: np.ndarray | None
 ) -> tuple[np.ndarray, float, int] | None:
     """The femoral head's sphere (centre, radius, points it rests on): first fitted to the
     femur's surface within NEAR_ACETABULUM_MM of the hip bone's (or, without a hip bone, to
-    the femur's top PROXIMAL_TOP_MM), then refitted on the surface near it
-    (`refine_sphere`). None when too little surface faces the acetabulum."""
+    the femur's top PROXIMAL_TOP_MM): to its largest patch (`largest_patch`), trimmed
+    (`trimmed_sphere`); then refitted on the surface near it (`refine_sphere`). None when too
+    little surface faces the acetabulum.
+
+    The seed is not all head: with the hip rotated far (some 30 deg), the femur's surface
+    behind and below the head (about the lesser trochanter) comes within NEAR_ACETABULUM_MM
+    of the ischium, a few hundred to a thousand points 40 mm from the head's centre. A plain
+    fit to the seed is pulled so far towards them (a centre 5-17 mm off, a radius 30-35 mm)
+    that `refine_sphere`'s shell then settles off the head. That surface is mostly a patch
+    apart from the head's, which the largest patch leaves out whatever its size; where it
+    joins the head's (a ridge of neck between them), it is a small part of the patch, which
+    the trimmed fit leaves out."""
     if hip_bone is not None:
         distance, _ = cKDTree(hip_bone).query(femur, distance_upper_bound=NEAR_ACETABULUM_MM)
         seed = femur[distance < NEAR_ACETABULUM_MM]
@@ -100,7 +148,7 @@ def femoral_head_sphere(
         seed = femur[t > t.max() - PROXIMAL_TOP_MM]
     if len(seed) < 50:
         return None
-    centre, radius = fit_sphere(seed)
+    centre, radius = trimmed_sphere(largest_patch(seed))
     return refine_sphere(femur, centre, radius)
 
 
