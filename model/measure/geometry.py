@@ -142,7 +142,9 @@ def femoral_head_sphere(
     the trimmed fit leaves out."""
     if hip_bone is not None:
         distance, _ = cKDTree(hip_bone).query(femur, distance_upper_bound=NEAR_ACETABULUM_MM)
-        seed = femur[distance < NEAR_ACETABULUM_MM]
+        # Rounded to a micrometre: voxel centres exactly NEAR_ACETABULUM_MM apart (6 and 8 mm
+        # across, say) then fall on the same side however the voxels are stored.
+        seed = femur[np.round(distance, 6) < NEAR_ACETABULUM_MM]
     else:
         t = femur @ principal_axis(femur, np.array([0.0, 0.0, 1.0]))
         seed = femur[t > t.max() - PROXIMAL_TOP_MM]
