@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.results_file import write_result
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OUT = RESULTS_DIR / "capacity.json"
 
@@ -317,7 +319,7 @@ def main() -> None:
             for per_hospital in args.scans_per_hospital
         ],
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result["scans_per_hour_per_unit"]))
     for day in result["days"]:
         print(f"{day['scans']} scans, {day['gb']} GB, by hour {day['arrivals_by_hour']}")

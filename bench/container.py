@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from bench.inference import machine
+from bench.results_file import machine, write_result
 from dicom_node.testbed.containers import (
     BUILD_SCRIPT,
     IMAGES,
@@ -166,8 +166,7 @@ def main() -> None:
         "compose": compose,
         "not_run": "OHIF (docker.io/ohif/app): no image registry is reachable here",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

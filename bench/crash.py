@@ -35,7 +35,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from bench.inference import machine
+from bench.results_file import machine, write_result
 from dicom_node.testbed.node_process import (
     NodeProcess,
     destination_toml,
@@ -244,8 +244,7 @@ def main() -> None:
         "machine": machine(),
         "note": "small phantom series (synthetic); real node, real Orthanc, DCMTK storescu",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
     if result["violations"]:
         raise SystemExit(1)

@@ -17,7 +17,8 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.inference import FULL_SEED, machine
+from bench.inference import FULL_SEED
+from bench.results_file import machine, write_result
 from dicom_node.testbed.demo import run_demo
 
 RESULTS = Path(__file__).resolve().parent / "results" / "end_to_end.json"
@@ -50,8 +51,7 @@ def main() -> None:
         "any_bone_dice": report["any_bone_dice"],
         "note": "synthetic phantom; receive_s is the sender's C-STORE of the whole series",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -34,7 +34,7 @@ import psutil
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from bench.inference import machine
+from bench.results_file import machine, write_result
 from dicom_node.net.receive import MAX_INFLATED_BYTES
 from dicom_node.testbed.node_process import NodeProcess
 from tests.support import ROOT, hostile
@@ -207,8 +207,7 @@ def main() -> None:
         ],
         "machine": {**machine(), "load_average": os.getloadavg()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps({k: result[k] for k in ("cases", "seconds", "statuses", "node_alive")}))
     print(f"problems: {result['problems'] or 'none'}; written to {args.out}")
     if fuzz.crash or fuzz.unexpected or result["problems"] or outside or canaries:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,8 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from bench.results_file import machine, write_result
 from model.engine.segment_files import output_paths
 from model.labels import BONE_NAMES
 from model.metrics import dice, evaluate_labels
@@ -150,28 +149,6 @@ def cli_whole_leg(workdir: Path, device: str) -> dict:
     }
 
 
-def machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        info["memory_gb"] = round(
-            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1
-        )
-    except (OSError, ValueError):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -203,8 +180,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
             result["cli_whole_leg"] = cli_whole_leg(Path(tmp), args.device)
         result["cli_whole_leg"]["machine"] = machine()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.out, result)
         print(json.dumps(result["cli_whole_leg"], indent=2))
         return
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
@@ -268,8 +244,7 @@ def main() -> None:
             "paper_tiled": tiled_report,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

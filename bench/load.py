@@ -48,7 +48,7 @@ import numpy as np
 import psutil
 from pydicom import dcmread
 
-from bench.inference import machine
+from bench.results_file import machine, write_result
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.node_process import NodeProcess
 from dicom_node.testbed.peers import PEER_ENV
@@ -338,8 +338,7 @@ def main() -> None:
         ],
         "machine": {**machine(), "load_average": os.getloadavg()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     keys = ("reception_alone", "mb_per_s", "mb_per_s_vs_one_sender_alone", "all_final_s")
     print(json.dumps({k: result[k] for k in keys}))
     print(f"checks: {checks}; peak RSS {result['peak_rss_mb']}; written to {args.out}")

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.results_file import write_result
 from model.labels import Bone, Side
 from model.measure import (
     Measurement,
@@ -634,7 +635,7 @@ def write_results(path: Path, key: str | None, summary: dict) -> None:
     ``key``, the rest of the file kept."""
     results = json.loads(path.read_text()) if path.exists() else {}
     results.update(summary if key is None else {key: summary})
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(path, results)
 
 
 def read_cases(path: Path) -> list[dict]:

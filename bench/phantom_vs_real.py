@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from bench.real_ct import CROPS
+from bench.results_file import machine, write_result
 from model.evaluation.phantom_check import scan_with_slices
 from model.phantom.subjects import generate_subject_phantom
 from model.phantom.subjects.shapes import HELD_OUT_SUBJECTS
@@ -117,12 +117,11 @@ def main() -> None:
     figure(real, phantoms, args.figure)
     result = {
         "method": "model.training.ct_statistics.tissue_statistics on each whole volume",
-        "machine": platform.node(),
+        "machine": machine(),
         "real": {"summary": summary(real_rows), "cases": real_rows},
         "phantom": {"slice_mm": SLICE_MM, "summary": summary(phantom_rows), "cases": phantom_rows},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     for kind in ("real", "phantom"):
         print(kind, json.dumps(result[kind]["summary"]))
 

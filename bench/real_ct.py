@@ -45,7 +45,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from PIL import Image
 
-from bench.inference import machine
+from bench.results_file import machine, write_result
 from model.engine.inference import InferenceSettings, Segmentation, Segmenter
 from model.engine.verdict import Verdict
 from model.engine.weights import DEFAULT_WEIGHTS
@@ -578,8 +578,7 @@ def main() -> None:
         "aggregate": aggregate(records),
         "cases": records,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result["aggregate"], indent=2))
     print(f"wrote {args.out}")
 

@@ -15,9 +15,7 @@ One run each, on a shared machine: read the figures as indicative, not as a dist
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import signal
 import socket
 import sqlite3
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from pynetdicom import evt
 
+from bench.results_file import machine, write_result
 from dicom_node.app.config import NodeConfig
 from dicom_node.net.receive import build_ae
 from dicom_node.pipeline.spool import Spool
@@ -199,14 +198,9 @@ def main() -> None:
             "fsync of one instance, without network or database",
             "one run each on a shared machine",
         ],
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": {**machine(), "load_average": os.getloadavg()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"node / storescp = {ratio:.2f} (target >= 0.5); written to {args.out}")
 
 

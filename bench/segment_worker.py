@@ -6,13 +6,13 @@ python -m bench.segment_worker IN.mha OUT_LABELS.mha OUT.json --strategy fast
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 from pathlib import Path
 
 import torch
 
+from bench.results_file import write_result
 from model.engine.inference import InferenceSettings, Segmenter
 from model.engine.weights import DEFAULT_WEIGHTS
 from model.volume_io import read_volume, write_volume
@@ -70,7 +70,7 @@ def main() -> None:
     }
     if segmenter.device.type == "cuda":
         report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.report, report)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import hmac
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -117,9 +118,9 @@ class Dashboard:
             return self._error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
         job_id = int(match[1])
         if match[2] == "/preview.png":
-            return self._preview(job_id)
+            return self._job_png(job_id, self._seg_path, "SEG", _preview)
         if match[2] == "/key.png":
-            return self._key_image(job_id)
+            return self._job_png(job_id, self._key_image_path, "key image")
         return self._job_page(job_id)
 
     def post(self, target: str, headers: Message, body: bytes) -> Reply:
@@ -223,24 +224,21 @@ class Dashboard:
             form_token=self.form_token,
         )
 
-    def _preview(self, job_id: int) -> Reply:
+    def _job_png(
+        self,
+        job_id: int,
+        path_of: Callable[[dict[str, Any]], Path | None],
+        what: str,
+        draw: Callable[[Path], bytes] = Path.read_bytes,
+    ) -> Reply:
+        """A job's picture of a file on disk (`path_of` finds it), or 404 naming the file."""
         try:
-            seg_path = self._seg_path(job_report(self.state, job_id))
-        except LookupError:
-            seg_path = None
-        if seg_path is None:
-            return self._error(HTTPStatus.NOT_FOUND, f"job {job_id} has no SEG on disk")
-        png = _cached_preview(seg_path, seg_path.stat().st_mtime_ns)
-        return Reply(HTTPStatus.OK, png, "image/png")
-
-    def _key_image(self, job_id: int) -> Reply:
-        try:
-            path = self._key_image_path(job_report(self.state, job_id))
+            path = path_of(job_report(self.state, job_id))
         except LookupError:
             path = None
         if path is None:
-            return self._error(HTTPStatus.NOT_FOUND, f"job {job_id} has no key image on disk")
-        return Reply(HTTPStatus.OK, path.read_bytes(), "image/png")
+            return self._error(HTTPStatus.NOT_FOUND, f"job {job_id} has no {what} on disk")
+        return Reply(HTTPStatus.OK, draw(path), "image/png")
 
     def _key_image_path(self, job: dict[str, Any]) -> Path | None:
         """The measurements' key image the worker drew beside the SEG, if there is one."""
@@ -283,6 +281,10 @@ class Dashboard:
             status=status, message=message, refresh_s=0
         )
         return Reply(status, html.encode(), headers=_SECURITY_HEADERS)
+
+
+def _preview(seg_path: Path) -> bytes:
+    return _cached_preview(seg_path, seg_path.stat().st_mtime_ns)
 
 
 @lru_cache(maxsize=16)
