@@ -6,6 +6,8 @@ A worker's inference is held still where a test needs it running (SIGSTOP of the
 process, whose worker keeps renewing its lease), so that "mid-inference" does not depend on
 how fast two busy cores segment a small phantom; a delivery is held in flight the same way,
 with the PACS stopped (its kernel still accepts the connection, and the association waits).
+One worker (`NOTIFYING`) is started as systemd starts a `Type=notify` unit, with a unix
+datagram socket of the test's as `NOTIFY_SOCKET` and a watchdog interval.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ from dicom_node.testbed.peers import OrthancProcess, free_port
 from dicom_node.testbed.postgres import PostgresServer
 from dicom_node.testbed.rabbitmq import RabbitMQServer, running_rabbitmq
 from tests.support import PhantomSeries
+from tests.support.systemd import NotifySocket
 
 LEASE_S = 4.0
 DELIVERY = {"backoff_initial_s": 0.5, "backoff_max_s": 1, "max_attempts": 100}
 FINAL = {"done", "no_findings", "failed", "skipped"}
+NOTIFYING = "worker-3"  # started with NOTIFY_SOCKET: the test's socket gets its notifications
+WATCHDOG_S = 2  # WATCHDOG_USEC: a ping every second
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +68,10 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.state = NodeState(self.database)
+        # systemd's end for NOTIFYING; at READY=1 it notes whether the worker answered ready.
+        self.systemd = NotifySocket(
+            self.directory / "notify", lambda: self.http(NOTIFYING, "/readyz")[0] == 200
+        )
 
     @property
     def shared(self) -> Path:
@@ -91,7 +100,11 @@ class Cluster:
                 threads=1,
                 database=self.database,
             )
-        return self.processes[node_id].start()
+        with pytest.MonkeyPatch.context() as environment:
+            if node_id == NOTIFYING:  # what systemd gives a `Type=notify` unit with WatchdogSec
+                environment.setenv("NOTIFY_SOCKET", str(self.systemd.path))
+                environment.setenv("WATCHDOG_USEC", str(WATCHDOG_S * 1_000_000))
+            return self.processes[node_id].start()
 
     def job(self, uid: str) -> SeriesRecord | None:
         found = [job for job in self.state.jobs(limit=None) if job.series_instance_uid == uid]
@@ -157,6 +170,7 @@ class Cluster:
         for process in self.processes.values():
             process.kill()
         self.state.close()
+        self.systemd.close()
 
 
 @pytest.fixture(scope="module")
@@ -403,12 +417,18 @@ def test_a_reception_node_killed_mid_delivery_hands_the_delivery_to_another(
     assert cluster.seg_instances(job) == 1
 
 
-def test_a_worker_serves_metrics_and_is_not_ready_without_its_inference_process(
+def test_a_worker_serves_metrics_tells_systemd_and_is_not_ready_without_inference(
     cluster: Cluster,
 ) -> None:
-    """A worker's `/readyz` is 200 with every check passing; once its inference process is
-    killed (while idle: it is replaced at the next job) it is 503, naming the worker check."""
-    name = next(n for n, p in cluster.processes.items() if p.role == "worker" and p.process)
+    """A worker under systemd says READY=1 once its `/readyz` is 200, with every check
+    passing, and pings the watchdog while it is. Once its inference process is killed (while
+    idle: it is replaced at the next job) it is 503, naming the worker check, and the pings
+    stop, so that systemd would restart it; SIGTERM: STOPPING=1."""
+    name = NOTIFYING
+    if cluster.processes.get(name) is None or cluster.processes[name].process is None:
+        cluster.start(name, "worker")  # run alone: test_a_worker_added_mid_load_takes_jobs does
+    ((_, _, answered_ready),) = cluster.systemd.wait_for("READY=1")
+    assert answered_ready, "READY=1 before the worker's /readyz answered 200"
     deadline = time.monotonic() + 60
 
     def ready_with_its_process() -> tuple[tuple[int, bytes], psutil.Process]:
@@ -428,6 +448,9 @@ def test_a_worker_serves_metrics_and_is_not_ready_without_its_inference_process(
     (_, body), child = found
     checks = json.loads(body)["checks"]
     assert set(checks) == {"database", "broker", "results_dir", "free_space", "worker"}
+    healthy_since = time.monotonic()
+    pings = cluster.systemd.wait_for("WATCHDOG=1", count=2, timeout=10, after=healthy_since)
+    assert pings[1][0] - pings[0][0] < WATCHDOG_S  # every half of the interval
     assert cluster.http(name, "/healthz")[0] == 200
     status, metrics = cluster.http(name, "/metrics")
     assert status == 200
@@ -439,7 +462,15 @@ def test_a_worker_serves_metrics_and_is_not_ready_without_its_inference_process(
     deadline = time.monotonic() + 10
     while (answer := cluster.http(name, "/readyz"))[0] == 200 and time.monotonic() < deadline:
         time.sleep(0.1)
+    unready_at = time.monotonic()
     status, body = answer
     assert status == 503, body
     report = json.loads(body)
     assert report["reason"] == "not ready: worker", report
+    # A round of checks under way when the death was seen may still ping; none after it.
+    time.sleep(2 * WATCHDOG_S)
+    assert cluster.systemd.received("WATCHDOG=1", after=unready_at + WATCHDOG_S / 2) == []
+    worker = cluster.processes[name]
+    assert "not pinging systemd's watchdog: worker: " in worker.log.read_text()
+    assert worker.stop() == 0, worker.log.read_text()
+    cluster.systemd.wait_for("STOPPING=1", after=unready_at)

@@ -1,6 +1,7 @@
-"""Running under systemd: the unit file as systemd reads it, and the daemon's notifications
-(READY=1, WATCHDOG=1, STOPPING=1) on a real unix datagram socket given as NOTIFY_SOCKET, as
-systemd gives it to a `Type=notify` service; the worker's memory cap ([worker]
+"""Running under systemd: the unit files (the daemon's, a cluster worker's) as systemd reads
+them, and the daemon's notifications (READY=1, WATCHDOG=1, STOPPING=1) on a real unix
+datagram socket given as NOTIFY_SOCKET, as systemd gives it to a `Type=notify` service (a
+cluster worker's: `tests/test_cluster.py`); the worker's memory cap ([worker]
 memory_max_mb) on the worker process, not the daemon."""
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -21,93 +20,74 @@ import pytest
 from dicom_node.app.systemd import SystemdNotifier
 from dicom_node.testbed.node_process import NodeProcess
 from tests.support import ROOT
+from tests.support.systemd import NotifySocket
 
 UNIT = ROOT / "deploy" / "dicom-node.service"
+WORKER_UNIT = ROOT / "deploy" / "dicom-node-worker.service"  # a cluster's inference worker
 INSTALLED_AT = "/opt/dicom-node/.venv/bin/dicom-node"
+HARDENING = ("User", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp")
 
 
-def _settings(unit: Path) -> dict[str, str]:
-    return dict(
-        line.split("=", 1)
-        for line in unit.read_text().splitlines()
-        if "=" in line and not line.startswith("#")
-    )
-
-
-def test_the_unit_file_verifies_clean(tmp_path: Path) -> None:
-    """`systemd-analyze verify` with nothing to say, the install path being this checkout's
-    virtual environment (it checks that ExecStart's program exists)."""
+def _verified(unit: Path, tmp_path: Path) -> dict[str, str]:
+    """The unit's settings, once `systemd-analyze verify` had nothing to say of it, the
+    install path being this checkout's virtual environment (it checks that ExecStart's
+    program exists)."""
     verify = shutil.which("systemd-analyze")
     if verify is None:
         pytest.skip("systemd-analyze not installed (Debian's systemd package)")
     program = Path(sys.executable).parent / "dicom-node"
     assert program.is_file(), "the package is installed in this environment (make install)"
-    unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace(INSTALLED_AT, str(program)))
-    result = subprocess.run([verify, "verify", str(unit)], capture_output=True, text=True)
+    checked = tmp_path / unit.name
+    checked.write_text(unit.read_text().replace(INSTALLED_AT, str(program)))
+    result = subprocess.run([verify, "verify", str(checked)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout + result.stderr == ""  # an unknown key or bad value is only a warning
-    settings = _settings(UNIT)
-    assert settings["ExecStart"].startswith(INSTALLED_AT + " serve")
+    settings = dict(
+        line.split("=", 1)
+        for line in unit.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     assert settings["Type"] == "notify"
+    assert settings["NotifyAccess"] == "main"
     assert int(settings["WatchdogSec"]) >= 10
+    assert settings["User"] != "root"
+    assert settings["OOMPolicy"] == "continue"  # the inference process killed, the unit on
+    return settings
+
+
+def test_the_unit_file_verifies_clean(tmp_path: Path) -> None:
+    settings = _verified(UNIT, tmp_path)
+    assert settings["ExecStart"].startswith(INSTALLED_AT + " serve --config")
     assert settings["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
     assert settings["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
-    assert settings["User"] != "root"
-    assert settings["OOMPolicy"] == "continue"  # the worker killed, the unit running on
 
 
-class _NotifySocket:
-    """systemd's end: a unix datagram socket; each message with the time it came and, for
-    READY=1, whether the node's DICOM port accepted a connection at that moment."""
+def test_the_worker_s_unit_file_verifies_clean(tmp_path: Path) -> None:
+    """A cluster's worker (`tests/test_cluster.py` runs its notifications) listens on no
+    port: no capability; otherwise it is hardened as the daemon is."""
+    settings = _verified(WORKER_UNIT, tmp_path)
+    assert settings["ExecStart"].startswith(INSTALLED_AT + " serve --role worker --config")
+    assert settings["CapabilityBoundingSet"] == ""
+    assert "AmbientCapabilities" not in settings
+    assert "MemoryMax" in settings
+    daemon = _verified(UNIT, tmp_path)
+    assert {key: settings[key] for key in HARDENING} == {key: daemon[key] for key in HARDENING}
 
-    def __init__(self, path: Path, dicom_port: int) -> None:
-        self.path = path
-        self.dicom_port = dicom_port
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.socket.bind(str(path))
-        self.socket.settimeout(0.2)
-        self.messages: list[tuple[float, str, bool]] = []
-        self._closing = False
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
 
-    def _receive(self) -> None:
-        while not self._closing:
-            try:
-                message = self.socket.recv(4096).decode()
-            except TimeoutError:
-                continue
-            listening = "READY=1" in message.splitlines() and self._listening()
-            self.messages.append((time.monotonic(), message, listening))
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.dicom_port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 30) -> list[tuple]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [m for m in self.messages if text in m[1].splitlines()]
-            if len(found) >= count:
-                return found
-            assert time.monotonic() < deadline, f"{count} x {text} not sent: {self.messages}"
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self._closing = True
-        self._thread.join()
-        self.socket.close()
+def _listening(port: int) -> bool:
+    """Whether the port accepts a connection now."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_the_daemon_notifies_systemd_and_caps_its_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = NodeProcess(tmp_path, extra_config="[worker]\nmemory_max_mb = 20000\n")
-    systemd = _NotifySocket(tmp_path / "notify", node.port)
+    systemd = NotifySocket(tmp_path / "notify", lambda: _listening(node.port))
     monkeypatch.setenv("NOTIFY_SOCKET", str(systemd.path))
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # pinged every 0.5 s
     try:

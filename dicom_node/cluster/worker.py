@@ -22,6 +22,12 @@ never another's, and removes the result files of attempts that ended unrecorded
 
 With `[http] enabled` it serves `/metrics`, `/healthz` and `/readyz` as a reception node does
 (`web.server`, no dashboard), with a worker's readiness checks (`web.health.worker_checks`).
+
+Under systemd (`Type=notify`, `deploy/dicom-node-worker.service`) it says READY=1 once Celery
+takes jobs (the model loaded before), STOPPING=1 when a SIGTERM begins its warm shutdown, and
+pings the watchdog while those checks pass (`app.systemd.HealthWatchdog`): a worker whose
+inference process died while idle, or whose broker connection is gone, stops pinging and is
+restarted. A full disk is the exception: `/readyz` reports it, but a restart frees nothing.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from dicom_node.app.config import Config
+from dicom_node.app.systemd import HealthWatchdog, SystemdNotifier
 from dicom_node.cluster.broker import SEGMENT_TASK, celery_app
 from dicom_node.cluster.lease import LeaseKeeper
 from dicom_node.cluster.storage import results_dir, shared_spool
@@ -83,10 +90,6 @@ def run_worker(config: Config) -> None:
             stage.process(answer.claim)
         return "processed"
 
-    def ready(**_: Any) -> None:
-        log.info("cluster worker %s ready: taking jobs", cluster.owner)
-
-    worker_ready.connect(ready, weak=False)
     if http is not None:
         http.start()  # `/readyz` says "starting" while the model loads
     inference.start()  # a broken model or config fails the start, not the first job
@@ -94,22 +97,38 @@ def run_worker(config: Config) -> None:
     if requeued:
         log.info("requeued %d series this worker held before its restart", len(requeued))
     remove_orphans(state, results)  # after requeueing: this worker's attempts ended
+    worker = app.Worker(
+        hostname=f"{cluster.owner}@dicom-node",
+        pool_cls="solo",  # jobs in this process, one at a time; the model is in `inference`
+        concurrency=1,
+        without_mingle=True,
+        without_gossip=True,
+        without_heartbeat=True,
+        quiet=True,
+        loglevel=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+    )
+    checks = worker_checks(state, results_disk, inference, worker)
+    if http is not None:
+        http.checks = checks
+    systemd = SystemdNotifier()
+    # A disk below the watermark is in `/readyz`, but no reason for systemd to restart it.
+    watchdog = HealthWatchdog(systemd, {n: c for n, c in checks.items() if n != "free_space"})
+
+    def ready(**_: Any) -> None:
+        log.info("cluster worker %s ready: taking jobs", cluster.owner)
+        systemd.ready("taking jobs")
+        watchdog.start()
+
+    def shutting_down(**_: Any) -> None:
+        systemd.stopping()  # the job in hand is finished first (Celery's warm shutdown)
+
+    worker_ready.connect(ready, weak=False)
+    worker_shutting_down.connect(shutting_down, weak=False)
     lease.start()
     try:
-        worker = app.Worker(
-            hostname=f"{cluster.owner}@dicom-node",
-            pool_cls="solo",  # jobs in this process, one at a time; the model is in `inference`
-            concurrency=1,
-            without_mingle=True,
-            without_gossip=True,
-            without_heartbeat=True,
-            quiet=True,
-            loglevel=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
-        )
-        if http is not None:
-            http.checks = worker_checks(state, results_disk, inference, worker)
         worker.start()
     finally:
+        watchdog.stop()
         lease.stop()
         inference.stop()
         state.close()
