@@ -31,9 +31,11 @@ from dicom_node.imaging.volume.policy import AssemblyError, AssemblyPolicy
 from dicom_node.pipeline.spool import write_durably
 from model.engine.verdict import Verdict
 from model.measure import (
+    find_implants,
     measure_femoral_angles,
     measure_hip_parameters,
     measure_leg_alignment,
+    metal_mask,
 )
 from model.volume_io import Volume
 
@@ -197,17 +199,20 @@ def _measure(
     inclination and version, on the alignment's landmarks, measured once; "hip": the
     acetabular parameters and alpha angle, on both of those) and their key image on ``ct``
     (and its Secondary Capture with ``key_image_dicom``), their numbers into
-    `summary["measurements"]`; None (and the error's type in the summary) for what fails."""
+    `summary["measurements"]`; None (and the error's type in the summary) for what fails.
+    What depends on a site with a metal implant (the CT's metal, `model.measure.implants`;
+    the segmentation is on the CT's grid) is not measurable, with that reason."""
     t = time.perf_counter()
     try:
-        alignments = measure_leg_alignment(sided) if writer.which else {}
+        implants = find_implants(sided, metal_mask(ct)) if writer.which else None
+        alignments = measure_leg_alignment(sided, implants) if writer.which else {}
         femoral = (
-            measure_femoral_angles(sided, legs=alignments)
+            measure_femoral_angles(sided, legs=alignments, implants=implants)
             if "femoral_angles" in writer.which
             else None
         )
         hips = (
-            measure_hip_parameters(sided, legs=alignments, femoral=femoral)
+            measure_hip_parameters(sided, legs=alignments, femoral=femoral, implants=implants)
             if "hip" in writer.which
             else None
         )

@@ -4,8 +4,9 @@
 and tibial knee centres, the ankle centre and the posterior condyles
 (:mod:`model.measure.geometry`) on the surfaces of the bones (:mod:`model.measure.bones`), and
 measures the HKA in 3-D and in the leg's coronal plane (varus negative on both sides). What is
-cut by the field of view or missing is reported as not measurable, with the reason, rather
-than measured wrong. docs/measurements.md defines each landmark and angle.
+cut by the field of view, missing or at a site with a metal implant (:mod:`.implants`) is
+reported as not measurable, with the reason, rather than measured wrong.
+docs/measurements.md defines each landmark and angle.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from model.measure.geometry import (
     tibial_centres,
     unit,
 )
+from model.measure.implants import ImplantFinding, Site
 from model.measure.results import Landmark, LegAlignment, Measurement
 from model.volume_io import Volume
 
@@ -38,22 +40,37 @@ HEAD_RADIUS_RANGE_MM = (12.0, 40.0)
 CUT_MARGIN_MM = 5.0
 UP = np.array([0.0, 0.0, 1.0])  # LPS: +z is superior
 LEG_BONES = (Bone.FEMUR, Bone.HIP_BONE, Bone.TIBIA, Bone.FIBULA, Bone.TALUS)
+# The landmarks a metal implant at a site (other than the femoral head's) leaves unreported.
+SITE_LANDMARKS = {
+    Site.KNEE: (
+        "femoral_knee_centre",
+        "tibial_knee_centre",
+        "posterior_condyle_medial",
+        "posterior_condyle_lateral",
+    ),
+    Site.ANKLE: ("ankle_centre",),
+}
 
 
-def measure_leg_alignment(sided: Volume) -> dict[Side, LegAlignment]:
+def measure_leg_alignment(
+    sided: Volume, implants: ImplantFinding | None = None
+) -> dict[Side, LegAlignment]:
     """Each leg with a femur or a tibia in the sided label map (``model.labels.sided_label``
-    values): its landmarks and HKA, or the reasons they are not measurable."""
+    values): its landmarks and HKA, or the reasons they are not measurable; ``implants``
+    (`model.measure.implants.find_implants`) the sites with metal, whose landmarks are not."""
     present = set(np.unique(sided.array).tolist())
     out = {}
     for side in Side:
         labels = {int(bone) + (len(Bone) if side is Side.LEFT else 0) for bone in Bone}
         if present & labels:
-            out[side] = measure_leg(sided, side)
+            out[side] = measure_leg(sided, side, implants)
     return out
 
 
-def measure_leg(sided: Volume, side: Side) -> LegAlignment:
-    """One leg's landmarks and HKA from the sided label map."""
+def measure_leg(sided: Volume, side: Side, implants: ImplantFinding | None = None) -> LegAlignment:
+    """One leg's landmarks and HKA from the sided label map; the landmarks at a site with
+    metal (``implants``) left out, and what needs them not measurable for that reason."""
+    implants = ImplantFinding() if implants is None else implants
     bones = bone_surfaces(sided, side, LEG_BONES)
     landmarks: dict[str, np.ndarray] = {}
     reasons: list[str] = []
@@ -63,7 +80,8 @@ def measure_leg(sided: Volume, side: Side) -> LegAlignment:
         reasons.append("no femur")
         radius_result = Measurement("femoral head radius", "mm", reason="no femur")
     else:
-        fitted = _femoral_head(femur, bones.get(Bone.HIP_BONE))
+        head_metal = implants.reason(side, Site.FEMORAL_HEAD)
+        fitted = head_metal or _femoral_head(femur, bones.get(Bone.HIP_BONE))
         if isinstance(fitted, str):
             reasons.append(fitted)
             radius_result = Measurement("femoral head radius", "mm", reason=fitted)
@@ -84,6 +102,13 @@ def measure_leg(sided: Volume, side: Side) -> LegAlignment:
                 landmarks["posterior_condyle_medial"] = medial
                 landmarks["posterior_condyle_lateral"] = lateral
     ankle_from = _tibial_landmarks(bones, landmarks, reasons)
+    for site, names in SITE_LANDMARKS.items():
+        if metal := implants.reason(side, site):
+            reasons.append(metal)
+            for name in names:
+                landmarks.pop(name, None)
+    if "ankle_centre" not in landmarks:
+        ankle_from = None
     keys = ("femoral_head_centre", "femoral_knee_centre", "tibial_knee_centre", "ankle_centre")
     if all(k in landmarks for k in (*keys, "posterior_condyle_medial")):
         angle_3d, coronal = hka_angles(

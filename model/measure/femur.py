@@ -6,8 +6,9 @@ whatever the voxels' shape, where a surface's points crowd on the faces the slic
 the same functions measure a label map and the subject phantom's finely voxelised meshes
 (:func:`model.phantom.subjects.truth.true_femoral_angles`). :func:`measure_femoral_angles`
 applies them to a sided label map, on the femoral head, knee centre and posterior condyles
-that :mod:`model.measure.alignment` found; what is not in view is "not measurable" with the
-reason. docs/measurements.md defines the axes and angles.
+that :mod:`model.measure.alignment` found; what is not in view, or at a site with a metal
+implant (:mod:`.implants`), is "not measurable" with the reason. docs/measurements.md
+defines the axes and angles.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from model.labels import Bone, Side
 from model.measure.alignment import CUT_MARGIN_MM, edges, measure_leg_alignment
 from model.measure.bones import BoneSurface, bone_surfaces, bone_voxels
 from model.measure.geometry import AXIS_ROUNDS, POSTERIOR, principal_axis, unit
+from model.measure.implants import ImplantFinding, Site
 from model.measure.results import FemoralAngles, LegAlignment, Measurement
 from model.volume_io import Volume
 
@@ -134,24 +136,31 @@ def femoral_angles(
 
 
 def measure_femoral_angles(
-    sided: Volume, legs: dict[Side, LegAlignment] | None = None
+    sided: Volume,
+    legs: dict[Side, LegAlignment] | None = None,
+    implants: ImplantFinding | None = None,
 ) -> dict[Side, FemoralAngles]:
     """Each leg's femoral neck and shaft axes, inclination and version from the sided label
-    map, on the landmarks of ``legs`` (`measure_leg_alignment`'s, measured here if not given)."""
-    legs = measure_leg_alignment(sided) if legs is None else legs
+    map, on the landmarks of ``legs`` (`measure_leg_alignment`'s, measured here if not given);
+    ``implants`` the sites with metal (`model.measure.implants.find_implants`)."""
+    legs = measure_leg_alignment(sided, implants) if legs is None else legs
     out = {}
     for side, leg in legs.items():
         femur = bone_surfaces(sided, side, (Bone.FEMUR,)).get(Bone.FEMUR)
         solid = bone_voxels(sided, side, Bone.FEMUR)
-        out[side] = femoral_angles_of_leg(femur, solid, leg)
+        out[side] = femoral_angles_of_leg(femur, solid, leg, implants)
     return out
 
 
 def femoral_angles_of_leg(
-    femur: BoneSurface | None, solid: np.ndarray | None, leg: LegAlignment
+    femur: BoneSurface | None,
+    solid: np.ndarray | None,
+    leg: LegAlignment,
+    implants: ImplantFinding | None = None,
 ) -> FemoralAngles:
     """One leg's femoral angles from its femur's solid (the axes) and surface (what the field
-    of view cut) and its alignment's landmarks."""
+    of view cut) and its alignment's landmarks (none at a site with metal: a femoral head's
+    makes both angles not measurable, a knee's the version)."""
     head = leg.landmark("femoral_head_centre")
     radius = leg.femoral_head_radius.value
     if femur is None or solid is None or head is None or radius is None:
@@ -188,7 +197,9 @@ def femoral_angles_of_leg(
     if neck_why:
         version = Measurement("femoral version", "deg", reason=neck_why)
     elif knee is None or medial is None or lateral is None:
-        version = Measurement("femoral version", "deg", reason="posterior condyles not in view")
+        knee_metal = None if implants is None else implants.reason(leg.side, Site.KNEE)
+        why = knee_metal or "posterior condyles not in view"
+        version = Measurement("femoral version", "deg", reason=why)
     else:
         assert neck is not None
         value = version_deg(neck, centre, np.asarray(knee), np.asarray(medial), np.asarray(lateral))

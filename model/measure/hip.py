@@ -1,8 +1,9 @@
 """The hip parameters of a sided label map: the pelvic frame of the anterior pelvic plane
 (:mod:`.pelvis`), and per hip the acetabular version, lateral centre-edge angle, coverage and
 alpha angle (:mod:`.acetabulum`), on the femoral heads and necks that :mod:`.alignment` and
-:mod:`.femur` found. What the field of view cuts or the map lacks is "not measurable" with the
-reason. docs/measurements.md defines each measurement.
+:mod:`.femur` found. What the field of view cuts, the map lacks or a metal implant occupies
+(:mod:`.implants`) is "not measurable" with the reason. docs/measurements.md defines each
+measurement.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from model.measure.acetabulum import CUP_RADIUS_RANGE, LabelReader, hip_paramete
 from model.measure.alignment import CUT_MARGIN_MM, edges, measure_leg_alignment
 from model.measure.bones import BoneSurface, bone_surfaces, largest_pieces
 from model.measure.femur import measure_femoral_angles
+from model.measure.implants import ImplantFinding, Site
 from model.measure.pelvis import PelvicFrame, anterior_pelvic_plane, landmark_regions
 from model.measure.results import FemoralAngles, HipParameters, Landmark, LegAlignment, Measurement
 from model.volume_io import Volume
@@ -34,11 +36,16 @@ def measure_hip_parameters(
     sided: Volume,
     legs: dict[Side, LegAlignment] | None = None,
     femoral: dict[Side, FemoralAngles] | None = None,
+    implants: ImplantFinding | None = None,
 ) -> dict[Side, HipParameters]:
     """Each leg's hip parameters (the legs of ``legs``, `measure_leg_alignment`'s, and the
-    neck axes of ``femoral``, `measure_femoral_angles`'s; measured here when not given)."""
-    legs = measure_leg_alignment(sided) if legs is None else legs
-    femoral = measure_femoral_angles(sided, legs) if femoral is None else femoral
+    neck axes of ``femoral``, `measure_femoral_angles`'s; measured here when not given).
+    ``implants``: the sites with metal (`model.measure.implants.find_implants`); a femoral
+    head's leaves the hip without a head (so none of its parameters, and the pelvic frame
+    on the other hip bone alone), an acetabulum's without a cup."""
+    implants = ImplantFinding() if implants is None else implants
+    legs = measure_leg_alignment(sided, implants) if legs is None else legs
+    femoral = measure_femoral_angles(sided, legs, implants) if femoral is None else femoral
     hips = {
         side: surface[Bone.HIP_BONE]
         for side in legs
@@ -49,12 +56,15 @@ def measure_hip_parameters(
         for side, leg in legs.items()
         if (centre := leg.landmark("femoral_head_centre")) is not None
     }
-    frame, frame_why = pelvic_frame(hips, heads)
+    # A head replaced by metal: the metal stands in to place the frame's landmark regions.
+    located = {side: metal for side in legs if (metal := implants.hip_metal(side)) is not None}
+    frame, frame_why = pelvic_frame(hips, {**located, **heads})
     read = LabelReader(largest_pieces(sided, (Bone.HIP_BONE, Bone.FEMUR)))
     out = {}
     for side, leg in legs.items():
         angles = femoral.get(side)
-        out[side] = _hip(read, side, leg, angles, hips.get(side), frame, frame_why)
+        cup_metal = implants.reason(side, Site.ACETABULUM)
+        out[side] = _hip(read, side, leg, angles, hips.get(side), frame, frame_why, cup_metal)
     return out
 
 
@@ -101,6 +111,7 @@ def _hip(
     hip: BoneSurface | None,
     frame: PelvicFrame | None,
     frame_why: str,
+    cup_metal: str | None = None,
 ) -> HipParameters:
     centre, radius = leg.landmark("femoral_head_centre"), leg.femoral_head_radius.value
     if centre is None or radius is None:
@@ -114,10 +125,12 @@ def _hip(
         why["alpha"] = str(angles.inclination.reason).split("; ")[0]
     elif neck is None:
         why["alpha"] = "femoral neck not found"
-    cup_why = ""
-    if hip is None:
+    if cup_metal:
+        cup_why = cup_metal  # the cup is not looked for
+    elif hip is None:
         cup_why = "no hip bone"
     else:
+        cup_why = ""
         reach = CUP_RADIUS_RANGE[1] * head[1] + CUT_MARGIN_MM  # the largest cup's
         near = np.linalg.norm(hip.points - head[0], axis=1) < reach
         if faces := hip.cut_faces(near):
