@@ -88,10 +88,11 @@ class HealthWatchdog:
     def start(self) -> None:
         if self.notifier.watchdog_s is None or self._thread is not None:
             return
+        interval_s = self.notifier.watchdog_s / 2
+        # A daemon thread: a check that hangs must not hold the process at its exit.
         self._thread = threading.Thread(
-            target=self._run, args=(self.notifier.watchdog_s / 2,), name="systemd-watchdog"
+            target=self._run, args=(interval_s,), name="systemd-watchdog", daemon=True
         )
-        self._thread.daemon = True  # a check that hangs must not hold the process at exit
         self._thread.start()
 
     def _run(self, interval_s: float) -> None:
