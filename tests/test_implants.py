@@ -19,8 +19,8 @@ from model.measure import (
     measure_femoral_angles,
     measure_hip_parameters,
     measure_leg_alignment,
-    metal_mask,
 )
+from model.measure.implants import METAL_HU
 from model.phantom import Phantom, generate_phantom
 from model.volume_io import Volume
 from tests.test_measure import synthetic_leg
@@ -36,21 +36,27 @@ def _points(volume: Volume) -> np.ndarray:
     return np.stack([x, y, z], axis=-1)
 
 
-def _ball(volume: Volume, centre: np.ndarray, radius: float) -> np.ndarray:
-    return np.linalg.norm(_points(volume) - centre, axis=-1) < radius
+def metal_ct(volume: Volume, metal: np.ndarray) -> Volume:
+    """A CT on the volume's grid: METAL_HU + 500 where ``metal`` is, soft tissue elsewhere."""
+    return volume.with_array(np.where(metal, METAL_HU + 500, 40).astype(np.int16))
 
 
-def _rod(volume: Volume, a: np.ndarray, b: np.ndarray, radius: float) -> np.ndarray:
+def metal_ball(volume: Volume, centre: np.ndarray, radius: float) -> Volume:
+    """A CT holding a ball of metal, on the grid of an axis-aligned volume."""
+    return metal_ct(volume, np.linalg.norm(_points(volume) - centre, axis=-1) < radius)
+
+
+def _rod(volume: Volume, a: np.ndarray, b: np.ndarray, radius: float) -> Volume:
     points = _points(volume)
     t = np.clip(((points - a) @ (b - a)) / ((b - a) @ (b - a)), 0.0, 1.0)
-    return np.linalg.norm(points - (a + t[..., None] * (b - a)), axis=-1) < radius
+    return metal_ct(volume, np.linalg.norm(points - (a + t[..., None] * (b - a)), axis=-1) < radius)
 
 
 def test_a_ball_in_the_femoral_head_occupies_that_head_alone() -> None:
     """A prosthetic ball (r 15 mm) where the head (r 24) is: the femoral head's site (the
     ball lies on the femur, 12 mm short of the hip bone's cup); nothing at the knee or ankle."""
     labels, truth = synthetic_leg(4.0, Side.LEFT)
-    finding = find_implants(labels, _ball(labels, truth["head"], 15.0))
+    finding = find_implants(labels, metal_ball(labels, truth["head"], 15.0))
     assert finding.sites == {(Side.LEFT, Site.FEMORAL_HEAD)}
     assert finding.reason(Side.LEFT, Site.FEMORAL_HEAD) == "metal implant at the left femoral head"
     assert finding.reason(Side.LEFT, Site.KNEE) is None
@@ -89,14 +95,15 @@ def test_a_speck_and_a_shaft_nail_block_nothing() -> None:
     """A bright speck in the knee's joint space (under MIN_PIECE_ML) is not an implant; a
     nail in the femoral shaft, 100 mm and more from the hip and the knee, occupies no site."""
     labels, truth = synthetic_leg(4.0, Side.LEFT)
-    speck = _ball(labels, truth["knee"] + [0.0, 0.0, 2.0], 2.5)
-    assert speck.sum() > 0 and find_implants(labels, speck) == ImplantFinding()
+    speck = metal_ball(labels, truth["knee"] + [0.0, 0.0, 2.0], 2.5)
+    assert (speck.array >= METAL_HU).sum() > 0
+    assert find_implants(labels, speck) == ImplantFinding()
     top, bottom = truth["head"] + [40.0, 0, -120], truth["knee"] + [5.0, 0, 120]
     nail = _rod(labels, top, bottom, 5.0)
-    assert nail.sum() * np.prod(labels.spacing) > 5000  # 5 ml of steel
+    assert (nail.array >= METAL_HU).sum() * np.prod(labels.spacing) > 5000  # 5 ml of steel
     assert find_implants(labels, nail) == ImplantFinding()
     with pytest.raises(ValueError):
-        find_implants(labels, nail[1:])
+        find_implants(labels, nail.with_array(nail.array[1:]))
 
 
 @functools.cache
@@ -115,7 +122,7 @@ def test_a_phantom_hip_prosthesis_leaves_that_hip_not_measurable() -> None:
     both hip bones (the metal stands in for the right head to place it)."""
     phantom, sided = _phantom(12, "torso")
     assert phantom.geometry["implant"] == {"type": "hip_prosthesis", "side": "right"}
-    finding = find_implants(sided, metal_mask(phantom.image))
+    finding = find_implants(sided, phantom.image)
     assert finding.sites == {(Side.RIGHT, Site.FEMORAL_HEAD), (Side.RIGHT, Site.ACETABULUM)}
     true_head = np.array(phantom.geometry["sides"]["right"]["femoral_head_centre_mm"])
     where = finding.hip_metal(Side.RIGHT)
@@ -144,7 +151,7 @@ def test_a_phantom_total_knee_blocks_its_knee_and_a_tibial_plate_nothing() -> No
     ending about 20 mm above the talus, in the shaft and metaphysis: no site."""
     phantom, sided = _phantom(30, "lower_legs")
     assert phantom.geometry["implant"] == {"type": "knee_prosthesis", "side": "left"}
-    finding = find_implants(sided, metal_mask(phantom.image))
+    finding = find_implants(sided, phantom.image)
     assert finding.sites == {(Side.LEFT, Site.KNEE)}
     legs = measure_leg_alignment(sided, finding)
     assert legs[Side.LEFT].landmark("tibial_knee_centre") is None
@@ -153,5 +160,5 @@ def test_a_phantom_total_knee_blocks_its_knee_and_a_tibial_plate_nothing() -> No
 
     plate, plated = _phantom(1, "lower_legs")
     assert plate.geometry["implant"] == {"type": "tibial_plate", "side": "right"}
-    assert metal_mask(plate.image).sum() * 8.0 > 2000  # over 2 ml of plate and screws
-    assert find_implants(plated, metal_mask(plate.image)) == ImplantFinding()
+    assert (plate.image.array >= METAL_HU).sum() * 8.0 > 2000  # over 2 ml of plate and screws
+    assert find_implants(plated, plate.image) == ImplantFinding()

@@ -48,6 +48,7 @@ from model.measure import (
     FemoralAngles,
     HipParameters,
     LegAlignment,
+    find_implants,
     measure_femoral_angles,
     measure_hip_parameters,
     measure_leg_alignment,
@@ -55,6 +56,7 @@ from model.measure import (
 from model.volume_io import Volume
 from tests.support import VIEWER, PhantomSeries, dciodvfy_errors, require_dcmjs
 from tests.test_hip_measure import synthetic_pelvis
+from tests.test_implants import metal_ball
 from tests.test_key_image import pixels_of
 from tests.test_measure import synthetic_leg
 
@@ -122,6 +124,24 @@ def hips(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "hips": hip,
         "path": path,
     }
+
+
+@pytest.fixture(scope="module")
+def implanted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The synthetic pelvis with a metal ball in the right femoral head: the right hip's
+    parameters and femoral angles not measurable for the implant, the left's made."""
+    labels = synthetic_pelvis()
+    directory = tmp_path_factory.mktemp("implanted")
+    seg, _ = _leg_case(directory, labels, "sr-implanted")
+    right_head = np.array([-100.0, 0.0, 0.0])  # where synthetic_pelvis puts it
+    implants = find_implants(labels, metal_ball(labels, right_head, 15.0))
+    alignments = measure_leg_alignment(labels, implants)
+    femoral = measure_femoral_angles(labels, alignments, implants)
+    hip = measure_hip_parameters(labels, alignments, femoral, implants)
+    path = directory / "sr.dcm"
+    writer = SrWriter(ALGORITHM, which=(*BOTH, "hip"))
+    save_dicom(writer.write(seg, alignments, femoral=femoral, hips=hip), path)
+    return {"seg": seg, "alignments": alignments, "femoral": femoral, "hips": hip, "path": path}
 
 
 def _leg_group(
@@ -284,6 +304,26 @@ def test_the_hip_parameters_read_back_as_measured(hips: dict) -> None:
         assert entry["lateral_centre_edge"]["value"] == round(hip.lateral_centre_edge.value, 3)
         assert "asis" in entry["landmarks_mm"]
     assert clock_text(12.5) == "12:30" and clock_text(3.0) == "3:00"
+
+
+def test_a_metal_implant_reads_back_as_the_reason(implanted: dict) -> None:
+    """The SR says why each measurement of the implanted hip is missing; the summary too."""
+    _check_report(
+        implanted["path"],
+        implanted["seg"],
+        implanted["alignments"],
+        implanted["femoral"],
+        implanted["hips"],
+    )
+    group = _leg_group(hd.sr.srread(implanted["path"]).content, Side.RIGHT)
+    metal = "not measurable (metal implant at the right femoral head)"
+    for concept in (codes.FEMORAL_INCLINATION, codes.ACETABULAR_COVERAGE, codes.ALPHA_ANGLE):
+        assert f"{concept.meaning}: {metal}" in _reasons(group)
+    made = _leg_group(hd.sr.srread(implanted["path"]).content, Side.LEFT).get_measurements()
+    assert codes.ACETABULAR_COVERAGE.value in {m.name.value for m in made}
+    summary = measurements_summary(implanted["alignments"], implanted["femoral"], implanted["hips"])
+    assert summary["right"]["alpha"]["reason"] == "metal implant at the right femoral head"
+    assert dciodvfy_errors(implanted["path"]) == []
 
 
 def test_dciodvfy_finds_no_error(measured: dict, cut: dict, hips: dict) -> None:

@@ -35,7 +35,6 @@ from model.measure import (
     measure_femoral_angles,
     measure_hip_parameters,
     measure_leg_alignment,
-    metal_mask,
 )
 from model.volume_io import Volume
 
@@ -204,7 +203,7 @@ def _measure(
     the segmentation is on the CT's grid) is not measurable, with that reason."""
     t = time.perf_counter()
     try:
-        implants = find_implants(sided, metal_mask(ct)) if writer.which else None
+        implants = find_implants(sided, ct) if writer.which else None
         alignments = measure_leg_alignment(sided, implants) if writer.which else {}
         femoral = (
             measure_femoral_angles(sided, legs=alignments, implants=implants)

@@ -13,7 +13,7 @@ docs/measurements.md defines the landmarks and angles.
 from model.measure.alignment import measure_leg, measure_leg_alignment
 from model.measure.femur import measure_femoral_angles
 from model.measure.hip import measure_hip_parameters
-from model.measure.implants import ImplantFinding, Site, find_implants, metal_mask
+from model.measure.implants import ImplantFinding, Site, find_implants
 from model.measure.results import (
     FemoralAngles,
     HipParameters,
@@ -35,5 +35,4 @@ __all__ = [
     "measure_hip_parameters",
     "measure_leg",
     "measure_leg_alignment",
-    "metal_mask",
 ]

@@ -7,7 +7,7 @@ silently wrong. :func:`find_implants` says, per side, which measurement sites ca
 (:class:`Site`); the measurements (:mod:`.alignment`, :mod:`.femur`, :mod:`.hip`) report what
 depends on such a site as not measurable, with the reason (:meth:`ImplantFinding.reason`).
 
-Metal is the CT at or above METAL_HU (:func:`metal_mask`), in pieces (26-connected) of at least
+Metal is the CT at or above METAL_HU, in pieces (26-connected) of at least
 MIN_PIECE_ML; pieces within JOINT_REACH_MM of one another are one implant (the metal parts of
 a total joint, across the plastic between them). An implant is at a joint when it comes within
 JOINT_REACH_MM of bones on both sides of the joint space, so a nail or plate in a shaft, away
@@ -36,6 +36,8 @@ MIN_PIECE_ML = 0.2
 JOINT_REACH_MM = 15.0
 # Metal this close to a bone lies in it or on its surface (a voxel or two at CT spacings).
 ON_BONE_MM = 5.0
+# Slices thresholded at a time to find the metal: a mask of a whole-leg scan would be 400 MB.
+SLAB_SLICES = 32
 JOINT_BONES = (Bone.FEMUR, Bone.HIP_BONE, Bone.TIBIA, Bone.FIBULA, Bone.TALUS)
 _JOINT_LABELS = {sided_label(bone, side): (side, bone) for side in Side for bone in JOINT_BONES}
 
@@ -69,22 +71,17 @@ class ImplantFinding:
         return f"metal implant at the {side.name.lower()} {site.value}"
 
 
-def metal_mask(ct: Volume) -> np.ndarray:
-    """The CT's voxels at or above METAL_HU (boolean, the CT's grid)."""
-    return np.asarray(ct.array >= METAL_HU)
-
-
-def find_implants(sided: Volume, metal: np.ndarray) -> ImplantFinding:
+def find_implants(sided: Volume, ct: Volume) -> ImplantFinding:
     """The sites of the sided label map (``model.labels.sided_label`` values) that the metal
-    (a boolean mask on the same grid, `metal_mask`) occupies: for each implant (pieces of
+    of the CT on the same grid (HU at or above METAL_HU) occupies: for each implant (pieces of
     MIN_PIECE_ML or more, those within JOINT_REACH_MM of one another together), each joint
     whose bones on both sides of the joint space it comes within JOINT_REACH_MM of (`_sites`)."""
-    if metal.shape != sided.array.shape:
-        raise ValueError(f"metal mask {metal.shape} is not on the label map's grid")
-    box = _bounding_box(metal)
+    if ct.array.shape != sided.array.shape:
+        raise ValueError(f"the CT {ct.array.shape} is not on the label map's grid")
+    box = _metal_box(ct.array)
     if box is None:
         return ImplantFinding()
-    pieces = cc3d.connected_components(metal[box], connectivity=26)
+    pieces = cc3d.connected_components(ct.array[box] >= METAL_HU, connectivity=26)
     voxel_ml = float(np.prod(sided.spacing)) / 1000.0
     sizes_ml = np.bincount(pieces.ravel()) * voxel_ml
     kept = [int(piece) for piece in np.flatnonzero(sizes_ml >= MIN_PIECE_ML) if piece > 0]
@@ -97,7 +94,7 @@ def find_implants(sided: Volume, metal: np.ndarray) -> ImplantFinding:
         assert local is not None
         crop = tuple(
             slice(max(s.start + o - m, 0), min(s.stop + o + m, n))
-            for s, o, m, n in zip(local, start, margin, metal.shape, strict=True)
+            for s, o, m, n in zip(local, start, margin, ct.array.shape, strict=True)
         )
         contacts[piece] = _contacts(sided, _on_crop(pieces, start, crop), piece, crop)
     group = {piece: piece for piece in kept}  # union-find: pieces near one another are one
@@ -182,15 +179,23 @@ def _sites(near: set[Bone], on: set[Bone]) -> set[Site]:
     return sites
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box holding every True voxel, or None when there is none."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
+def _metal_box(hu: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (z, y, x) holding every voxel at or above METAL_HU, or None when there
+    is none; SLAB_SLICES at a time."""
+    lows, highs = [], []
+    for z in range(0, hu.shape[0], SLAB_SLICES):
+        slab = hu[z : z + SLAB_SLICES] >= METAL_HU
+        if not slab.any():
+            continue
+        hits = [np.flatnonzero(slab.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+        lows.append([z + hits[0][0], hits[1][0], hits[2][0]])
+        highs.append([z + hits[0][-1] + 1, hits[1][-1] + 1, hits[2][-1] + 1])
+    if not lows:
+        return None
+    return tuple(
+        slice(int(low), int(high))
+        for low, high in zip(np.min(lows, axis=0), np.max(highs, axis=0), strict=True)
+    )
 
 
 def _on_crop(pieces: np.ndarray, start: np.ndarray, crop: tuple[slice, ...]) -> np.ndarray:
