@@ -41,8 +41,8 @@ def measure_hip_parameters(
     """Each leg's hip parameters (the legs of ``legs``, `measure_leg_alignment`'s, and the
     neck axes of ``femoral``, `measure_femoral_angles`'s; measured here when not given).
     ``implants``: the sites with metal (`model.measure.implants.find_implants`); a femoral
-    head's leaves the hip without a head (so none of its parameters, and the pelvic frame
-    on the other hip bone alone), an acetabulum's without a cup."""
+    head's leaves the hip without a head (so none of its parameters; the metal stands in for
+    the head to place the pelvic frame's landmarks), an acetabulum's without a cup."""
     implants = ImplantFinding() if implants is None else implants
     legs = measure_leg_alignment(sided, implants) if legs is None else legs
     femoral = measure_femoral_angles(sided, legs, implants) if femoral is None else femoral

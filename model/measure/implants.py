@@ -7,9 +7,9 @@ silently wrong. :func:`find_implants` says, per side, which measurement sites ca
 (:class:`Site`); the measurements (:mod:`.alignment`, :mod:`.femur`, :mod:`.hip`) report what
 depends on such a site as not measurable, with the reason (:meth:`ImplantFinding.reason`).
 
-Metal is the CT at or above METAL_HU, in pieces (26-connected) of at least
-MIN_PIECE_ML; pieces within JOINT_REACH_MM of one another are one implant (the metal parts of
-a total joint, across the plastic between them). An implant is at a joint when it comes within
+Metal is the CT at or above METAL_HU, in pieces (26-connected) of at least MIN_PIECE_ML;
+pieces within JOINT_REACH_MM of one another are one implant (the metal parts of a total
+joint, across the plastic between them). An implant is at a joint when it comes within
 JOINT_REACH_MM of bones on both sides of the joint space, so a nail or plate in a shaft, away
 from the joints, blocks nothing. docs/measurements.md ("Implants") gives the reasons.
 """
@@ -62,6 +62,7 @@ class ImplantFinding:
     hip_metal_mm: tuple[tuple[Side, tuple[float, float, float]], ...] = ()
 
     def hip_metal(self, side: Side) -> np.ndarray | None:
+        """``hip_metal_mm`` of ``side``, or None."""
         return next((np.asarray(p) for s, p in self.hip_metal_mm if s is side), None)
 
     def reason(self, side: Side, site: Site) -> str | None:
