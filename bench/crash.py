@@ -1,6 +1,7 @@
 """Crash benchmark: the daemon SIGKILLed at random moments over many rounds.
 
-    python -m bench.crash [--rounds 20] [--series 2] [--seed N] [--out bench/results/crash.json]
+    python -m bench.crash [--rounds 20] [--series 2] [--seed N] [--receive-processes 1]
+                          [--out bench/results/crash.json]
 
 After one uninterrupted round (which times a round), each round sends `--series` different
 small phantom series (two hips, a knee and an ankle in turn, about 150 slices each; the same
@@ -8,7 +9,9 @@ phantoms under new study, series and instance UIDs every round) from as many con
 storescu processes into one `dicom-node serve` that delivers its SEGs to a real Orthanc. At a
 random moment, drawn from the whole time a round takes (transfer, completion wait, inference,
 SEG writing, delivery), the daemon is SIGKILLed (its worker dies with it) and started again;
-the senders resend what they were not told was stored, as a scanner does.
+the senders resend what they were not told was stored, as a scanner does. With
+`--receive-processes N` the node receives in N processes sharing its port (`[node]
+receive_processes`): they die with the daemon, and its restart records what they had spooled.
 
 Checked after every restart: every instance a sender was told is stored (storescu -v prints
 one "Received Store Response (Success)" per acknowledged instance, in the order sent) is in
@@ -118,7 +121,9 @@ def phase_of(senders: list[Sender], current: dict[str, str | None]) -> str:
     return "finished"
 
 
-def run(workdir: Path, rounds: int, series_per_round: int, seed: int) -> dict:
+def run(
+    workdir: Path, rounds: int, series_per_round: int, seed: int, receive_processes: int = 1
+) -> dict:
     rng = random.Random(seed)
     phantoms = [
         sorted(write_phantom(workdir / f"phantom-{s}", seed=s, size="small")["ct"].iterdir())
@@ -126,7 +131,11 @@ def run(workdir: Path, rounds: int, series_per_round: int, seed: int) -> dict:
     ]
     pacs = OrthancProcess(workdir / "orthanc").start()
     destination = pacs.destination()
-    node = NodeProcess(workdir / "node", extra_config=destination_toml(destination, **DELIVERY))
+    node = NodeProcess(
+        workdir / "node",
+        extra_config=destination_toml(destination, **DELIVERY),
+        receive_processes=receive_processes,
+    )
     violations: list[str] = []
     phases: Counter[str] = Counter()
     sent: dict[str, int] = {}  # series UID -> instances
@@ -233,13 +242,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--series", type=int, default=2)
     parser.add_argument("--seed", type=int, default=20261124)
+    parser.add_argument("--receive-processes", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-crash-") as workdir:
-        result = run(Path(workdir), args.rounds, args.series, args.seed)
+        result = run(Path(workdir), args.rounds, args.series, args.seed, args.receive_processes)
     result = {
         "benchmark": "crash",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "receive_processes": args.receive_processes,
         **result,
         "machine": machine(),
         "note": "small phantom series (synthetic); real node, real Orthanc, DCMTK storescu",

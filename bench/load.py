@@ -1,7 +1,8 @@
 """Load benchmark: concurrent senders into one node, with and without a segmentation running;
 stored once, grouped, processed, memory.
 
-    python -m bench.load [--senders 8] [--slices 300] [--size 256] [--out bench/results/load.json]
+    python -m bench.load [--senders 8] [--slices 300] [--size 256] [--receive-processes 1 2]
+                         [--out bench/results/load.json]
 
 Every sender is a DCMTK storescu process (one association, TCP_NODELAY=1) sending its own
 300-slice series. Two nodes, one after the other:
@@ -14,6 +15,9 @@ Every sender is a DCMTK storescu process (one association, TCP_NODELAY=1) sendin
    sends its own series and then sends it again. Reception, grouping by series, completion,
    selection, segmentation, SEG written (no destination configured).
 
+Both run once for each `--receive-processes` value (`[node] receive_processes`: the daemon
+alone, or with receiving processes sharing its port), on the same series.
+
 The series are synthetic legs (two soft-tissue cylinders with a cortical ring and marrow,
 noise, drifting along z), 256 x 256 pixels of 0.5 mm and 0.5 mm slices: a 128 mm field of
 view, so that the worker segments each in seconds on CPU (the model resamples everything to
@@ -22,8 +26,9 @@ view, so that the worker segments each in seconds on CPU (the model resamples ev
 Checked: every storescu succeeded; database instances == unique SOP Instance UIDs sent ==
 spool files; each series holds exactly its slices; every series reached a final state.
 Measured: reception throughput (bytes sent over the senders' wall time), time until every
-series was complete and final, peak RSS of the daemon and of its children (the worker),
-sampled every 0.2 s with psutil, and the daemon's peak thread count.
+series was complete and final, peak RSS of the daemon, of its receiving processes and of its
+other children (the worker), sampled every 0.2 s with psutil, and the daemon's peak thread
+count.
 """
 
 from __future__ import annotations
@@ -80,10 +85,13 @@ def legs(seed: int, slices: int, size: int) -> np.ndarray:
 
 @dataclass
 class Sampler:
-    """Peak RSS of a process and of its children, and its peak thread count, in a thread."""
+    """Peak RSS of a process, of its receiving processes (`receivers`' pids) and of its other
+    children, and its peak thread count, in a thread."""
 
     pid: int
+    receivers: frozenset[int] = frozenset()
     peak_daemon: int = 0
+    peak_receivers: int = 0
     peak_children: int = 0
     peak_total: int = 0
     peak_threads: int = 0
@@ -107,15 +115,19 @@ class Sampler:
             try:
                 daemon = process.memory_info().rss
                 threads = process.num_threads()
-                children = 0
+                receivers = children = 0
                 for child in process.children(recursive=True):
                     with contextlib.suppress(psutil.Error):  # a child that just ended
-                        children += child.memory_info().rss
+                        if child.pid in self.receivers:
+                            receivers += child.memory_info().rss
+                        else:
+                            children += child.memory_info().rss
             except psutil.Error:
                 return
             self.peak_daemon = max(self.peak_daemon, daemon)
+            self.peak_receivers = max(self.peak_receivers, receivers)
             self.peak_children = max(self.peak_children, children)
-            self.peak_total = max(self.peak_total, daemon + children)
+            self.peak_total = max(self.peak_total, daemon + receivers + children)
             self.peak_threads = max(self.peak_threads, threads)
             self.samples += 1
 
@@ -156,10 +168,18 @@ def send_together(
     return results, started, threads
 
 
-def reception_alone(folders: list[Path], work: Path) -> dict[str, Any]:
+def receiver_pids(node: NodeProcess) -> frozenset[int]:
+    return frozenset(json.loads((node.data_dir / "node.pid").read_text())["receivers"])
+
+
+def reception_alone(folders: list[Path], work: Path, processes: int) -> dict[str, Any]:
     """Phase 1: the last folder sent alone, then the others together, into a node that
     segments nothing meanwhile; MB/s of each, and every instance recorded once."""
-    node = NodeProcess(work / "node-receive", complete_after_s=600).start()
+    node = NodeProcess(
+        work / f"node-receive-{processes}", complete_after_s=600, receive_processes=processes
+    ).start()
+    assert node.process is not None
+    sampler = Sampler(node.process.pid, receiver_pids(node)).start()
     rates: dict[str, Any] = {}
     try:
         for name, batch in (("one_sender", folders[-1:]), ("senders_together", folders[:-1])):
@@ -172,17 +192,33 @@ def reception_alone(folders: list[Path], work: Path) -> dict[str, Any]:
             assert all(code == 0 for code, _, _ in results.values()), results
             rates[name] = {"senders": len(batch), "seconds": round(seconds, 2)}
             rates[name]["mb_per_s"] = round(megabytes / seconds, 1)
-            print(f"reception alone, {name}: {megabytes / seconds:.1f} MB/s", flush=True)
+            print(
+                f"receive_processes {processes}, reception alone, {name}: "
+                f"{megabytes / seconds:.1f} MB/s",
+                flush=True,
+            )
         recorded = len(node.db_instances())
-        spooled = len(node.spool_files())
+        files = len(node.spool_files())
     finally:
+        sampler.stop()
         node.stop()
     sent = sum(len(list(f.iterdir())) for f in folders)
     rates["together_vs_one"] = round(
         rates["senders_together"]["mb_per_s"] / rates["one_sender"]["mb_per_s"], 2
     )
-    rates["every_instance_recorded_once"] = recorded == spooled == sent
+    rates["peak_rss_mb"] = peak_rss(sampler)
+    rates["every_instance_recorded_once"] = recorded == files == sent
     return rates
+
+
+def peak_rss(sampler: Sampler) -> dict[str, int]:
+    mib = 2**20
+    return {
+        "daemon": round(sampler.peak_daemon / mib),
+        "receiving_processes": round(sampler.peak_receivers / mib),
+        "worker": round(sampler.peak_children / mib),
+        "total": round(sampler.peak_total / mib),
+    }
 
 
 def series_rows(database: Path) -> list[tuple[str, str, int, str | None]]:
@@ -192,17 +228,114 @@ def series_rows(database: Path) -> list[tuple[str, str, int, str | None]]:
         )
 
 
+def whole_pipeline(
+    folders: list[Path], first: Path, work: Path, args: argparse.Namespace, processes: int
+) -> dict[str, Any]:
+    """Phase 2: the senders together while a first series segments, into a node that runs
+    everything; what it took, what it checked, memory and threads."""
+    sent_uids = {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for folder in [*folders, first]
+        for p in folder.iterdir()
+    }
+    megabytes = sum(p.stat().st_size for f in folders for p in f.iterdir()) / 1e6
+    node = NodeProcess(
+        work / f"node-{processes}", complete_after_s=5, receive_processes=processes
+    ).start()
+    assert node.process is not None
+    sampler = Sampler(node.process.pid, receiver_pids(node)).start()
+    try:
+        first_uid = node.send_series(first)
+        node.wait_for_db_state(first_uid, {"segmenting"}, args.timeout)
+        jobs = [
+            (f"SENDER{i}", folder, 2 if i == args.senders else 1)  # the re-sender: twice
+            for i, folder in enumerate(folders)
+        ]
+        threads_at_start = psutil.Process(node.process.pid).num_threads()
+        results, started, threads = send_together(node.port, jobs, work)
+        segmenting_at_start = node.db_state(first_uid) == "segmenting"
+        # Polled while the senders send: a series completes 5 s after its last new
+        # instance, whatever the others do (the re-sent duplicates do not count).
+        reception_s = complete_s = final_s = None
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            now = time.perf_counter() - started
+            if reception_s is None and not any(t.is_alive() for t in threads):
+                reception_s = now  # to within a poll; exact below
+                print(f"received in {reception_s:.1f} s", flush=True)
+            rows = series_rows(node.data_dir / "node.db")
+            states = [state for _, state, _, _ in rows]
+            grouped = len(rows) == len(folders) + 1
+            if complete_s is None and grouped and "receiving" not in states:
+                complete_s = now
+            if reception_s is not None and grouped and all(s in FINAL for s in states):
+                final_s = now
+                break
+            time.sleep(0.5)
+        for thread in threads:
+            thread.join()
+        reception_s = max(end for _, _, end in results.values()) - started  # exact
+        rows = series_rows(node.data_dir / "node.db")
+        with sqlite3.connect(node.data_dir / "node.db") as db:
+            recorded = {uid for (uid,) in db.execute("SELECT sop_instance_uid FROM instances")}
+        spool_files = len(node.spool_files())
+        threads_at_end = psutil.Process(node.process.pid).num_threads()
+    finally:
+        sampler.stop()
+        node.stop()
+
+    failed_senders = {i: code for i, (code, _, _) in results.items() if code != 0}
+    checks = {
+        "every_sender_succeeded": not failed_senders,
+        "database_equals_unique_sent": recorded == sent_uids,
+        "spool_files_equal_unique_sent": spool_files == len(sent_uids),
+        "each_series_holds_its_slices": all(count == args.slices for _, _, count, _ in rows),
+        "every_series_grouped": len(rows) == len(folders) + 1,
+        "every_series_final": final_s is not None,
+        "a_segmentation_ran_as_the_senders_started": segmenting_at_start,
+    }
+    mb_per_s = (megabytes + megabytes / len(folders)) / reception_s
+    return {
+        "reception_s": round(reception_s, 1),
+        "mb_per_s": round(mb_per_s, 1),
+        "instances_per_s": round((len(sent_uids) + args.slices) / reception_s, 1),
+        "sender_seconds": {aet: round(s, 1) for aet, (_, s, _) in sorted(results.items())},
+        "all_complete_s": None if complete_s is None else round(complete_s, 1),
+        "all_final_s": None if final_s is None else round(final_s, 1),
+        "series_states": {uid[-12:]: [state, reason] for uid, state, _, reason in rows},
+        "database_instances": len(recorded),
+        "spool_files": spool_files,
+        "checks": checks,
+        "failed_senders": failed_senders,
+        "peak_rss_mb": peak_rss(sampler),
+        "daemon_threads": {
+            "before": threads_at_start,
+            "peak": sampler.peak_threads,
+            "at_end": threads_at_end,
+        },
+        "rss_samples": sampler.samples,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--receive-processes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="[node] receive_processes: the benchmark runs once for each value",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="for everything to settle")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if shutil.which("storescu") is None:
         sys.exit("storescu not found: make system-deps installs DCMTK")
 
+    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
         folders = []
@@ -219,70 +352,20 @@ def main() -> None:
             folders.append(folder)
         print(f"wrote {len(folders)} series in {time.perf_counter() - t:.0f} s", flush=True)
         *folders, first = folders
-        alone = reception_alone(folders, work)
-        sent_uids = {
-            str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-            for folder in [*folders, first]
-            for p in folder.iterdir()
-        }
         megabytes = sum(p.stat().st_size for f in folders for p in f.iterdir()) / 1e6
+        for processes in args.receive_processes:
+            alone = reception_alone(folders, work, processes)
+            run = whole_pipeline(folders, first, work, args, processes)
+            run["checks"]["reception_alone_recorded_once"] = alone.pop(
+                "every_instance_recorded_once"
+            )
+            one_sender = alone["one_sender"]["mb_per_s"]
+            runs[str(processes)] = {
+                "reception_alone": alone,
+                **run,
+                "mb_per_s_vs_one_sender_alone": round(run["mb_per_s"] / one_sender, 2),
+            }
 
-        node = NodeProcess(work / "node", complete_after_s=5).start()
-        assert node.process is not None
-        sampler = Sampler(node.process.pid).start()
-        try:
-            first_uid = node.send_series(first)
-            node.wait_for_db_state(first_uid, {"segmenting"}, args.timeout)
-            jobs = [
-                (f"SENDER{i}", folder, 2 if i == args.senders else 1)  # the re-sender: twice
-                for i, folder in enumerate(folders)
-            ]
-            threads_at_start = psutil.Process(node.process.pid).num_threads()
-            results, started, threads = send_together(node.port, jobs, work)
-            segmenting_at_start = node.db_state(first_uid) == "segmenting"
-            # Polled while the senders send: a series completes 5 s after its last new
-            # instance, whatever the others do (the re-sent duplicates do not count).
-            reception_s = complete_s = final_s = None
-            deadline = time.monotonic() + args.timeout
-            while time.monotonic() < deadline:
-                now = time.perf_counter() - started
-                if reception_s is None and not any(t.is_alive() for t in threads):
-                    reception_s = now  # to within a poll; exact below
-                    print(f"received in {reception_s:.1f} s", flush=True)
-                rows = series_rows(node.data_dir / "node.db")
-                states = [state for _, state, _, _ in rows]
-                grouped = len(rows) == len(folders) + 1
-                if complete_s is None and grouped and "receiving" not in states:
-                    complete_s = now
-                if reception_s is not None and grouped and all(s in FINAL for s in states):
-                    final_s = now
-                    break
-                time.sleep(0.5)
-            for thread in threads:
-                thread.join()
-            reception_s = max(end for _, _, end in results.values()) - started  # exact
-            rows = series_rows(node.data_dir / "node.db")
-            with sqlite3.connect(node.data_dir / "node.db") as db:
-                recorded = {uid for (uid,) in db.execute("SELECT sop_instance_uid FROM instances")}
-            spool_files = len(list((node.data_dir / "spool").iterdir()))
-            threads_at_end = psutil.Process(node.process.pid).num_threads()
-        finally:
-            sampler.stop()
-            node.stop()
-
-    failed_senders = {i: code for i, (code, _, _) in results.items() if code != 0}
-    checks = {
-        "every_sender_succeeded": not failed_senders,
-        "database_equals_unique_sent": recorded == sent_uids,
-        "spool_files_equal_unique_sent": spool_files == len(sent_uids),
-        "each_series_holds_its_slices": all(count == args.slices for _, _, count, _ in rows),
-        "every_series_grouped": len(rows) == len(folders) + 1,
-        "every_series_final": final_s is not None,
-        "reception_alone_recorded_once": alone.pop("every_instance_recorded_once"),
-        "a_segmentation_ran_as_the_senders_started": segmenting_at_start,
-    }
-    mb_per_s = (megabytes + megabytes / len(folders)) / reception_s
-    mib = 2**20
     result: dict[str, Any] = {
         "benchmark": "load",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -295,35 +378,15 @@ def main() -> None:
             "columns": args.size,
             "spacing_mm": SPACING_MM,
             "mb_distinct": round(megabytes, 1),
-            "instances_sent": len(sent_uids) + args.slices,
-            "unique_instances": len(sent_uids),
+            "instances_sent": (len(folders) + 2) * args.slices,
+            "unique_instances": (len(folders) + 1) * args.slices,
         },
         "sender": "DCMTK storescu, one association each, all started together, TCP_NODELAY=1",
-        "reception_alone": alone,
-        "reception_s": round(reception_s, 1),
-        "mb_per_s": round(mb_per_s, 1),
-        "mb_per_s_vs_one_sender_alone": round(mb_per_s / alone["one_sender"]["mb_per_s"], 2),
-        "instances_per_s": round((len(sent_uids) + args.slices) / reception_s, 1),
-        "sender_seconds": {aet: round(s, 1) for aet, (_, s, _) in sorted(results.items())},
-        "all_complete_s": None if complete_s is None else round(complete_s, 1),
-        "all_final_s": None if final_s is None else round(final_s, 1),
-        "series_states": {uid[-12:]: [state, reason] for uid, state, _, reason in rows},
-        "database_instances": len(recorded),
-        "spool_files": spool_files,
-        "checks": checks,
-        "failed_senders": failed_senders,
-        "peak_rss_mb": {
-            "daemon": round(sampler.peak_daemon / mib),
-            "children": round(sampler.peak_children / mib),
-            "total": round(sampler.peak_total / mib),
-        },
-        "daemon_threads": {
-            "before": threads_at_start,
-            "peak": sampler.peak_threads,
-            "at_end": threads_at_end,
-        },
-        "rss_samples": sampler.samples,
+        "receive_processes": runs,
         "notes": [
+            "receive_processes: [node] receive_processes, one run of everything per value on "
+            "the same series (1: the daemon alone; N: the daemon and N - 1 processes sharing "
+            "its port, SO_REUSEPORT)",
             "reception_alone: a node that segments nothing meanwhile; one sender on its own, "
             "then the eight together, each its own series",
             "the rest: a node running the whole pipeline; the nine senders start once a first "
@@ -333,16 +396,19 @@ def main() -> None:
             "all_complete_s: from the start until every series had completed (none "
             "receiving; complete_after_s is 5 s); all_final_s: until every series was done, "
             "no_findings, skipped or failed",
-            "children: the inference worker (and multiprocessing's resource tracker)",
+            "peak_rss_mb: sampled every 0.2 s; worker: the daemon's other children (the "
+            "inference worker, multiprocessing's resource tracker)",
             "one run, on a machine shared with other work",
         ],
         "machine": {**machine(), "load_average": os.getloadavg()},
     }
     write_result(args.out, result)
-    keys = ("reception_alone", "mb_per_s", "mb_per_s_vs_one_sender_alone", "all_final_s")
-    print(json.dumps({k: result[k] for k in keys}))
-    print(f"checks: {checks}; peak RSS {result['peak_rss_mb']}; written to {args.out}")
-    if not all(checks.values()):
+    for processes, run in runs.items():
+        keys = ("reception_alone", "mb_per_s", "mb_per_s_vs_one_sender_alone", "all_final_s")
+        print(f"receive_processes {processes}: {json.dumps({k: run[k] for k in keys})}")
+        print(f"checks: {run['checks']}; peak RSS {run['peak_rss_mb']}")
+    print(f"written to {args.out}")
+    if not all(all(run["checks"].values()) for run in runs.values()):
         sys.exit(1)
 
 

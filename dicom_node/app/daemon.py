@@ -13,11 +13,18 @@ appears once it listens, so "pid file present and its process alive" means "acce
 associations". Under systemd (`Type=notify`) it then says READY=1,
 and its scheduler pings the watchdog (`dicom_node.app.systemd`).
 
-Stop order: stop accepting, give associations in flight `SHUTDOWN_GRACE_S` to finish, abort
-the rest (an aborted C-STORE was never acknowledged, so the sender still has it), stop the
-segmentation (a series in flight is re-queued at the next start) and delivery (an attempt in
-flight is due again at the next start), stop the scheduler, remove the pid file; the HTTP
-endpoint goes last (`/readyz` answers 503 from the moment the DICOM port closes).
+With `[node] receive_processes` > 1 the daemon starts that many receiving processes less one
+beside its own reception, once the spool is consistent (every `receiver-*` folder recovered
+too) and before it listens; all share the DICOM port (`dicom_node.net.receivers`). The pid
+file lists their pids; its scheduler sweeps the database every second for series they
+received, and `/readyz` says whether they all run.
+
+Stop order: stop accepting (the receiving processes too), give associations in flight
+`net.access.SHUTDOWN_GRACE_S` to finish, abort the rest (an aborted C-STORE was never
+acknowledged, so the sender still has it), stop the segmentation (a series in flight is
+re-queued at the next start) and delivery (an attempt in flight is due again at the next
+start), stop the scheduler, remove the pid file; the HTTP endpoint goes last (`/readyz`
+answers 503 from the moment the DICOM port closes).
 """
 
 from __future__ import annotations
@@ -27,24 +34,22 @@ import logging
 import os
 import signal
 import threading
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 from apscheduler.schedulers.background import BackgroundScheduler
-from pynetdicom import AE
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.app.config import Config
 from dicom_node.app.systemd import SystemdNotifier
 from dicom_node.cluster.lease import LeaseKeeper
-from dicom_node.cluster.storage import NodeSpool
+from dicom_node.cluster.storage import node_spool
 from dicom_node.cluster.storage import results_dir as shared_results_dir
-from dicom_node.net.access import check_permissions, start_server
+from dicom_node.net.access import check_permissions, start_server, stop_server
 from dicom_node.net.receive import Reception, build_ae, event_handlers
+from dicom_node.net.receivers import Receivers, recover_all
 from dicom_node.net.tls import server_context
 from dicom_node.pipeline.completion import SeriesCompletion
 from dicom_node.pipeline.deliver import DeliveryStage
@@ -55,7 +60,7 @@ from dicom_node.pipeline.spool import Spool
 from dicom_node.pipeline.state import NodeState
 from dicom_node.pipeline.worker import InferenceWorker
 from dicom_node.web.dashboard import Dashboard
-from dicom_node.web.health import node_checks
+from dicom_node.web.health import CheckResult, node_checks
 from dicom_node.web.metrics import NodeMetrics
 from dicom_node.web.server import HttpEndpoint
 
@@ -67,7 +72,7 @@ log = logging.getLogger(__name__)
 PID_FILE = "node.pid"
 SPOOL_DIR = "spool"
 RESULTS_DIR = "results"
-SHUTDOWN_GRACE_S = 10.0
+SWEEP_S = 1.0  # with receiving processes: how often series they received get idle timers
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class DaemonInfo:
     bind: str
     port: int
     started_at: str  # ISO 8601, UTC
+    receivers: list[int] = field(default_factory=list)  # pids of the receiving processes
 
     def alive(self) -> bool:
         """The pid is running and is the process that wrote the file (pids get reused)."""
@@ -118,7 +124,7 @@ def serve(config: Config, config_path: Path | None = None) -> None:
     state = NodeState(node.database_url, cluster.owner)
     min_free = node.min_free_mb << 20  # the watermark, in bytes
     if cluster.enabled:  # a reception node: files on the shared path, workers elsewhere
-        spool: Spool = NodeSpool(cluster, min_free)
+        spool: Spool = node_spool(cluster, min_free)
         results_dir = shared_results_dir(cluster)
         worker = None
     else:
@@ -126,7 +132,16 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         results_dir = data_dir / RESULTS_DIR
         worker = InferenceWorker(config)
     scheduler = BackgroundScheduler(timezone=UTC)
-    metrics = NodeMetrics(state, spool, worker, [d.name for d in config.destinations])
+    receivers = Receivers(config, spool) if node.receive_processes > 1 else None
+    metrics = NodeMetrics(
+        state,
+        spool,
+        worker,
+        [d.name for d in config.destinations],
+        receivers.active_associations if receivers is not None else lambda: 0,
+    )
+    if receivers is not None:
+        metrics.registry.register(receivers.collector())
     http = None
     if config.http.enabled:
         dashboard = (
@@ -162,21 +177,29 @@ def serve(config: Config, config_path: Path | None = None) -> None:
         completion.resume()
         remove_orphans(state, results_dir)  # after `resume` requeued this node's attempts
         reception.recover()
+        recover_all(spool, state, completion.received)
         segmentation.start()
         delivery.start()
         schedule_retention(scheduler, state, spool, results_dir, config.retention)
         ae = build_ae(node)
         handlers = [*event_handlers(reception, node), *metrics.event_handlers()]
-        server = start_server(ae, node, handlers, ssl_context)
+        if receivers is not None:
+            scheduler.add_job(completion.sweep, "interval", seconds=SWEEP_S, id="sweep")
+            receivers.start(metrics)
+        server = start_server(ae, node, handlers, ssl_context, reuse_port=receivers is not None)
         if http is not None:
             address = f"{node.bind}:{node.port}"
             http.checks = node_checks(state, spool, data_dir, worker, scheduler, server, address)
+            if receivers is not None:
+                http.checks["receivers"] = lambda: _receivers_running(receivers)
         pid_file = data_dir / PID_FILE
         try:
             info = DaemonInfo(
                 os.getpid(), node.ae_title, node.bind, node.port, datetime.now(UTC).isoformat()
             )
-            pid_file.write_text(json.dumps(asdict(info)))
+            _write_pid_file(pid_file, info, receivers)
+            if receivers is not None:
+                receivers.on_replaced = lambda: _write_pid_file(pid_file, info, receivers)
             log.info(
                 "%s listening on %s:%d%s, data in %s",
                 node.ae_title,
@@ -191,8 +214,12 @@ def serve(config: Config, config_path: Path | None = None) -> None:
             log.info("stopping")
             systemd.stopping()
         finally:
-            _stop_server(ae, server)
+            if receivers is not None:
+                receivers.stop_accepting()  # their grace runs beside the daemon's own
+            stop_server(ae, server)
             reception.records.close()  # what the associations stored, recorded before stopping
+            if receivers is not None:
+                receivers.join()
             pid_file.unlink(missing_ok=True)
     finally:
         segmentation.stop()
@@ -206,11 +233,18 @@ def serve(config: Config, config_path: Path | None = None) -> None:
     log.info("stopped")
 
 
-def _stop_server(ae: AE, server: ThreadedAssociationServer) -> None:
-    server.shutdown()  # no new associations; those in flight carry on
-    deadline = time.monotonic() + SHUTDOWN_GRACE_S
-    while ae.active_associations and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for association in ae.active_associations:
-        log.warning("aborting an association from %s", association.requestor.ae_title)
-        association.abort()
+def _write_pid_file(path: Path, info: DaemonInfo, receivers: Receivers | None) -> None:
+    """Written whole under another name, then renamed: `status` never reads half of it."""
+    if receivers is not None:
+        info = replace(info, receivers=receivers.pids)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(asdict(info)))
+    partial.replace(path)
+
+
+def _receivers_running(receivers: Receivers) -> CheckResult:
+    running, expected = receivers.running(), receivers.count
+    return CheckResult(
+        running == expected,
+        f"{running} of {expected} receiving processes running (pids {receivers.pids})",
+    )

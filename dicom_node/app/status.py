@@ -97,6 +97,8 @@ def node_status(config: Config, limit: int = RECENT_SERIES) -> dict[str, Any]:
             "started_at": daemon.started_at,
             "uptime_s": round((datetime.now(UTC) - started).total_seconds(), 1),
         }
+        if daemon.receivers:  # [node] receive_processes > 1
+            status["receiver_pids"] = daemon.receivers
     counts: dict[str, int] = {}
     series: list[dict[str, Any]] = []
     if _has_database(config):
@@ -133,7 +135,11 @@ def render(status: dict[str, Any]) -> Group:
         )
     else:
         head = Text("not running", style="yellow")
-    lines = [head, Text(f"data: {status['data_dir']}")]
+    lines = [head]
+    if "receiver_pids" in status:
+        pids = ", ".join(str(pid) for pid in status["receiver_pids"])
+        lines.append(Text(f"receiving processes beside it: pids {pids}"))
+    lines.append(Text(f"data: {status['data_dir']}"))
     if "disk_bytes" in status:
         lines.append(
             Text(

@@ -31,13 +31,19 @@ def results_dir(cluster: ClusterConfig) -> Path:
     return Path(cluster.shared_dir) / RESULTS_DIR
 
 
-class NodeSpool(Spool):
-    """A reception node's own folder of the shared spool: it writes there, and names what it
-    writes by the path under the shared spool (`<node_id>/<uuid>.dcm`)."""
+def node_spool(cluster: ClusterConfig, min_free_bytes: int = 0) -> NodeSpool:
+    """A reception node's own folder of the shared spool, `<node_id>/`."""
+    return NodeSpool(Path(cluster.shared_dir) / SPOOL_DIR, cluster.owner, min_free_bytes)
 
-    def __init__(self, cluster: ClusterConfig, min_free_bytes: int = 0) -> None:
-        self.root = Path(cluster.shared_dir) / SPOOL_DIR
-        self.prefix = cluster.owner
+
+class NodeSpool(Spool):
+    """A folder of its own under a spool `root` that others write too (a reception node's
+    under the shared spool, a receiving process' under its node's): it writes there, and names
+    what it writes by the path under `root` (`<prefix>/<uuid>.dcm`)."""
+
+    def __init__(self, root: Path, prefix: str, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.prefix = prefix
         super().__init__(self.root / self.prefix, min_free_bytes)
 
     def path(self, name: str) -> Path:

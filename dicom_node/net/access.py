@@ -58,6 +58,8 @@ CONNECTIONS_PER_ASSOCIATION = 2
 PDU_OVERHEAD_BYTES = 1 << 16
 _READ_CHUNK_BYTES = 1 << 20  # per recv_into: a large PDU in a few system calls
 _REFUSALS_LOGGED_EVERY_S = 10.0  # a flood is one warning per interval, not one per connection
+# At stop, how long associations in flight may take to finish before they are aborted.
+SHUTDOWN_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ class NodeRequestHandler(RequestHandler):
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with what one peer can hold bounded (see the module
     docstring): a socket time-out, the TLS handshake off the accepting thread, a cap on open
-    connections."""
+    connections. With `reuse_port` its socket shares the port with the node's other
+    receiving processes (SO_REUSEPORT, Linux): the kernel hands each new connection to one
+    of them."""
 
     def __init__(
         self,
@@ -172,10 +176,12 @@ class NodeServer(ThreadedAssociationServer):
         *,
         max_connections: int,
         max_pdu_bytes: int,
+        reuse_port: bool = False,
     ) -> None:
         """As `AE.make_server` calls a server class, with the two bounds on top."""
         self.max_connections = max_connections
         self.max_pdu_bytes = max_pdu_bytes
+        self.reuse_port = reuse_port
         self._lock = threading.Lock()
         self._pending = 0  # accepted, association thread not started yet (TLS handshakes)
         self._refused = 0
@@ -189,6 +195,15 @@ class NodeServer(ThreadedAssociationServer):
             evt_handlers,
             request_handler=NodeRequestHandler,
         )
+
+    def server_bind(self) -> None:
+        """socketserver's step that binds (pynetdicom's sets SO_REUSEADDR there). Should
+        pynetdicom bind elsewhere, the node's second receiving process could not bind: its
+        start fails, and so does tests/test_receive_processes.py."""
+        if self.reuse_port:
+            assert self.socket is not None, "socketserver makes the socket before binding it"
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept, without a handshake: here it would block every later connection."""
@@ -266,10 +281,15 @@ def _tls_error(error: Exception) -> str:
 
 
 def start_server(
-    ae: AE, node: NodeConfig, evt_handlers: list, ssl_context: ssl.SSLContext | None = None
+    ae: AE,
+    node: NodeConfig,
+    evt_handlers: list,
+    ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> NodeServer:
     """What `ae.start_server(block=False)` does, with `NodeServer`, the access handlers and
-    TLS when `ssl_context` is given (pynetdicom's start_server takes no server class)."""
+    TLS when `ssl_context` is given (pynetdicom's start_server takes no server class);
+    `reuse_port`: the port is shared with the node's other receiving processes."""
     try:
         server = ae.make_server(
             (node.bind, node.port),
@@ -278,6 +298,7 @@ def start_server(
             server_class=NodeServer,
             max_connections=CONNECTIONS_PER_ASSOCIATION * node.max_associations,
             max_pdu_bytes=(node.max_instance_mb << 20) + PDU_OVERHEAD_BYTES,
+            reuse_port=reuse_port,
         )
     except PermissionError as refused:  # the CLI prints it as one line
         raise PermissionError(
@@ -289,6 +310,18 @@ def start_server(
     ae._servers.append(server)  # as start_server does: server.shutdown() removes it again
     threading.Thread(target=server.serve_forever, name="dicom-node-server", daemon=True).start()
     return server
+
+
+def stop_server(ae: AE, server: NodeServer) -> None:
+    """Stop accepting, give the associations in flight SHUTDOWN_GRACE_S to finish, abort the
+    rest (an aborted C-STORE was never acknowledged: the sender still has it)."""
+    server.shutdown()  # no new associations; those in flight carry on
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    while ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for association in ae.active_associations:
+        log.warning("aborting an association from %s", association.requestor.ae_title)
+        association.abort()
 
 
 def check_permissions(config: Config, config_path: Path | None) -> list[Path]:

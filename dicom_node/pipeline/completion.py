@@ -63,8 +63,20 @@ class SeriesCompletion:
         One timer per series, not one per instance: the timer checks the last arrival when it
         fires and waits again if needed, so a 1000-slice series costs a few timer firings.
         """
-        if self.scheduler.get_job(_timer_id(recorded.series_id)) is None:
-            self._schedule(recorded.series_id, self._deadline(recorded.last_received_at))
+        self._arm(recorded.series_id, recorded.last_received_at)
+
+    def sweep(self) -> None:
+        """Give an idle timer to each receiving series that has none: those whose instances
+        only another process recorded (the node's other receiving processes, `[node]
+        receive_processes`). Whichever process recorded the instances, the timer decides from
+        the database (`complete_if_idle` re-reads the last arrival), as the timers of a
+        cluster's reception nodes do for a series that each received part of."""
+        for series_id, last_received in self.state.receiving_series().items():
+            self._arm(series_id, last_received)
+
+    def _arm(self, series_id: int, last_received: datetime) -> None:
+        if self.scheduler.get_job(_timer_id(series_id)) is None:
+            self._schedule(series_id, self._deadline(last_received))
 
     def resume(self) -> None:
         """After a (re)start: requeue interrupted work, restart idle timers, redo selections

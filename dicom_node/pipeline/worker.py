@@ -10,13 +10,10 @@ the series as lost with the reason; the segmentation stage decides whether to re
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
 import resource
-import signal
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -24,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from dicom_node.app.children import die_with_parent
 from dicom_node.app.config import Config, UnsurePolicy
 from dicom_node.imaging.seg import AlgorithmInfo, SegWriter
 from dicom_node.imaging.sr import SrWriter
@@ -43,7 +41,6 @@ from model.engine.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Model loading takes seconds; a worker that is not ready after this is broken.
 START_TIMEOUT_S = 300.0
 
@@ -83,21 +80,6 @@ class LoadFailure:
     reason: str
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when the daemon dies.
-
-    Otherwise a daemon killed mid-inference leaves its worker running: it competes with the
-    restarted node's worker for the CPU and may write the SEG file the new worker is writing.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the worker ends at its next request
-        log.warning("worker: cannot ask to die with the daemon on this platform")
-    if os.getppid() == 1:  # the daemon died before prctl took effect
-        os._exit(1)
-
-
 def _limit_memory(memory_max_mb: int) -> None:
     """Cap this process' address space at `worker.memory_max_mb` (0: none), and make it the
     kernel's first choice in an out-of-memory kill: the worker, never the daemon, pays for a
@@ -129,7 +111,7 @@ def _serve(connection: Connection, config: Config, log_level: int = logging.INFO
     """The worker process: load the model, then answer requests until the pipe closes. It
     logs as the daemon does ([log] format, at the daemon's level: DEBUG with `-v`), and runs
     as a batch job for the scheduler (`_yield_to_reception`)."""
-    _die_with_parent()
+    die_with_parent()
     _yield_to_reception()
     _limit_memory(config.worker.memory_max_mb)
     setup_logging(config.log.format, log_level, process="worker")

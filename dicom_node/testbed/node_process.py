@@ -197,7 +197,10 @@ class NodeProcess:
         return str(dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
 
     def spool_files(self) -> set[str]:
-        return {p.name for p in (self.data_dir / "spool").iterdir()}
+        """Every file in the spool, by its path there (as the database names it): the
+        receiving processes' folders included (`[node] receive_processes`)."""
+        spool = self.data_dir / "spool"
+        return {str(p.relative_to(spool)) for p in spool.rglob("*") if p.is_file()}
 
 
 def destination_toml(destination: Destination, **delivery: Any) -> str:

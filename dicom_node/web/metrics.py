@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -67,7 +67,10 @@ class NodeMetrics:
         spool: Spool,
         worker: InferenceWorker | None,  # None: a cluster's reception node (no worker)
         destinations: Sequence[str] = (),
+        associations_elsewhere: Callable[[], int] = lambda: 0,
     ) -> None:
+        """`associations_elsewhere`: those in progress in the node's other receiving
+        processes (`net.receivers`), added to the daemon's own."""
         self.registry = CollectorRegistry()
         self._received = Counter(
             "dicom_node_instances_received",
@@ -120,7 +123,8 @@ class NodeMetrics:
         for name in destinations:
             self._attempts.labels(name)
             self._failures.labels(name)
-        self.registry.register(_ScrapeTimeCollector(state, spool, worker))
+        collector = _ScrapeTimeCollector(state, spool, worker, associations_elsewhere)
+        self.registry.register(collector)
 
     # PipelineObserver ----------------------------------------------------------------------
 
@@ -130,6 +134,17 @@ class NodeMetrics:
             self._bytes.inc(size_bytes)
         else:
             self._refused.labels(status_label(status)).inc()
+
+    def counted_elsewhere(
+        self, received: int, size_bytes: int, refused: Mapping[int, int], connections: int
+    ) -> None:
+        """What the node's other receiving processes counted since they last reported
+        (`net.receivers`): instances stored, their bytes, refusals by status, connections."""
+        self._received.inc(received)
+        self._bytes.inc(size_bytes)
+        for status, count in refused.items():
+            self._refused.labels(status_label(status)).inc(count)
+        self._associations.inc(connections)
 
     def stage_timed(self, stage: Stage, seconds: float) -> None:
         self._stage.labels(stage.value).observe(seconds)
@@ -158,17 +173,24 @@ class _ScrapeTimeCollector(Collector):
     """What is read from its source at each scrape. A source that fails (the database down)
     leaves its metrics out of that scrape, logged, instead of failing the whole scrape."""
 
-    def __init__(self, state: NodeState, spool: Spool, worker: InferenceWorker | None) -> None:
+    def __init__(
+        self,
+        state: NodeState,
+        spool: Spool,
+        worker: InferenceWorker | None,
+        associations_elsewhere: Callable[[], int],
+    ) -> None:
         self.state = state
         self.spool = spool
         self.worker = worker
+        self.associations_elsewhere = associations_elsewhere
 
     def collect(self) -> Iterable[Metric]:
         yield from self._series()
         yield GaugeMetricFamily(
             "dicom_node_associations_active",
             "Associations in progress on the DICOM port",
-            value=_associations_in_progress(),
+            value=_associations_in_progress() + self.associations_elsewhere(),
         )
         yield from self._disk()
         if self.worker is None:

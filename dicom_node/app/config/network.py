@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,12 @@ class NodeConfig:
     # file's folder (load_config makes it absolute).
     data_dir: str = "var"
     allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE
-    max_associations: int = 10
+    max_associations: int = 10  # per receiving process (see receive_processes)
+    # Processes that receive on the DICOM port (Linux: SO_REUSEPORT, the kernel spreads the
+    # associations across them), the daemon included: one Python process is CPU-bound on a
+    # few associations, so concurrent senders use more cores with more (dicom_node/net/
+    # receivers.py). 1: the daemon alone.
+    receive_processes: int = 1
     # Largest P-DATA PDU the node accepts (0: no limit). The sender splits each instance into
     # PDUs of at most this size, so small values cost throughput (pynetdicom's default 16382).
     max_pdu_size: int = 0
@@ -74,6 +80,13 @@ class NodeConfig:
             raise ConfigError("node.data_dir: must not be empty")
         if self.max_associations < 1:
             raise ConfigError(f"node.max_associations: must be >= 1, got {self.max_associations}")
+        if self.receive_processes < 1:
+            raise ConfigError(f"node.receive_processes: must be >= 1, got {self.receive_processes}")
+        if self.receive_processes > 1 and not sys.platform.startswith("linux"):
+            raise ConfigError(
+                "node.receive_processes: more than 1 needs Linux (processes sharing the DICOM "
+                f"port through SO_REUSEPORT); this is {sys.platform}"
+            )
         if self.max_instance_mb < 1:
             raise ConfigError(f"node.max_instance_mb: must be >= 1, got {self.max_instance_mb}")
         if self.max_pdu_size != 0 and not 4096 <= self.max_pdu_size <= 2**32 - 1:

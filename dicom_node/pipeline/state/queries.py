@@ -41,6 +41,13 @@ class Queries:
             span = series.last_received_at - series.first_received_at
             return SeriesFiles(series_id, series.generation, names, span.total_seconds())
 
+    def receiving_series(self) -> dict[int, datetime]:
+        """Each receiving series' last arrival, by id (for idle timers on series whose
+        instances another process recorded)."""
+        query = select(Series.id, Series.last_received_at).where(Series.state == _S.RECEIVING)
+        with self._session() as session:
+            return {series_id: last for series_id, last in session.execute(query)}
+
     def calling_peer(self, series_id: int) -> tuple[str, str]:
         """(calling AE title, host) of the series' sender, for reply_to_caller destinations."""
         with self._session() as session:
