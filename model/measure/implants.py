@@ -152,14 +152,29 @@ def _contacts(sided: Volume, ids: np.ndarray, piece: int, crop: tuple[slice, ...
             continue
         found.near.add((side, bone))
         if bone is Bone.HIP_BONE:
-            from_bone = ndimage.distance_transform_edt(labels != label, sampling=spacing)
-            index = np.argwhere((ids == piece) & (from_bone <= JOINT_REACH_MM))
-            offset = np.array([s.start for s in crop])
-            found.at_hip[side] = ((index + offset).sum(axis=0), len(index))
+            index = _within_reach(labels == label, ids == piece, distance, spacing)
+            found.at_hip[side] = ((index + [s.start for s in crop]).sum(axis=0), len(index))
     for other in np.unique(ids):
         if other not in (0, piece) and float(distance[ids == other].min()) <= JOINT_REACH_MM:
             found.pieces.add(int(other))
     return found
+
+
+def _within_reach(
+    bone: np.ndarray, piece: np.ndarray, distance: np.ndarray, spacing: np.ndarray
+) -> np.ndarray:
+    """The indices of the ``piece``'s voxels within JOINT_REACH_MM of the ``bone`` (masks on
+    one crop; ``distance`` the piece's distance map there). The bone's distance map is taken
+    only about the bone within reach of the piece: a stem's crop is large, the bone near it
+    small."""
+    reach = np.ceil(JOINT_REACH_MM / spacing).astype(int) + 1
+    near = np.argwhere(bone & (distance <= JOINT_REACH_MM))
+    box = tuple(
+        slice(max(int(low) - r, 0), int(high) + r + 1)
+        for low, high, r in zip(near.min(axis=0), near.max(axis=0), reach, strict=True)
+    )
+    from_bone = ndimage.distance_transform_edt(~bone[box], sampling=spacing)
+    return np.argwhere(piece[box] & (from_bone <= JOINT_REACH_MM)) + [s.start for s in box]
 
 
 def _sites(near: set[Bone], on: set[Bone]) -> set[Site]:
