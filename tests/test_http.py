@@ -9,7 +9,6 @@ that finds bones.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from model.engine.weights import DEFAULT_WEIGHTS, sidecar
 from model.volume_io import Volume
 from tests.support import ROOT
 from tests.support.disk import MIB, fill_to
+from tests.support.network import http_get
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -52,18 +52,8 @@ def _http_node(directory: Path, extra_config: str = "", **node: Any) -> tuple[No
     return NodeProcess(directory, extra_config=http + extra_config, **node), port
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
-
-
 def _readiness(port: int) -> tuple[int, dict[str, Any]]:
-    status, body = _get(port, "/readyz")
+    status, body = http_get(port, "/readyz")
     return status, json.loads(body)
 
 
@@ -79,7 +69,7 @@ def _wait_for_readiness(port: int, status: int, timeout: float = 60) -> dict[str
 
 
 def _scrape(port: int) -> Samples:
-    status, text = _get(port, "/metrics")
+    status, text = http_get(port, "/metrics")
     assert status == 200, text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -250,14 +240,14 @@ def test_readiness_fails_while_the_worker_is_down_and_recovers(tmp_path: Path) -
         report = _wait_for_readiness(port, 503)
         assert not report["checks"]["worker"]["ok"], report
         assert report["checks"]["scp"]["ok"]  # reception is untouched
-        status, body = _get(port, "/healthz")  # alive all the while
+        status, body = http_get(port, "/healthz")  # alive all the while
         assert status == 200 and json.loads(body)["status"] == "alive"
 
         report = _wait_for_readiness(port, 200)  # the supervisor replaced it
         assert node.worker_pid() != first_worker
         assert f"worker {node.worker_pid()} ready" == report["checks"]["worker"]["reason"]
         assert _value(_scrape(port), "dicom_node_worker_restarts_total") == 1
-        assert _get(port, "/nothing")[0] == 404
+        assert http_get(port, "/nothing")[0] == 404
     finally:
         assert node.stop() == 0, node.log.read_text()
     assert "died while idle (exit -9); restarting it" in node.log.read_text()

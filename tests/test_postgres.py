@@ -8,7 +8,6 @@ keeping its state there across a SIGKILL.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 import uuid
@@ -27,11 +26,11 @@ from sqlalchemy import create_engine, event, text
 from dicom_node.pipeline.spool import SpooledFile
 from dicom_node.pipeline.state import NodeState, ReceivedInstance, Recorded
 from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
-from dicom_node.testbed.node_process import NodeProcess, storescu, storescu_command
-from dicom_node.testbed.peers import PEER_ENV
+from dicom_node.testbed.node_process import NodeProcess, storescu
 from dicom_node.testbed.postgres import PostgresServer
 from model.volume_io import Volume
 from tests.support import require
+from tests.support.network import send_at_once
 
 PATIENT = PatientInfo(name="POSTGRES^TESTPATIENT", patient_id="PID-POSTGRES-0815")
 MIN_SLICES = 20  # the node's default series.min_slices: every series here has fewer
@@ -133,23 +132,6 @@ def _series(directory: Path, slices: int, seed: str) -> list[Path]:
     return write_ct_series(volume, directory / seed, patient=PATIENT, uid_seed=seed)
 
 
-def _send_at_once(port: int, associations: list[list[Path]]) -> None:
-    """One storescu per list of files, all started before any is waited for."""
-    senders = [
-        subprocess.Popen(
-            storescu_command(port, *files),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=PEER_ENV,
-        )
-        for files in associations
-    ]
-    for sender in senders:
-        output, _ = sender.communicate(timeout=60)
-        assert sender.returncode == 0, output
-
-
 def test_daemon_keeps_its_state_in_postgresql_across_a_sigkill(
     postgres: PostgresServer, tmp_path: Path
 ) -> None:
@@ -166,7 +148,7 @@ def test_daemon_keeps_its_state_in_postgresql_across_a_sigkill(
         associations += [files[seed][0::2], files[seed][1::2]]
     node = NodeProcess(tmp_path / "node", complete_after_s=2.0, database=url).start()
     try:
-        _send_at_once(node.port, associations)
+        send_at_once(node.port, associations)
         node.wait_for_states(set(uid_of.values()), {"skipped"})
         # A resend of a whole series is all duplicates: nothing moves, nothing is counted twice.
         assert storescu(node.port, *files["whole-c"]).returncode == 0
