@@ -41,6 +41,7 @@ from model.volume_io import Volume
 from tests.support import ROOT
 from tests.support.disk import MIB, fill_to
 from tests.support.network import http_get
+from tests.support.series import no_bone_series
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -86,17 +87,8 @@ def _stage_count(samples: Samples, stage: str) -> float:
     return _value(samples, "dicom_node_stage_duration_seconds_count", stage=stage)
 
 
-def _no_bone_series(directory: Path) -> list[Path]:
-    """A soft-tissue cylinder in air, 30 slices: segmented in seconds, no findings."""
-    _, y, x = np.mgrid[:30, :64, :64]
-    hu = np.where((y - 32) ** 2 + (x - 32) ** 2 < 26**2, 40, -1000).astype(np.int16)
-    volume = Volume(hu, spacing=(1.5, 1.5, 2.0), origin=(-48.0, -48.0, 0.0))
-    patient = PatientInfo(name="NOBONE^HTTP", patient_id="NB-HTTP", sex="O")
-    return write_ct_series(volume, directory, patient=patient, uid_seed="http-no-bone")
-
-
 def test_metrics_count_a_series_as_it_arrives_and_is_processed(tmp_path: Path) -> None:
-    files = _no_bone_series(tmp_path / "ct")
+    files = no_bone_series(tmp_path / "ct", 30, "http")
     node, port = _http_node(tmp_path / "node")
     node.start()
     try:
@@ -134,7 +126,7 @@ def test_metrics_count_a_series_as_it_arrives_and_is_processed(tmp_path: Path) -
 def test_delivery_attempts_and_failures_are_counted_by_destination(tmp_path: Path) -> None:
     """The delivery stage alone (no model needed), with the daemon's metrics and endpoint in
     this process: a SEG to a PACS that takes it and to one that is down."""
-    (seg_stand_in,) = _no_bone_series(tmp_path / "ct")[:1]
+    (seg_stand_in,) = no_bone_series(tmp_path / "ct", 30, "http")[:1]
     state = NodeState(f"sqlite:///{tmp_path / 'node.db'}")
     with StoreSCP(tmp_path / "pacs") as pacs:
         targets = [Target("pacs", pacs.ae_title, "127.0.0.1", pacs.port)]

@@ -83,13 +83,14 @@ def test_shipped_model_segments_held_out_phantoms(
 
 # Bones `fast` finds on each crop (more than 500 voxels), whose labels `paper` must agree with.
 AGREEMENT_BONES = {
-    "hip": {"femur", "hip bone"},
     "knee": {"femur", "tibia", "fibula"},
     "ankle": {"tibia", "fibula", "talus", "calcaneus"},
 }
 
 
-@pytest.mark.parametrize("region", list(HELD_OUT))
+# The knee and the ankle: between them five of the six bones, and the two crops where a
+# tiling fault showed (the hip bone's agreement: `python -m bench.inference`, whole legs).
+@pytest.mark.parametrize("region", ["knee", "ankle"])
 def test_fast_agrees_with_paper(fast: Segmenter, phantoms: dict, region: str) -> None:
     """`fast` must agree with `paper` at 0.99 per bone. With the finer stages' patches tiling
     each window (no overlap) an ankle crop's fibula agreed at only 0.971; with windows and

@@ -16,17 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from dicom_node.app.config import ConfigError, NodeConfig
-from dicom_node.testbed.ct_series import PatientInfo, write_ct_series
 from dicom_node.testbed.node_process import NodeProcess
 from dicom_node.testbed.peers import free_port
-from model.volume_io import Volume
 from tests.support.network import http_get, send_at_once
+from tests.support.series import no_bone_series
 
 SENDERS = 8  # associations at once; the series' slices are dealt among them, twice
 
@@ -50,15 +48,6 @@ def _eventually(check: Any, timeout: float = 30) -> Any:
     return result
 
 
-def _no_bone_series(directory: Path) -> list[Path]:
-    """A soft-tissue cylinder in air, 48 slices: segmented in seconds, no findings."""
-    _, y, x = np.mgrid[:48, :64, :64]
-    hu = np.where((y - 32) ** 2 + (x - 32) ** 2 < 26**2, 40, -1000).astype(np.int16)
-    volume = Volume(hu, spacing=(1.5, 1.5, 2.0), origin=(-48.0, -48.0, 0.0))
-    patient = PatientInfo(name="NOBONE^RECEIVERS", patient_id="NB-RCV", sex="O")
-    return write_ct_series(volume, directory, patient=patient, uid_seed="receivers-no-bone")
-
-
 def _receiver_pids(node: NodeProcess) -> list[int]:
     """From the pid file (what `status` reads), cheaper to poll than the CLI."""
     return json.loads((node.data_dir / "node.pid").read_text())["receivers"]
@@ -67,7 +56,7 @@ def _receiver_pids(node: NodeProcess) -> list[int]:
 def test_two_processes_receive_one_series_once_and_a_killed_one_is_replaced(
     tmp_path: Path,
 ) -> None:
-    files = _no_bone_series(tmp_path / "ct")
+    files = no_bone_series(tmp_path / "ct", 48, "receivers")
     headers = [dcmread(f, stop_before_pixels=True) for f in files]
     (series_uid,) = {str(h.SeriesInstanceUID) for h in headers}
     http_port = free_port()

@@ -25,7 +25,8 @@ from dicom_node.testbed.peers import StoreSCP
 from model.phantom import generate_phantom
 from tests.support import require_data
 
-HEAD_SERIES = ("dcm_qa_ct/Philips/S21570/S2010", "dcm_qa_ct/Philips/S21610/S2010")
+# One of the two Philips head series the issue names (bench.real_ct runs both).
+HEAD_SERIES = ("dcm_qa_ct/Philips/S21570/S2010",)
 PROCESSED = {"done", "no_findings", "failed", "review"}
 # A hip phantom's HU scaled by this: the model is unsure of a fifth of the femur it finds
 # (shipped weights: x 0.6 confident, x 0.5 implausible; tests/test_verdict.py).
