@@ -89,7 +89,8 @@ AGREEMENT_BONES = {
 
 
 # The knee and the ankle: between them five of the six bones, and the two crops where a
-# tiling fault showed (the hip bone's agreement: `python -m bench.inference`, whole legs).
+# tiling fault showed (the hip bone's agreement: `python -m bench.inference`, on a slab of a
+# whole leg through the hip).
 @pytest.mark.parametrize("region", ["knee", "ankle"])
 def test_fast_agrees_with_paper(fast: Segmenter, phantoms: dict, region: str) -> None:
     """`fast` must agree with `paper` at 0.99 per bone. With the finer stages' patches tiling
